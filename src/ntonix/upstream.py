@@ -1,0 +1,255 @@
+"""The data-plane client: HTTP/1.1 over Trio streams with h11, one keep-alive pool per backend.
+
+Why not httpx's pool here: on this machine it served ~4x fewer requests per second and leaked
+pool slots when requests were cancelled while waiting (docs/BENCHMARKS.md). Why HTTP/1.1: closing
+the connection is the one cancel signal every LLM server understands, so a cancelled request
+closes its socket at once and the backend stops generating.
+
+This is the one place where socket, TLS and h11 errors become `GatewayError`s. Callers own the
+timeouts (`trio.fail_after` around each phase); nothing here waits on a clock.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import cast
+
+import attrs
+import h11
+import trio
+
+from ntonix.config import BackendSettings
+from ntonix.errors import upstream_error
+
+RECEIVE_SIZE = 65536
+# A response head larger than this is a broken or hostile backend, not an LLM server.
+MAX_RESPONSE_HEAD = 64 * 1024
+# Idle keep-alive connections kept per backend; more are closed when they come back.
+MAX_IDLE_PER_BACKEND = 512
+
+
+@contextmanager
+def _as_gateway_errors(
+    backend: BackendSettings, doing: str, connection: UpstreamConnection | None = None
+) -> Iterator[None]:
+    try:
+        yield
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
+        cause = error.__cause__ or error
+        raise upstream_error(
+            502,
+            "backend_unreachable" if doing == "connecting" else "backend_connection_broken",
+            f"Backend {backend.name} failed while {doing}: {_describe(cause)}",
+        ) from error
+    except h11.ProtocolError as error:
+        if connection is not None and connection.closed_by_backend:
+            raise upstream_error(
+                502,
+                "backend_connection_broken",
+                f"Backend {backend.name} closed the connection while {doing}",
+            ) from error
+        raise upstream_error(
+            502,
+            "backend_protocol_error",
+            f"Backend {backend.name} sent an invalid HTTP response while {doing}: {error}",
+        ) from error
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed ({error.verify_message})"
+    return str(error) or type(error).__name__
+
+
+class UpstreamConnection:
+    """One HTTP/1.1 connection to a backend; used by one request at a time."""
+
+    __slots__ = ("_backend", "_h11", "_socket", "_stream", "closed_by_backend")
+
+    def __init__(
+        self, backend: BackendSettings, socket_stream: trio.SocketStream, stream: trio.abc.Stream
+    ) -> None:
+        self._backend = backend
+        self._socket = socket_stream.socket
+        self._stream = stream
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self.closed_by_backend = False
+
+    async def send_request(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        connection = self._h11
+        with _as_gateway_errors(self._backend, "sending the request", self):
+            data = connection.send(h11.Request(method=method, target=target, headers=headers))
+            assert data is not None
+            if body:
+                data += connection.send(h11.Data(data=body)) or b""
+            data += connection.send(h11.EndOfMessage()) or b""
+            await self._stream.send_all(data)
+
+    async def receive_response(self) -> h11.Response:
+        """The response head; interim 1xx responses are skipped."""
+        connection = self._h11
+        with _as_gateway_errors(self._backend, "waiting for the response", self):
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    await self._receive()
+                elif isinstance(event, h11.Response):
+                    return event
+                elif not isinstance(event, h11.InformationalResponse):
+                    raise h11.RemoteProtocolError("connection closed before a response")
+
+    async def receive_body(self) -> tuple[bytes, bool]:
+        """Body bytes that have arrived (at least one byte unless the body ended), and whether
+        the body is complete. Chunks that arrived together are joined: fewer writes, no delay."""
+        connection = self._h11
+        parts: list[bytes] = []
+        with _as_gateway_errors(self._backend, "streaming the response", self):
+            while True:
+                event = connection.next_event()
+                if isinstance(event, h11.Data):
+                    parts.append(event.data)
+                elif event is h11.NEED_DATA:
+                    if parts:
+                        return b"".join(parts), False
+                    await self._receive()
+                elif isinstance(event, h11.EndOfMessage):
+                    return b"".join(parts), True
+                else:
+                    raise h11.RemoteProtocolError("connection closed in the middle of the body")
+
+    async def _receive(self) -> None:
+        # Trio's socket and TLS streams return bytes; the ABC also allows bytearray.
+        data = cast(bytes, await self._stream.receive_some(RECEIVE_SIZE))
+        if not data:
+            self.closed_by_backend = True
+        self._h11.receive_data(data)
+
+    def ready_for_reuse(self) -> bool:
+        """True, and ready for the next request, if the last exchange completed cleanly."""
+        connection = self._h11
+        if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
+            connection.start_next_cycle()
+            return True
+        return False
+
+    def is_stale(self) -> bool:
+        # An idle HTTP/1.1 connection has nothing to read: readable means EOF or junk.
+        return self._socket.is_readable()
+
+    def close(self) -> None:
+        """Close now, synchronously: safe in any cleanup, and the backend sees it at once."""
+        self._socket.close()
+
+
+@attrs.frozen
+class PoolStatistics:
+    idle: int
+    in_use: int
+    waiting: int
+    opened: int
+    closed: int
+    reused: int
+
+
+class BackendPool:
+    """Keep-alive connections to one backend, and its `max_concurrent` admission slots."""
+
+    def __init__(self, backend: BackendSettings, ssl_context: ssl.SSLContext | None) -> None:
+        self.backend = backend
+        self._ssl_context = ssl_context
+        self._idle: list[UpstreamConnection] = []
+        limit = backend.max_concurrent
+        self._slots = trio.Semaphore(limit) if limit else None
+        self._in_use = 0
+        self._opened = 0
+        self._closed = 0
+        self._reused = 0
+
+    async def acquire_slot(self) -> None:
+        """Wait (first come, first served) until the backend is under `max_concurrent`."""
+        if self._slots is not None:
+            await self._slots.acquire()
+
+    def release_slot(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+
+    async def checkout(self) -> UpstreamConnection:
+        """A connection ready for a request: the most recently used idle one, or a new one."""
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            if connection.is_stale():
+                self._discard(connection)
+                continue
+            self._reused += 1
+            self._in_use += 1
+            return connection
+        connection = await self._connect()
+        self._opened += 1
+        self._in_use += 1
+        return connection
+
+    def checkin(self, connection: UpstreamConnection) -> None:
+        """Give a connection back: kept if its exchange completed, closed otherwise."""
+        self._in_use -= 1
+        if connection.ready_for_reuse() and len(self._idle) < MAX_IDLE_PER_BACKEND:
+            self._idle.append(connection)
+        else:
+            self._discard(connection)
+
+    def close(self) -> None:
+        while self._idle:
+            self._discard(self._idle.pop())
+
+    def statistics(self) -> PoolStatistics:
+        waiting = self._slots.statistics().tasks_waiting if self._slots is not None else 0
+        return PoolStatistics(
+            idle=len(self._idle),
+            in_use=self._in_use,
+            waiting=waiting,
+            opened=self._opened,
+            closed=self._closed,
+            reused=self._reused,
+        )
+
+    def _discard(self, connection: UpstreamConnection) -> None:
+        connection.close()
+        self._closed += 1
+
+    async def _connect(self) -> UpstreamConnection:
+        backend = self.backend
+        with _as_gateway_errors(backend, "connecting"):
+            socket_stream = await trio.open_tcp_stream(backend.host, backend.port)
+            if self._ssl_context is None:
+                return UpstreamConnection(backend, socket_stream, socket_stream)
+            try:
+                tls = trio.SSLStream(socket_stream, self._ssl_context, server_hostname=backend.host)
+                await tls.do_handshake()
+            except BaseException:
+                socket_stream.socket.close()
+                raise
+            return UpstreamConnection(backend, socket_stream, tls)
+
+
+def backend_ssl_context(backend: BackendSettings) -> ssl.SSLContext | None:
+    """TLS settings for an https backend: system CAs plus its `ca_file`, optional client cert."""
+    if backend.scheme != "https":
+        return None
+    context = ssl.create_default_context(cafile=backend.ca_file or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    if backend.client_cert:
+        context.load_cert_chain(backend.client_cert, backend.client_key or None)
+    if not backend.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def pools_for(backends: Sequence[BackendSettings]) -> dict[str, BackendPool]:
+    return {b.name: BackendPool(b, backend_ssl_context(b)) for b in backends}

@@ -1,0 +1,69 @@
+"""Fixtures that start real servers on 127.0.0.1 port 0 inside the test's nursery."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from mocks.llm import MockLLM, MockOptions, serve_mock
+from ntonix.config import BackendSettings, Config, GatewaySettings
+from ntonix.server import serve
+
+
+@attrs.frozen
+class RunningMock:
+    mock: MockLLM
+    url: str
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.mock.stats()
+
+
+StartMock = Callable[..., Awaitable[RunningMock]]
+StartGateway = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+def start_mock(nursery: trio.Nursery) -> StartMock:
+    async def start(name: str = "mock", **options: Any) -> RunningMock:
+        options.setdefault("ttft", 0.01)
+        options.setdefault("token_delay", 0.005)
+        options.setdefault("tokens", 8)
+        mock = MockLLM(MockOptions(name=name, **options))
+        port = await nursery.start(partial(serve_mock, mock))
+        return RunningMock(mock, f"http://127.0.0.1:{port}")
+
+    return start
+
+
+@pytest.fixture
+def start_gateway(nursery: trio.Nursery) -> StartGateway:
+    """Start a gateway in front of backends (URLs, RunningMocks or BackendSettings)."""
+
+    async def start(*backends: object, **gateway: Any) -> str:
+        settings = []
+        for index, backend in enumerate(backends):
+            if isinstance(backend, RunningMock):
+                backend = backend.url
+            if isinstance(backend, str):
+                backend = BackendSettings(name=f"backend-{index}", url=backend)
+            settings.append(backend)
+        config = Config(backends=tuple(settings), gateway=GatewaySettings(**gateway))
+        run = partial(serve, config, ["127.0.0.1:0"], shutdown_trigger=trio.sleep_forever)
+        urls: list[str] = await nursery.start(run)
+        return urls[0]
+
+    return start
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client

@@ -1,0 +1,219 @@
+"""Every failure the client can see is a clear OpenAI-shaped JSON error or stream error."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from tests.conftest import StartGateway, StartMock
+from tests.support import RawClient, chat, pool_totals, sse_events, status, wait_until
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _error(response: httpx.Response) -> dict[str, str]:
+    assert response.headers["content-type"] == "application/json"
+    error: dict[str, str] = response.json()["error"]
+    assert set(error) == {"message", "type", "code"}
+    return error
+
+
+@attrs.frozen
+class BadRequest:
+    name: str
+    method: str
+    path: str
+    content: bytes
+    status: int
+    code: str
+
+
+BAD_REQUESTS = [
+    BadRequest(
+        "malformed json", "POST", "/v1/chat/completions", b'{"model": ', 400, "invalid_json"
+    ),
+    BadRequest("not an object", "POST", "/v1/chat/completions", b"[]", 400, "invalid_json"),
+    BadRequest(
+        "invalid utf-8", "POST", "/v1/chat/completions", b'{"model": "\xff"}', 400, "invalid_json"
+    ),
+    BadRequest(
+        "missing model", "POST", "/v1/chat/completions", b'{"messages": []}', 400, "model_required"
+    ),
+    BadRequest("model not a string", "POST", "/api/chat", b'{"model": 1}', 400, "model_required"),
+    BadRequest(
+        "stream not a bool",
+        "POST",
+        "/v1/completions",
+        b'{"model": "m", "stream": 1}',
+        400,
+        "invalid_type",
+    ),
+    BadRequest("unknown route", "GET", "/v2/whatever", b"", 404, "unknown_route"),
+    BadRequest("root", "GET", "/", b"", 404, "unknown_route"),
+    BadRequest("dot segment", "GET", "/v1/../ntonix/status", b"", 400, "invalid_path"),
+    BadRequest("encoded slash", "GET", "/v1/models%2F..%2Fx", b"", 400, "invalid_path"),
+    BadRequest("trace", "TRACE", "/v1/models", b"", 405, "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=lambda case: case.name)
+async def test_bad_requests_get_clear_errors_and_never_reach_a_backend(
+    case: BadRequest, start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    mock = await start_mock()
+    gateway = await start_gateway(mock)
+    raw = await RawClient.connect(gateway)
+    head = (
+        f"{case.method} {case.path} HTTP/1.1\r\nhost: t\r\ncontent-length: {len(case.content)}\r\n"
+    )
+    await raw.stream.send_all(head.encode() + b"connection: close\r\n\r\n" + case.content)
+    with trio.fail_after(5):
+        while data := await raw.stream.receive_some(65536):
+            raw.received += data
+    head_bytes, _, body = raw.received.partition(b"\r\n\r\n")
+    assert head_bytes.split(b" ")[1] == str(case.status).encode()
+    assert json.loads(body)["error"]["code"] == case.code
+    assert mock.stats["requests"] == 0
+
+
+async def test_body_over_the_limit_is_413_before_it_is_read(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    gateway = await start_gateway(await start_mock(), max_request_body=1000)
+    response = await client.post(f"{gateway}/v1/chat/completions", json=chat("x" * 2000))
+    assert response.status_code == 413
+    assert _error(response)["code"] == "request_too_large"
+
+
+async def test_chunked_body_over_the_limit_is_413_while_reading(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    gateway = await start_gateway(await start_mock(), max_request_body=1000)
+
+    async def body() -> object:
+        for _ in range(100):
+            yield b"x" * 100
+
+    response = await client.post(f"{gateway}/v1/chat/completions", content=body())
+    assert response.status_code == 413
+
+
+async def test_body_that_trickles_in_is_408(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    mock = await start_mock()
+    gateway = await start_gateway(mock, body_timeout=0.3)
+    raw = await RawClient.connect(gateway)
+    await raw.send_request("POST", "/v1/chat/completions", chat(), body_bytes_to_send=5)
+    received = await raw.read_until(b"}}", timeout=5)
+    assert received.startswith(b"HTTP/1.1 408")
+    assert mock.stats["requests"] == 0
+
+
+async def test_unreachable_backend_is_502(
+    start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    gateway = await start_gateway(f"http://127.0.0.1:{_closed_port()}")
+    response = await client.post(f"{gateway}/v1/chat/completions", json=chat())
+    assert response.status_code == 502
+    assert _error(response)["code"] == "backend_unreachable"
+    assert pool_totals(await status(client, gateway))["in_use"] == 0
+
+
+async def test_no_first_byte_in_time_is_504_and_closes_upstream(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    mock = await start_mock()
+    gateway = await start_gateway(mock, first_byte_timeout=0.3)
+    response = await client.post(
+        f"{gateway}/v1/chat/completions", json=chat(), headers={"x-mock-hang": "1"}
+    )
+    assert response.status_code == 504
+    assert _error(response)["code"] == "backend_timeout"
+    # The gateway gave up on the backend, so it closed the upstream: generation stops.
+    await wait_until(lambda: mock.stats["client_disconnects"] == 1, timeout=2)
+
+
+async def test_idle_stream_ends_with_an_sse_error_event(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    mock = await start_mock(tokens=5, token_delay=2.0)
+    gateway = await start_gateway(mock, idle_timeout=0.3)
+    response = await client.post(f"{gateway}/v1/chat/completions", json=chat())
+    assert response.status_code == 200
+    events = sse_events(response.content)
+    assert events[-1].startswith(b"event: error\ndata: ")
+    error = json.loads(events[-1].split(b"data: ", 1)[1])["error"]
+    assert error["code"] == "backend_idle_timeout"
+    assert b"[DONE]" not in response.content
+
+
+async def test_stream_broken_mid_way_ends_with_an_error_not_a_clean_end(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    gateway = await start_gateway(await start_mock(tokens=20))
+    response = await client.post(
+        f"{gateway}/v1/chat/completions", json=chat(), headers={"x-mock-drop-after": "3"}
+    )
+    events = sse_events(response.content)
+    assert events[-1].startswith(b"event: error")
+    assert (
+        json.loads(events[-1].split(b"data: ", 1)[1])["error"]["code"]
+        == "backend_connection_broken"
+    )
+
+
+async def test_ndjson_stream_broken_mid_way_ends_with_an_error_line(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    gateway = await start_gateway(await start_mock(tokens=20))
+    response = await client.post(
+        f"{gateway}/api/chat", json=chat(), headers={"x-mock-drop-after": "3"}
+    )
+    last = json.loads(response.content.splitlines()[-1])
+    assert last["error"]["code"] == "backend_connection_broken"
+
+
+async def test_broken_non_streaming_body_is_an_error_for_the_client(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    gateway = await start_gateway(await start_mock(tokens=20))
+    # Where the body has no framing of its own, the connection is aborted: httpx must raise.
+    with pytest.raises(httpx.RemoteProtocolError):
+        await client.post(
+            f"{gateway}/v1/completions",
+            json={"model": "mock-llm", "prompt": "x", "stream": False},
+            headers={"x-mock-drop-after": "0", "x-mock-tokens": "20000"},
+        )
+
+
+async def test_backend_errors_are_forwarded_as_the_backend_sent_them(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    gateway = await start_gateway(await start_mock())
+    response = await client.post(
+        f"{gateway}/v1/chat/completions", json=chat(), headers={"x-mock-status": "400"}
+    )
+    assert response.status_code == 400
+    assert _error(response)
+    assert response.headers["x-ntonix-backend"] == "backend-0"
+
+
+async def test_gateway_routes(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    gateway = await start_gateway(await start_mock())
+    assert (await client.get(f"{gateway}/ntonix/health")).status_code == 200
+    assert (await client.get(f"{gateway}/ntonix/ready")).status_code == 200
+    snapshot = await status(client, gateway)
+    assert snapshot["backends"][0]["name"] == "backend-0"
+    assert snapshot["backends"][0]["state"] == "closed"
