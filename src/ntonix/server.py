@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,6 +35,8 @@ def hypercorn_config(
     # Hypercorn's default of 3 s would cut LLM streams in the middle on every restart.
     settings.graceful_timeout = config.gateway.graceful_timeout
     settings.accesslog = None
+    # Hypercorn's own stderr handler would print every line twice next to ours.
+    settings.errorlog = logging.getLogger("ntonix.server")
     if certfile:
         settings.certfile = certfile
         settings.keyfile = keyfile
