@@ -121,16 +121,17 @@ class Proxy:
     ) -> None:
         """Phases pick upstream and admission, then the exchange with one backend."""
         pool = self._balancer.order(self._pool_list)[0]
-        with trio.move_on_after(self._settings.queue_timeout) as queued:
-            await pool.acquire_slot()
-        if queued.cancelled_caught:
-            raise GatewayError(
-                503,
-                "backend_busy",
-                f"Backend {pool.backend.name} is at max_concurrent",
-                source="gateway",
-                retry_after=1,
-            )
+        if pool.limited:
+            with trio.move_on_after(self._settings.queue_timeout) as queued:
+                await pool.acquire_slot()
+            if queued.cancelled_caught:
+                raise GatewayError(
+                    503,
+                    "backend_busy",
+                    f"Backend {pool.backend.name} is at max_concurrent",
+                    source="gateway",
+                    retry_after=1,
+                )
         try:
             await self.exchange(pool, scope, request, body, downstream)
         finally:
@@ -147,13 +148,16 @@ class Proxy:
         """Phases connect, first byte, commit and stream body on one backend connection."""
         settings = self._settings
         backend = pool.backend
-        connection: UpstreamConnection | None = None
-        with trio.move_on_after(settings.upstream_connect_timeout):
-            connection = await pool.checkout()
+        connection = pool.checkout_idle()
         if connection is None:
-            raise upstream_error(
-                504, "backend_connect_timeout", f"Connecting to backend {backend.name} timed out"
-            )
+            with trio.move_on_after(settings.upstream_connect_timeout):
+                connection = await pool.connect()
+            if connection is None:
+                raise upstream_error(
+                    504,
+                    "backend_connect_timeout",
+                    f"Connecting to backend {backend.name} timed out",
+                )
         try:
             headers = upstream_request_headers(
                 scope["headers"],

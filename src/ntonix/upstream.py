@@ -12,8 +12,7 @@ timeouts (`trio.fail_after` around each phase); nothing here waits on a clock.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import cast
 
 import attrs
@@ -21,7 +20,7 @@ import h11
 import trio
 
 from ntonix.config import BackendSettings
-from ntonix.errors import upstream_error
+from ntonix.errors import GatewayError, upstream_error
 
 RECEIVE_SIZE = 65536
 # A response head larger than this is a broken or hostile backend, not an LLM server.
@@ -30,31 +29,30 @@ MAX_RESPONSE_HEAD = 64 * 1024
 MAX_IDLE_PER_BACKEND = 512
 
 
-@contextmanager
-def _as_gateway_errors(
-    backend: BackendSettings, doing: str, connection: UpstreamConnection | None = None
-) -> Iterator[None]:
-    try:
-        yield
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as error:
-        cause = error.__cause__ or error
-        raise upstream_error(
-            502,
-            "backend_unreachable" if doing == "connecting" else "backend_connection_broken",
-            f"Backend {backend.name} failed while {doing}: {_describe(cause)}",
-        ) from error
-    except h11.ProtocolError as error:
-        if connection is not None and connection.closed_by_backend:
-            raise upstream_error(
-                502,
-                "backend_connection_broken",
-                f"Backend {backend.name} closed the connection while {doing}",
-            ) from error
-        raise upstream_error(
+# What a socket, TLS or HTTP/1.1 failure can raise; translated in one place, below.
+_FOREIGN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError)
+
+
+def _gateway_error(
+    error: BaseException, backend: BackendSettings, doing: str, closed_by_backend: bool = False
+) -> GatewayError:
+    if isinstance(error, h11.ProtocolError) and not closed_by_backend:
+        return upstream_error(
             502,
             "backend_protocol_error",
             f"Backend {backend.name} sent an invalid HTTP response while {doing}: {error}",
-        ) from error
+        )
+    if closed_by_backend:
+        return upstream_error(
+            502,
+            "backend_connection_broken",
+            f"Backend {backend.name} closed the connection while {doing}",
+        )
+    return upstream_error(
+        502,
+        "backend_unreachable" if doing == "connecting" else "backend_connection_broken",
+        f"Backend {backend.name} failed while {doing}: {_describe(error.__cause__ or error)}",
+    )
 
 
 def _describe(error: BaseException) -> str:
@@ -81,18 +79,20 @@ class UpstreamConnection:
         self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
         connection = self._h11
-        with _as_gateway_errors(self._backend, "sending the request", self):
+        try:
             data = connection.send(h11.Request(method=method, target=target, headers=headers))
             assert data is not None
             if body:
                 data += connection.send(h11.Data(data=body)) or b""
             data += connection.send(h11.EndOfMessage()) or b""
             await self._stream.send_all(data)
+        except _FOREIGN_ERRORS as error:
+            raise self._failed(error, "sending the request") from error
 
     async def receive_response(self) -> h11.Response:
         """The response head; interim 1xx responses are skipped."""
         connection = self._h11
-        with _as_gateway_errors(self._backend, "waiting for the response", self):
+        try:
             while True:
                 event = connection.next_event()
                 if event is h11.NEED_DATA:
@@ -101,13 +101,15 @@ class UpstreamConnection:
                     return event
                 elif not isinstance(event, h11.InformationalResponse):
                     raise h11.RemoteProtocolError("connection closed before a response")
+        except _FOREIGN_ERRORS as error:
+            raise self._failed(error, "waiting for the response") from error
 
     async def receive_body(self) -> tuple[bytes, bool]:
         """Body bytes that have arrived (at least one byte unless the body ended), and whether
         the body is complete. Chunks that arrived together are joined: fewer writes, no delay."""
         connection = self._h11
         parts: list[bytes] = []
-        with _as_gateway_errors(self._backend, "streaming the response", self):
+        try:
             while True:
                 event = connection.next_event()
                 if isinstance(event, h11.Data):
@@ -120,6 +122,11 @@ class UpstreamConnection:
                     return b"".join(parts), True
                 else:
                     raise h11.RemoteProtocolError("connection closed in the middle of the body")
+        except _FOREIGN_ERRORS as error:
+            raise self._failed(error, "streaming the response") from error
+
+    def _failed(self, error: BaseException, doing: str) -> GatewayError:
+        return _gateway_error(error, self._backend, doing, self.closed_by_backend)
 
     async def _receive(self) -> None:
         # Trio's socket and TLS streams return bytes; the ABC also allows bytearray.
@@ -169,6 +176,10 @@ class BackendPool:
         self._closed = 0
         self._reused = 0
 
+    @property
+    def limited(self) -> bool:
+        return self._slots is not None
+
     async def acquire_slot(self) -> None:
         """Wait (first come, first served) until the backend is under `max_concurrent`."""
         if self._slots is not None:
@@ -178,8 +189,8 @@ class BackendPool:
         if self._slots is not None:
             self._slots.release()
 
-    async def checkout(self) -> UpstreamConnection:
-        """A connection ready for a request: the most recently used idle one, or a new one."""
+    def checkout_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection that is still open, if any (no waiting)."""
         idle = self._idle
         while idle:
             connection = idle.pop()
@@ -189,6 +200,10 @@ class BackendPool:
             self._reused += 1
             self._in_use += 1
             return connection
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection, counted as in use."""
         connection = await self._connect()
         self._opened += 1
         self._in_use += 1
@@ -223,17 +238,21 @@ class BackendPool:
 
     async def _connect(self) -> UpstreamConnection:
         backend = self.backend
-        with _as_gateway_errors(backend, "connecting"):
+        try:
             socket_stream = await trio.open_tcp_stream(backend.host, backend.port)
-            if self._ssl_context is None:
-                return UpstreamConnection(backend, socket_stream, socket_stream)
-            try:
-                tls = trio.SSLStream(socket_stream, self._ssl_context, server_hostname=backend.host)
-                await tls.do_handshake()
-            except BaseException:
-                socket_stream.socket.close()
-                raise
-            return UpstreamConnection(backend, socket_stream, tls)
+        except _FOREIGN_ERRORS as error:
+            raise _gateway_error(error, backend, "connecting") from error
+        if self._ssl_context is None:
+            return UpstreamConnection(backend, socket_stream, socket_stream)
+        try:
+            tls = trio.SSLStream(socket_stream, self._ssl_context, server_hostname=backend.host)
+            await tls.do_handshake()
+        except BaseException as error:
+            socket_stream.socket.close()
+            if isinstance(error, _FOREIGN_ERRORS):
+                raise _gateway_error(error, backend, "connecting") from error
+            raise
+        return UpstreamConnection(backend, socket_stream, tls)
 
 
 def backend_ssl_context(backend: BackendSettings) -> ssl.SSLContext | None:

@@ -105,8 +105,7 @@ class ResponseLru:
         self.purge_expired(now)
         evicted = []
         while self._recency and (
-            len(self._recency) >= self.max_entries
-            or self._bytes + response.size > self.max_bytes
+            len(self._recency) >= self.max_entries or self._bytes + response.size > self.max_bytes
         ):
             oldest = next(iter(self._recency))
             self._remove(oldest)

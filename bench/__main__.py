@@ -1,0 +1,196 @@
+"""`python -m bench [--quick] [--only a,b,c,d,e] [--workers 1,2] [--profile]`
+
+Starts lean mocks, then for each worker count a fresh gateway in front of them, runs the
+scenarios (each straight at the mocks and through the gateway, alternating), and prints the
+Markdown report, also written to bench/results/latest.md (plus latest.json). Progress goes to
+stderr. Every subprocess is stopped on the way out, whether the run ends, fails or is
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from bench import profile
+from bench.clients import ClientSpec, ClientsResult
+from bench.load import raise_open_file_limit
+from bench.procs import (
+    CpuMeter,
+    Mock,
+    Processes,
+    gateway_config,
+    python_argv,
+    start_gateway,
+    start_mock,
+)
+from bench.report import render
+from bench.results import ClientsRun, Results, machine
+from bench.scenarios import (
+    QUICK,
+    Bench,
+    Sizes,
+    burst,
+    disconnects,
+    measure_throughput,
+    slow_streams,
+    throughput,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCENARIOS = ("a", "b", "c", "d", "e")
+# The mocks answer small non-streaming requests at once; streaming scenarios override the
+# timing per request with x-mock-* headers.
+MOCK_OPTIONS = ["--tokens", "8", "--token-delay", "0", "--ttft", "0"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller counts: a ~1 minute smoke run"
+    )
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e)")
+    parser.add_argument("--workers", default="1,2", help="gateway worker counts (1,2)")
+    parser.add_argument("--mocks", type=int, default=2, help="lean mock processes (2)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also sample the gateway with py-spy under (a)"
+    )
+    return parser
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM takes the same way out as Ctrl-C, so the `finally` blocks stop every child.
+    raise KeyboardInterrupt
+
+
+def _run_gateway_scenarios(
+    bench: Bench, only: set[str], results: Results, profile_it: bool
+) -> None:
+    workers = bench.gateway.workers
+    # (c) first: its idle-memory baseline needs a gateway that has served little so far.
+    if "c" in only:
+        _log(f"(c) slow streams, {workers} worker(s)")
+        results.slow[workers] = slow_streams(bench)
+    if "a" in only:
+        _log(f"(a) throughput, {workers} worker(s)")
+        results.throughput[workers] = throughput(bench)
+        sampled = _profile(bench) if profile_it else None
+        if sampled is not None:
+            results.profiles[workers] = sampled
+    if "b" in only:
+        _log(f"(b) TTFT bursts, {workers} worker(s)")
+        results.burst[workers] = burst(bench)
+    if "d" in only:
+        _log(f"(d) disconnects, {workers} worker(s)")
+        results.disconnects[workers] = disconnects(bench)
+
+
+def _profile(bench: Bench) -> profile.Profile | None:
+    """A second gateway run of (a) under py-spy; the measured figures come from the first."""
+    executable = profile.py_spy()
+    if executable is None:
+        _log("py-spy not found (pip install py-spy): no profile")
+        return None
+    sizes = bench.sizes
+    outputs = []
+    samplers = []
+    for pid in bench.gateway.worker_pids():
+        output = RESULTS / f"profile-a-w{bench.gateway.workers}-{pid}.txt"
+        outputs.append(output)
+        seconds = sizes.warmup + sizes.duration + 1
+        samplers.append(profile.start(bench.processes, executable, pid, seconds, output))
+    _log(f"(a) again under py-spy, {bench.gateway.workers} worker(s)")
+    measure_throughput(bench, bench.through_gateway(), "profiled")
+    for sampler in samplers:
+        sampler.wait(30)
+    return profile.summarise(outputs)
+
+
+def _run_clients(processes: Processes, mocks: list[Mock], sizes: Sizes) -> ClientsRun:
+    _log("(e) upstream clients: httpx vs BackendPool")
+    spec = ClientSpec(
+        urls=[mock.url for mock in mocks],
+        seconds=sizes.client_seconds,
+        storm_rounds=sizes.storm_rounds,
+    )
+    output = processes.log_dir / "clients.json"
+    meter = CpuMeter({"mocks": [mock.pid for mock in mocks]})
+    meter.start()
+    with output.open("wb") as sink:
+        argv = python_argv("bench.clients", json.dumps(dataclasses.asdict(spec)))
+        process = processes.start("clients", argv, stdout=sink)
+    if process.wait(timeout=300) != 0:
+        raise RuntimeError("bench.clients failed; see bench/results/logs/clients.log")
+    meter.stop()
+    result = ClientsResult.from_dict(json.loads(output.read_text()))
+    return ClientsRun(result, 100 * meter.seconds["mocks"] / meter.wall)
+
+
+def run(args: argparse.Namespace) -> Results:
+    sizes = QUICK if args.quick else Sizes()
+    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    unknown = only - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    worker_counts = [int(count) for count in args.workers.split(",")]
+    logs = RESULTS / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    for old in RESULTS.glob("profile-*.txt"):  # a previous run's samples would mix in
+        old.unlink()
+    results = Results()
+    with Processes(logs) as processes:
+        _log(f"starting {args.mocks} lean mocks")
+        mocks = [start_mock(processes, f"mock-{i + 1}", MOCK_OPTIONS) for i in range(args.mocks)]
+        config = logs / "ntonix.toml"
+        config.write_text(gateway_config(mocks))
+        if only & {"a", "b", "c", "d"}:
+            for workers in worker_counts:
+                _log(f"starting the gateway with {workers} worker(s)")
+                gateway = start_gateway(processes, config, workers)
+                try:
+                    bench = Bench(processes, mocks, sizes, gateway)
+                    _run_gateway_scenarios(bench, only, results, args.profile)
+                finally:
+                    processes.stop(gateway.process)
+        if "e" in only:
+            results.clients = _run_clients(processes, mocks, sizes)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    raise_open_file_limit()
+    # Installed explicitly: a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
+    started = time.monotonic()
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        _log("interrupted; every subprocess has been stopped")
+        return 130
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    workers = [int(count) for count in args.workers.split(",")]
+    report = render(results, machine(), command.strip(), workers)
+    print(report)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.md").write_text(report + "\n")
+    (RESULTS / "latest.json").write_text(json.dumps(dataclasses.asdict(results), indent=1))
+    _log(f"done in {time.monotonic() - started:.0f} s; report in {RESULTS / 'latest.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,315 @@
+"""The Markdown report: the targets table first, then one table per scenario.
+
+Every gateway figure sits next to its direct twin from the same run; CPU columns are percent of
+one core over the scenario, so a column near 100% (or the machine's total near 100% x cores)
+names whoever was saturated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+
+from bench.profile import Profile
+from bench.results import ClientsRun, Results
+from bench.scenarios import StreamRun
+from bench.targets import judge
+
+_OWN_ROLES = ("gateway", "mocks", "load")
+CPU_ROLES = (*_OWN_ROLES, "others", "machine")
+_NO_CPU = [""] * len(CPU_ROLES)
+_CONNECTIONS = "64 keep-alive connections"
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}"
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> list[str]:
+    header = list(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _cpu(cpu: dict[str, float]) -> list[str]:
+    # "others": what the machine did beyond our three roles: the kernel's network work, and
+    # whatever else shares the machine (other people's test runs show up here).
+    others = cpu.get("machine", math.nan) - sum(cpu.get(role, 0.0) for role in _OWN_ROLES)
+    shown = {**cpu, "others": max(others, 0.0)}
+    return [f"{shown.get(role, math.nan):.0f}%" for role in CPU_ROLES]
+
+
+def _errors(run: StreamRun) -> str:
+    if not run.errors:
+        return "0"
+    return "; ".join(f"{count} x {message}" for message, count in run.errors.items())
+
+
+# --- the targets -------------------------------------------------------------------------------
+
+
+def _targets(results: Results, workers: list[int]) -> list[str]:
+    header = ["target", *(f"{w} worker{'s' if w > 1 else ''}" for w in workers)]
+    return _table(header, judge(results, workers))
+
+
+# --- the scenario tables -----------------------------------------------------------------------
+
+
+def _throughput(results: Results) -> list[str]:
+    rows = []
+    for workers, result in sorted(results.throughput.items()):
+        for index, (direct, gateway) in enumerate(result.pairs):
+            for path, run in (("direct", direct), ("gateway", gateway)):
+                rows.append(
+                    [
+                        workers,
+                        index + 1,
+                        path,
+                        f"{run.rate:,.0f}",
+                        _ms(run.p50_ms),
+                        _ms(run.p99_ms),
+                        run.errors,
+                        *_cpu(run.cpu),
+                    ]
+                )
+        median_rows = [
+            ("gateway", f"{result.gateway_rate:,.0f}"),
+            ("gateway / direct", f"{result.ratio:.2f}"),
+        ]
+        for path, shown in median_rows:
+            rows.append([workers, "**median**", path, f"**{shown}**", "", "", "", *_NO_CPU])
+    header = ["workers", "repeat", "path", "req/s", "p50 ms", "p99 ms", "errors", *_cpu_header()]
+    return _table(header, rows)
+
+
+def _cpu_header() -> list[str]:
+    return [f"CPU {role}" for role in CPU_ROLES]
+
+
+def _burst(results: Results) -> list[str]:
+    rows = []
+    for workers, result in sorted(results.burst.items()):
+        for index, (direct, gateway) in enumerate(result.pairs):
+            rows.append(
+                [
+                    workers,
+                    index + 1,
+                    _ms(direct.ttft_p50_ms),
+                    _ms(direct.ttft_p99_ms),
+                    _ms(gateway.ttft_p50_ms),
+                    _ms(gateway.ttft_p99_ms),
+                    f"{gateway.ttft_p50_ms - direct.ttft_p50_ms:+.1f}",
+                    f"{gateway.ttft_p99_ms - direct.ttft_p99_ms:+.1f}",
+                    direct.total - direct.ok + gateway.total - gateway.ok,
+                    *_cpu(gateway.cpu),
+                ]
+            )
+        rows.append(
+            [
+                workers,
+                "**median**",
+                "",
+                "",
+                "",
+                "",
+                f"**{result.added_p50_ms:+.1f}**",
+                f"**{result.added_p99_ms:+.1f}**",
+                result.errors,
+                *_NO_CPU,
+            ]
+        )
+    header = [
+        "workers",
+        "repeat",
+        "direct p50",
+        "direct p99",
+        "gateway p50",
+        "gateway p99",
+        "added p50",
+        "added p99",
+        "errors",
+        *(f"{h} (gateway run)" for h in _cpu_header()),
+    ]
+    return _table(header, rows)
+
+
+def _slow(results: Results) -> list[str]:
+    rows = []
+    memory = []
+    for workers, result in sorted(results.slow.items()):
+        for path, run in (("direct", result.direct), ("gateway", result.gateway)):
+            rows.append(
+                [
+                    workers,
+                    path,
+                    f"{run.ok:,}/{run.total:,}",
+                    _errors(run),
+                    _ms(run.ttft_p50_ms),
+                    _ms(run.ttft_p99_ms),
+                    *_cpu(run.cpu),
+                ]
+            )
+        memory.append(
+            [
+                workers,
+                f"{result.idle_rss_kib / 1024:.1f}",
+                f"{result.open_rss_kib / 1024:.1f}" + ("" if result.all_open_seen else " (*)"),
+                f"{result.per_stream_kib:.1f}",
+                f"{result.peak_rss_kib / 1024:.1f}",
+                f"{result.worker_peak_kib / 1024:.1f}",
+            ]
+        )
+    header = ["workers", "path", "complete", "errors", "TTFT p50 ms", "TTFT p99 ms"]
+    lines = _table([*header, *_cpu_header()], rows)
+    lines += _table(
+        [
+            "workers",
+            "idle RSS MiB",
+            "RSS all streams open MiB",
+            "KiB per open stream",
+            "peak RSS (VmHWM, all processes) MiB",
+            "peak RSS of one worker MiB",
+        ],
+        memory,
+    )
+    if any(not r.all_open_seen for r in results.slow.values()):
+        lines += [
+            "(*) no sample saw every stream open at the mocks; the largest sample is shown.",
+            "",
+        ]
+    return lines
+
+
+def _disconnects(results: Results) -> list[str]:
+    rows = []
+    for workers, result in sorted(results.disconnects.items()):
+        runs = [(str(i + 1), pair) for i, pair in enumerate(result.pairs)]
+        if len(result.pairs) > 1:
+            runs.append(("**all**", (result.direct, result.gateway)))
+        for repeat, (direct, gateway) in runs:
+            for path, run in (("direct", direct), ("gateway", gateway)):
+                rows.append(
+                    [
+                        workers,
+                        repeat,
+                        path,
+                        run.streams,
+                        run.hung_up,
+                        run.noticed,
+                        _ms(run.p50_ms),
+                        _ms(run.p99_ms),
+                        _ms(run.max_ms),
+                        run.left_open,
+                        *_cpu(run.cpu),
+                    ]
+                )
+    header = [
+        "workers",
+        "repeat",
+        "path",
+        "streams",
+        "hung up",
+        "noticed by mock",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "left open",
+        *_cpu_header(),
+    ]
+    return _table(header, rows)
+
+
+def _clients(run: ClientsRun) -> list[str]:
+    result = run.result
+    rows = []
+    for label, rate in (
+        ("httpx.AsyncClient (trio)", result.httpx),
+        ("ntonix BackendPool", result.pool),
+    ):
+        cpu = 100 * rate.cpu / result.seconds
+        rows.append([label, f"{rate.rate:,.0f}", rate.errors, f"{cpu:.0f}%"])
+    ratio = result.pool.rate / max(result.httpx.rate, 1e-9)
+    rows.append(["**BackendPool / httpx**", f"**{ratio:.1f}x**", "", ""])
+    lines = _table(["upstream client", "req/s (64 concurrent)", "errors", "client CPU"], rows)
+    lines += [f"Mocks' CPU over the whole scenario: {run.mocks_cpu:.0f}%.", ""]
+    leak_rows = []
+    for label, leak in (
+        ("httpx, Limits(max_connections=100)", result.httpx_leak),
+        ("ntonix BackendPool, max_concurrent=100", result.pool_leak),
+    ):
+        state = ", ".join(f"{key} {value}" for key, value in leak.details.items()) or "-"
+        verdict = "**recovered**" if leak.probe_failures == 0 else "**LEAKED**"
+        leak_rows.append(
+            [label, leak.storm_errors, leak.probe_failures, leak.probe_errors, state, verdict]
+        )
+    lines += _table(
+        [
+            "pool",
+            "storm errors",
+            "probe: pool timeouts of 100",
+            "probe: other errors",
+            "pool state after the storm",
+            "verdict",
+        ],
+        leak_rows,
+    )
+    return lines
+
+
+def _profiles(profiles: dict[int, Profile]) -> list[str]:
+    lines: list[str] = []
+    for workers, profile in sorted(profiles.items()):
+        lines += [
+            f"Gateway under the load of (a), {workers} worker(s), {profile.samples:,} samples "
+            "(a separate run: py-spy slows the gateway down, the figures above are unprofiled).",
+            "",
+        ]
+        lines += _table(["own time", "function"], [[f"{p:.1f}%", f] for p, f in profile.own])
+        lines += _table(
+            ["inclusive time", "gateway or Hypercorn function"],
+            [[f"{p:.1f}%", f] for p, f in profile.inclusive],
+        )
+    return lines
+
+
+def render(results: Results, info: dict[str, str], command: str, workers: list[int]) -> str:
+    lines = [
+        "# NTONIX benchmark results",
+        "",
+        f"`{command}` on {info['date']}, commit {info['commit']}.",
+        "",
+        f"Machine: {info['cpus']}, {info['memory']} RAM, Linux {info['kernel']}; "
+        f"{info['python']}; {info['libraries']}.",
+        "",
+        "CPU columns: percent of one core over the scenario "
+        f"({os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%). *others* is the machine's "
+        "busy time minus gateway, mocks and load generator: the kernel's loopback work and "
+        "anything else running on this shared machine; a large figure there means that run "
+        "was disturbed.",
+        "",
+        "## Targets",
+        "",
+        *_targets(results, workers),
+    ]
+    if results.throughput:
+        lines += [f"## (a) Non-streaming chat completions, {_CONNECTIONS}", ""]
+        lines += _throughput(results)
+    if results.burst:
+        lines += ["## (b) Time to first token, bursts of 100 streams (ms)", ""]
+        lines += _burst(results)
+    if results.slow:
+        lines += ["## (c) Slow streams at 2 tokens/s, 1,000 per gateway worker", ""]
+        lines += _slow(results)
+    if results.disconnects:
+        lines += ["## (d) Client disconnects after 3 tokens: client close -> mock sees it", ""]
+        lines += _disconnects(results)
+    if results.clients is not None:
+        lines += ["## (e) Upstream clients against the mocks, in one process", ""]
+        lines += _clients(results.clients)
+    if results.profiles:
+        lines += ["## Profile of the gateway", ""]
+        lines += _profiles(results.profiles)
+    return "\n".join(lines)

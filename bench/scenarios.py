@@ -1,0 +1,458 @@
+"""Scenarios (a) to (d): each runs the same load straight at the mocks and through the gateway.
+
+Invariants: a scenario leaves no stream open behind it (the load processes have exited), every
+figure comes with the CPU that gateway, mocks and load generator used meanwhile (percent of one
+core), so the report shows who was saturated, and nothing here tunes a number toward a target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.drive import StreamsLoad, run_requests, run_streams
+from bench.load import LoadSpec
+from bench.procs import CpuMeter, Gateway, Mock, Processes, memory_kib
+from bench.stats import median, percentile
+
+CHAT = {"model": "mock-llm", "messages": [{"role": "user", "content": "Tell me a story"}]}
+CHAT_BODY = json.dumps(CHAT)
+STREAM_BODY = json.dumps({**CHAT, "stream": True})
+Address = tuple[str, int]  # (host, port)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much load each scenario applies; `QUICK` is for a smoke run of about a minute."""
+
+    connections: int = 64  # (a) keep-alive connections
+    warmup: float = 1.0  # (a) seconds before the window opens
+    duration: float = 5.0  # (a) measurement window
+    throughput_repeats: int = 3  # (a) direct/gateway pairs; the median is reported
+    request_processes: int = 2  # (a) load processes
+    burst: int = 100  # (b) concurrent streams
+    burst_repeats: int = 5  # (b) direct/gateway pairs; the median difference is reported
+    slow_streams_per_worker: int = 1000  # (c)
+    slow_tokens: int = 20  # (c) at 0.5 s each: 2 tokens/s
+    stream_processes: int = 2  # (c) load processes
+    disconnects: int = 200  # (d) streams per run
+    disconnect_repeats: int = 3  # (d) direct/gateway pairs, pooled
+    client_seconds: float = 5.0  # (e) per client
+    storm_rounds: int = 3  # (e) cancellation storms before the leak check
+
+
+QUICK = Sizes(
+    warmup=0.5,
+    duration=3.0,
+    throughput_repeats=1,
+    burst_repeats=1,
+    slow_streams_per_worker=200,
+    slow_tokens=6,
+    disconnects=50,
+    disconnect_repeats=1,
+    client_seconds=2.0,
+    storm_rounds=1,
+)
+
+
+@dataclass
+class Bench:
+    """What the scenarios run against: the mocks, and the gateway in front of them."""
+
+    processes: Processes
+    mocks: list[Mock]
+    sizes: Sizes
+    gateway: Gateway
+
+    def direct(self) -> list[Address]:
+        return [(mock.host, mock.port) for mock in self.mocks]
+
+    def through_gateway(self) -> list[Address]:
+        return [("127.0.0.1", self.gateway.port)]
+
+    def meter(self) -> CpuMeter:
+        return CpuMeter({"gateway": self.gateway.pids(), "mocks": [m.pid for m in self.mocks]})
+
+    def reset_mocks(self) -> None:
+        for mock in self.mocks:
+            mock.reset()
+
+    def mock_stats(self) -> list[dict[str, Any]]:
+        """Each mock's `GET /mock/stats` (JSON: requests, active, disconnects, ...)."""
+        return [mock.stats() for mock in self.mocks]
+
+    def mocks_active(self) -> int:
+        return sum(int(stats["active"]) for stats in self.mock_stats())
+
+
+class _Window:
+    """Starts and stops a CpuMeter at fixed offsets from the load's start, from the load
+    runner's poll loop, so that CPU covers the measurement window and not the warm-up."""
+
+    def __init__(self, meter: CpuMeter, opens: float, closes: float) -> None:
+        self._meter = meter
+        self._opens = opens
+        self._closes = closes
+        self._started_at = 0.0
+        self._state = "waiting"
+
+    def on_start(self) -> None:
+        self._started_at = time.monotonic()
+
+    def tick(self) -> None:
+        elapsed = time.monotonic() - self._started_at
+        if self._state == "waiting" and elapsed >= self._opens:
+            self._meter.start()
+            self._state = "open"
+        elif self._state == "open" and elapsed >= self._closes:
+            self.close()
+
+    def close(self) -> None:
+        if self._state == "open":
+            self._meter.stop()
+        self._state = "closed"
+
+
+def _cpu_percent(meter: CpuMeter, load_cpu: float, load_wall: float) -> dict[str, float]:
+    wall = meter.wall or 1.0
+    percent = {name: 100 * seconds / wall for name, seconds in meter.seconds.items()}
+    percent["load"] = 100 * load_cpu / (load_wall or 1.0)
+    return percent
+
+
+# --- (a) non-streaming throughput --------------------------------------------------------------
+
+
+@dataclass
+class Throughput:
+    rate: float  # completed requests per second
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    cpu: dict[str, float]
+    error_samples: list[str] = field(default_factory=list)
+
+
+def measure_throughput(bench: Bench, targets: list[Address], label: str) -> Throughput:
+    sizes = bench.sizes
+    spec = LoadSpec(
+        mode="requests",
+        targets=targets,
+        connections=sizes.connections,
+        body=CHAT_BODY,
+        start_at=0.0,
+        warmup=sizes.warmup,
+        duration=sizes.duration,
+        id_prefix=f"a-{label}",
+    )
+    meter = bench.meter()
+    window = _Window(meter, sizes.warmup, sizes.warmup + sizes.duration)
+    load = run_requests(
+        bench.processes, spec, sizes.request_processes, on_start=window.on_start, every=window.tick
+    )
+    window.close()
+    return Throughput(
+        rate=load.rate,
+        p50_ms=1000 * percentile(load.latencies, 0.50),
+        p99_ms=1000 * percentile(load.latencies, 0.99),
+        errors=load.errors,
+        cpu=_cpu_percent(meter, load.cpu, load.window),
+        error_samples=load.error_samples,
+    )
+
+
+@dataclass
+class ThroughputResult:
+    pairs: list[tuple[Throughput, Throughput]]  # (direct, gateway), one per repeat
+
+    @property
+    def gateway_rate(self) -> float:
+        return median([gateway.rate for _, gateway in self.pairs])
+
+    @property
+    def ratio(self) -> float:
+        """Median over the repeats of gateway rate / direct rate."""
+        return median([g.rate / d.rate if d.rate else math.nan for d, g in self.pairs])
+
+
+def throughput(bench: Bench) -> ThroughputResult:
+    """(a) Requests per second at 64 keep-alive connections, small answers, no delays; direct
+    and gateway alternate, so that a neighbour's burst of CPU hits both alike."""
+    pairs = []
+    for repeat in range(bench.sizes.throughput_repeats):
+        direct = measure_throughput(bench, bench.direct(), f"a{repeat}-direct")
+        gateway = measure_throughput(bench, bench.through_gateway(), f"a{repeat}-gateway")
+        pairs.append((direct, gateway))
+    return ThroughputResult(pairs)
+
+
+# --- streams, shared by (b), (c) and (d) --------------------------------------------------------
+
+
+@dataclass
+class StreamRun:
+    total: int
+    ok: int
+    errors: dict[str, int]
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    cpu: dict[str, float]
+
+
+def _streams(
+    bench: Bench,
+    targets: list[Address],
+    label: str,
+    *,
+    count: int,
+    headers: dict[str, str],
+    processes: int = 1,
+    hangup_after: int = 0,
+    timeout: float = 30.0,
+    every: Callable[[], None] | None = None,
+) -> tuple[StreamRun, StreamsLoad]:
+    spec = LoadSpec(
+        mode="streams",
+        targets=targets,
+        connections=count,
+        body=STREAM_BODY,
+        start_at=0.0,
+        headers=headers,
+        hangup_after=hangup_after,
+        timeout=timeout,
+        id_prefix=f"{label}-{time.time_ns()}",
+    )
+    meter = bench.meter()
+    load = run_streams(bench.processes, spec, processes, on_start=meter.start, every=every)
+    meter.stop()
+    ttfts = [s.ttft for s in load.streams if s.ttft is not None]
+    run = StreamRun(
+        total=count,
+        ok=sum(1 for s in load.streams if s.ok),
+        errors=load.errors,
+        ttft_p50_ms=1000 * percentile(ttfts, 0.50),
+        ttft_p99_ms=1000 * percentile(ttfts, 0.99),
+        cpu=_cpu_percent(meter, load.cpu, load.elapsed),
+    )
+    return run, load
+
+
+# --- (b) added time to first token -------------------------------------------------------------
+
+BURST_HEADERS = {"x-mock-ttft": "0.05", "x-mock-tokens": "20", "x-mock-token-delay": "0.02"}
+
+
+@dataclass
+class BurstResult:
+    pairs: list[tuple[StreamRun, StreamRun]]  # (direct, gateway), one per repeat
+
+    def _median(self, pick: Callable[[StreamRun, StreamRun], float]) -> float:
+        return median([pick(direct, gateway) for direct, gateway in self.pairs])
+
+    @property
+    def added_p50_ms(self) -> float:
+        return self._median(lambda d, g: g.ttft_p50_ms - d.ttft_p50_ms)
+
+    @property
+    def added_p99_ms(self) -> float:
+        return self._median(lambda d, g: g.ttft_p99_ms - d.ttft_p99_ms)
+
+    @property
+    def errors(self) -> int:
+        return sum(d.total - d.ok + g.total - g.ok for d, g in self.pairs)
+
+
+def burst(bench: Bench) -> BurstResult:
+    """(b) 100 streams at once, straight and through the gateway, alternating per repeat."""
+    pairs = []
+    for repeat in range(bench.sizes.burst_repeats):
+        runs = [
+            _streams(
+                bench, targets, f"b{repeat}-{label}", count=bench.sizes.burst, headers=BURST_HEADERS
+            )[0]
+            for label, targets in (("direct", bench.direct()), ("gateway", bench.through_gateway()))
+        ]
+        pairs.append((runs[0], runs[1]))
+    return BurstResult(pairs)
+
+
+# --- (c) many slow streams, and the gateway's memory per stream ------------------------------
+
+
+@dataclass
+class SlowStreamsResult:
+    streams: int
+    direct: StreamRun
+    gateway: StreamRun
+    idle_rss_kib: int  # the gateway's processes together, warmed up, no streams
+    open_rss_kib: int  # the largest sample while every stream was open at the mocks
+    all_open_seen: bool  # False: no sample saw every stream open; open_rss_kib is the largest
+    peak_rss_kib: int  # VmHWM summed over the gateway's processes, after the run
+    worker_peak_kib: int  # the largest VmHWM of one worker
+
+    @property
+    def per_stream_kib(self) -> float:
+        return (self.open_rss_kib - self.idle_rss_kib) / self.streams
+
+
+def _gateway_rss(gateway: Gateway) -> int:
+    return sum(memory_kib(pid)["VmRSS"] for pid in gateway.pids())
+
+
+def slow_streams(bench: Bench) -> SlowStreamsResult:
+    """(c) 1,000 streams per worker at 2 tokens/s; run first, on a fresh gateway, so that the
+    idle memory is a clean baseline."""
+    sizes = bench.sizes
+    count = sizes.slow_streams_per_worker * bench.gateway.workers
+    headers = {
+        "x-mock-ttft": "0.05",
+        "x-mock-tokens": str(sizes.slow_tokens),
+        "x-mock-token-delay": "0.5",
+    }
+    timeout = 0.5 * sizes.slow_tokens + 30
+    # Warm-up: lazily imported modules and first allocations must not count as per-stream cost.
+    warm = {"x-mock-ttft": "0", "x-mock-tokens": "3", "x-mock-token-delay": "0"}
+    _streams(bench, bench.through_gateway(), "c-warm", count=20, headers=warm)
+    time.sleep(0.5)
+    idle = _gateway_rss(bench.gateway)
+
+    samples: list[tuple[int, int]] = []  # (gateway RSS, streams open at the mocks)
+
+    def sample() -> None:
+        samples.append((_gateway_rss(bench.gateway), bench.mocks_active()))
+
+    gateway, _ = _streams(
+        bench,
+        bench.through_gateway(),
+        "c-gateway",
+        count=count,
+        headers=headers,
+        processes=sizes.stream_processes,
+        timeout=timeout,
+        every=sample,
+    )
+    full = [rss for rss, active in samples if active >= count]
+    pids = bench.gateway.worker_pids() if bench.gateway.workers > 1 else bench.gateway.pids()
+    peaks = [memory_kib(pid)["VmHWM"] for pid in pids]
+    direct, _ = _streams(
+        bench,
+        bench.direct(),
+        "c-direct",
+        count=count,
+        headers=headers,
+        processes=sizes.stream_processes,
+        timeout=timeout,
+    )
+    return SlowStreamsResult(
+        streams=count,
+        direct=direct,
+        gateway=gateway,
+        idle_rss_kib=idle,
+        open_rss_kib=max(full or [rss for rss, _ in samples] or [idle]),
+        all_open_seen=bool(full),
+        peak_rss_kib=sum(memory_kib(pid)["VmHWM"] for pid in bench.gateway.pids()),
+        worker_peak_kib=max(peaks or [0]),
+    )
+
+
+# --- (d) client disconnects --------------------------------------------------------------------
+
+# The first token comes 0.5 s after the request, once every stream of the burst is set up: the
+# burst's own cost is (b)'s subject, (d) measures how soon a hang-up reaches the backend while
+# the other streams keep flowing at 50 tokens/s.
+DISCONNECT_HEADERS = {"x-mock-ttft": "0.5", "x-mock-tokens": "50", "x-mock-token-delay": "0.02"}
+HANG_UP_AFTER = 3  # tokens
+SETTLE = 0.5  # seconds for the last closes to reach the mocks before counting what is open
+
+
+@dataclass
+class DisconnectRun:
+    streams: int
+    hung_up: int  # clients that closed after 3 tokens as planned
+    noticed: int  # of those, how many the mocks saw close (matched by x-request-id)
+    delays_ms: list[float]  # per noticed stream: client close -> mock noticed its close
+    left_open: int  # mock `active` after the settle time; must be 0
+    cpu: dict[str, float]
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.delays_ms, 0.50)
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.delays_ms, 0.99)
+
+    @property
+    def max_ms(self) -> float:
+        return max(self.delays_ms, default=math.nan)
+
+    @classmethod
+    def pooled(cls, runs: list[DisconnectRun]) -> DisconnectRun:
+        """The runs' samples together: one p99 over all of them is steadier than any one."""
+        roles = {role for run in runs for role in run.cpu}
+        return cls(
+            streams=sum(run.streams for run in runs),
+            hung_up=sum(run.hung_up for run in runs),
+            noticed=sum(run.noticed for run in runs),
+            delays_ms=[delay for run in runs for delay in run.delays_ms],
+            left_open=max(run.left_open for run in runs),
+            cpu={role: sum(run.cpu.get(role, 0.0) for run in runs) / len(runs) for role in roles},
+        )
+
+
+@dataclass
+class DisconnectResult:
+    pairs: list[tuple[DisconnectRun, DisconnectRun]]  # (direct, gateway), one per repeat
+
+    @property
+    def direct(self) -> DisconnectRun:
+        return DisconnectRun.pooled([direct for direct, _ in self.pairs])
+
+    @property
+    def gateway(self) -> DisconnectRun:
+        return DisconnectRun.pooled([gateway for _, gateway in self.pairs])
+
+
+def _disconnects(bench: Bench, targets: list[Address], label: str) -> DisconnectRun:
+    bench.reset_mocks()
+    run, load = _streams(
+        bench,
+        targets,
+        f"d-{label}",
+        count=bench.sizes.disconnects,
+        headers=DISCONNECT_HEADERS,
+        hangup_after=HANG_UP_AFTER,
+    )
+    time.sleep(SETTLE)
+    stats = bench.mock_stats()
+    noticed_at = {d["request_id"]: d["at"] for s in stats for d in s["disconnects"]}
+    delays = [
+        1000 * (noticed_at[s.request_id] - s.closed_at)
+        for s in load.streams
+        if s.closed_at is not None and s.request_id in noticed_at
+    ]
+    return DisconnectRun(
+        streams=run.total,
+        hung_up=sum(1 for s in load.streams if s.closed_at is not None),
+        noticed=len(delays),
+        delays_ms=delays,
+        left_open=sum(int(s["active"]) for s in stats),
+        cpu=run.cpu,
+    )
+
+
+def disconnects(bench: Bench) -> DisconnectResult:
+    """(d) Clients hang up after 3 tokens: how soon does the mock see its upstream close?
+
+    Direct and gateway alternate; a burst of hang-ups is sensitive to what else the machine does
+    at that moment, so several repeats are pooled."""
+    pairs = []
+    for repeat in range(bench.sizes.disconnect_repeats):
+        direct = _disconnects(bench, bench.direct(), f"{repeat}-direct")
+        gateway = _disconnects(bench, bench.through_gateway(), f"{repeat}-gateway")
+        pairs.append((direct, gateway))
+    return DisconnectResult(pairs)
