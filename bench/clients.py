@@ -249,16 +249,19 @@ async def _pool_exchange(
     pool: BackendPool,
     body: str,
     headers: list[tuple[bytes, bytes]],
+    slots: trio.Semaphore | None = None,
     slot_timeout: float = math.inf,
 ) -> int:
-    """One request through `pool`, the way the gateway's proxy does it: slot, then connection,
-    each given back in a `finally`. Returns the status."""
-    with trio.move_on_after(slot_timeout) as waiting:
-        await pool.acquire_slot()
-    if waiting.cancelled_caught:
-        raise NoSlot
+    """One request through `pool`, the way the gateway's proxy does it: slot (the proxy's
+    admission for a backend at max_concurrent), then connection, each given back in a
+    `finally`. Returns the status."""
+    if slots is not None:
+        with trio.move_on_after(slot_timeout) as waiting:
+            await slots.acquire()
+        if waiting.cancelled_caught:
+            raise NoSlot
     try:
-        connection = await pool.checkout()
+        connection = pool.checkout_idle() or await pool.connect()
         try:
             await connection.send_request(b"POST", PATH.encode(), headers, body.encode())
             response = await connection.receive_response()
@@ -269,7 +272,8 @@ async def _pool_exchange(
         finally:
             pool.checkin(connection)
     finally:
-        pool.release_slot()
+        if slots is not None:
+            slots.release()
 
 
 async def pool_rate(spec: ClientSpec) -> Rate:
@@ -289,13 +293,14 @@ async def pool_rate(spec: ClientSpec) -> Rate:
         return await _measure(spec.seconds, spec.concurrency, one)
     finally:
         for pool in pools:
-            pool.close()
+            pool.retire()
 
 
 async def pool_leak(spec: ClientSpec) -> LeakCheck:
     rng = random.Random(spec.seed)
     backend = BackendSettings(name="m0", url=spec.urls[0], max_concurrent=STORM_LIMIT)
     pool = BackendPool(backend, None)
+    slots = trio.Semaphore(STORM_LIMIT)
     storm_headers = _pool_request_headers(backend, STREAM_BODY, STORM_HEADERS)
     hold_headers = _pool_request_headers(backend, CHAT_BODY, HOLD_HEADERS)
     storm_errors = 0
@@ -303,7 +308,7 @@ async def pool_leak(spec: ClientSpec) -> LeakCheck:
     async def storm_request() -> None:
         nonlocal storm_errors
         try:
-            await _pool_exchange(pool, STREAM_BODY, storm_headers)
+            await _pool_exchange(pool, STREAM_BODY, storm_headers, slots)
         except GatewayError:
             storm_errors += 1
 
@@ -316,7 +321,7 @@ async def pool_leak(spec: ClientSpec) -> LeakCheck:
         async def probe() -> None:
             nonlocal failures, errors
             try:
-                await _pool_exchange(pool, CHAT_BODY, hold_headers, PROBE_POOL_TIMEOUT)
+                await _pool_exchange(pool, CHAT_BODY, hold_headers, slots, PROBE_POOL_TIMEOUT)
             except NoSlot:
                 failures += 1
             except GatewayError:
@@ -325,10 +330,14 @@ async def pool_leak(spec: ClientSpec) -> LeakCheck:
         async with trio.open_nursery() as nursery:
             for _ in range(STORM_LIMIT):
                 nursery.start_soon(probe)
-        details = {"in_use": after_storm.in_use, "waiting": after_storm.waiting}
+        details = {
+            "in_use": after_storm.in_use,
+            "waiting": slots.statistics().tasks_waiting,
+            "free_slots": slots.value,
+        }
         return LeakCheck(storm_errors, failures, errors, details)
     finally:
-        pool.close()
+        pool.retire()
 
 
 async def run(spec: ClientSpec) -> ClientsResult:

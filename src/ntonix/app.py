@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
+import logging
 import os
+import signal
 import sys
 import time
 
@@ -12,24 +15,41 @@ import trio
 
 from ntonix import __version__
 from ntonix.asgi import Receive, Scope, Send, send_json
-from ntonix.config import Config, ConfigError, load_config
+from ntonix.config import Config, ConfigError, config_path, load_config
+from ntonix.core.breaker import BreakerSettings
+from ntonix.core.health import HealthTable
 from ntonix.core.requests import is_proxied
 from ntonix.errors import GatewayError, client_error
+from ntonix.prober import Probers
 from ntonix.proxy import Proxy
-from ntonix.upstream import pools_for
+from ntonix.upstream import BackendPool, backend_ssl_context
+
+log = logging.getLogger("ntonix")
 
 # Methods that make no sense through an LLM gateway and that proxies are abused with.
 _REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+# Gateway routes anyone may call, even when an admin token is set: load balancers poll them.
+_OPEN_ROUTES = frozenset({b"/ntonix/health", b"/ntonix/ready"})
 
 
 class Gateway:
     """NTONIX as an ASGI app. Serve it with Hypercorn's trio worker."""
 
-    def __init__(self, config: Config | None = None) -> None:
-        """With no config, the config is loaded when the server starts (see `load_config`)."""
+    def __init__(self, config: Config | None = None, *, config_file: str | None = None) -> None:
+        """With no config, it is loaded when the server starts (see `load_config`);
+        `config_file` is what SIGHUP and POST /ntonix/reload re-read."""
         self._config = config
+        self._config_file = config_file
         self.proxy: Proxy | None = None
+        self._probers: Probers | None = None
         self._started_at = time.monotonic()
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config_file = config_path()
+            self._config = config_for_hypercorn_command()
+        return self._config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -37,11 +57,12 @@ class Gateway:
             proxy = self.proxy
             if proxy is not None and is_proxied(scope["raw_path"]):
                 if scope["method"] in _REFUSED_METHODS:
-                    await _send_error(
-                        send, client_error(405, "method_not_allowed", "Method not allowed")
-                    )
-                    return
-                await proxy.handle(scope, receive, send)
+                    error = client_error(405, "method_not_allowed", "Method not allowed")
+                    await send_error(send, error)
+                elif scope["method"] == "GET" and scope["raw_path"] in _MODEL_LISTS:
+                    await self._list_models(scope["raw_path"], send)
+                else:
+                    await proxy.handle(scope, receive, send)
             else:
                 await self._own_route(scope, send)
         elif kind == "lifespan":
@@ -49,78 +70,161 @@ class Gateway:
         else:
             await send({"type": "websocket.close", "code": 1000})
 
-    @property
-    def config(self) -> Config:
-        if self._config is None:
-            self._config = config_for_hypercorn_command()
-        return self._config
-
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
+        config = self.config
         try:
-            pools = pools_for(self.config.backends)
+            pools = {b.name: BackendPool(b, backend_ssl_context(b)) for b in config.backends}
         except (OSError, ValueError) as error:
             await send({"type": "lifespan.startup.failed", "message": f"Cannot start: {error}"})
             return
-        # The supervisor: long-lived tasks (probes, the cache writer) live here, and it outlives
-        # every request, because Hypercorn drains requests before it sends lifespan.shutdown.
+        health = HealthTable(config.backends, _breaker_settings(config))
+        # The supervisor: long-lived tasks live here, and it outlives every request, because
+        # Hypercorn drains requests before it sends lifespan.shutdown.
         async with trio.open_nursery() as supervisor:
-            self.proxy = Proxy(self.config, pools)
+            self.proxy = Proxy(config, pools, health)
+            self._probers = Probers(supervisor, health, config.health)
+            self._probers.reconcile(config.backends, config.health)
+            supervisor.start_soon(self._reload_on_sighup)
             self._started_at = time.monotonic()
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown
             supervisor.cancel_scope.cancel()
-        for pool in pools.values():
-            pool.close()
+        for pool in self.proxy.pools.values():
+            pool.retire()
         await send({"type": "lifespan.shutdown.complete"})
+
+    async def _reload_on_sighup(self) -> None:
+        try:
+            signals = trio.open_signal_receiver(signal.SIGHUP)
+        except (RuntimeError, ValueError):  # not the main thread: no signals here
+            return
+        with signals as received:
+            async for _ in received:
+                self.reload()
+
+    def reload(self) -> list[str]:
+        """Re-read the config file without downtime; the problems if it was refused.
+
+        Backends are added, removed (their streams finish) or re-weighted; an invalid config
+        is logged and the running one stays.
+        """
+        proxy, probers = self.proxy, self._probers
+        if self._config_file is None or proxy is None or probers is None:
+            return ["no config file to reload: the gateway runs on the built-in default"]
+        try:
+            config = Config.from_file(self._config_file)
+        except ConfigError as error:
+            log.error("config reload refused, keeping the running config:\n%s", error.report())
+            return error.problems
+        old_pools = proxy.pools
+        pools = {}
+        for backend in config.backends:
+            pool = old_pools.get(backend.name)
+            if pool is None or pool.backend != backend:
+                pool = BackendPool(backend, backend_ssl_context(backend))
+            pools[backend.name] = pool
+        for name, pool in old_pools.items():
+            if pools.get(name) is not pool:
+                pool.retire()  # its requests in flight finish; its connections close after
+        proxy.health.reconcile(config.backends)
+        proxy.reconfigure(config, pools)
+        probers.reconcile(config.backends, config.health)
+        self._config = config
+        log.info("config reloaded from %s: %d backends", self._config_file, len(config.backends))
+        return []
 
     async def _own_route(self, scope: Scope, send: Send) -> None:
         path = scope["raw_path"]
-        if scope["method"] not in ("GET", "HEAD"):
-            await _send_error(
-                send, client_error(404, "unknown_route", f"Unknown route: {scope['path']}")
-            )
-        elif path == b"/ntonix/health":
+        method = scope["method"]
+        token = self.config.auth.admin_token
+        if path not in _OPEN_ROUTES and token and not _bearer_matches(scope, token):
+            await send_error(send, client_error(401, "invalid_admin_token", "Admin token required"))
+        elif path == b"/ntonix/health" and method == "GET":
             await send_json(send, 200, {"status": "ok"})
-        elif path == b"/ntonix/ready":
-            ready = self.proxy is not None
+        elif path == b"/ntonix/ready" and method == "GET":
+            ready = self.ready()
             await send_json(send, 200 if ready else 503, {"ready": ready})
-        elif path == b"/ntonix/status":
+        elif path == b"/ntonix/status" and method == "GET":
             await send_json(send, 200, self.status())
-        else:
-            await _send_error(
-                send, client_error(404, "unknown_route", f"Unknown route: {scope['path']}")
+        elif path == b"/ntonix/reload" and method == "POST":
+            problems = self.reload()
+            await send_json(
+                send, 400 if problems else 200, {"reloaded": not problems, "problems": problems}
             )
+        else:
+            error = client_error(404, "unknown_route", f"Unknown route: {method} {scope['path']}")
+            await send_error(send, error)
+
+    async def _list_models(self, path: bytes, send: Send) -> None:
+        """/v1/models and /api/tags: the union of what the healthy backends serve."""
+        assert self.proxy is not None
+        models = self.proxy.health.served_models(trio.current_time())
+        if path == b"/v1/models":
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "ntonix"} for m in models
+            ]
+            await send_json(send, 200, {"object": "list", "data": data})
+        else:
+            await send_json(send, 200, {"models": [{"name": m, "model": m} for m in models]})
+
+    def ready(self) -> bool:
+        proxy = self.proxy
+        return proxy is not None and bool(proxy.health.eligible(None, trio.current_time()))
 
     def status(self) -> dict[str, object]:
-        pools = self.proxy.pools if self.proxy is not None else {}
-        backends = []
-        for backend in self.config.backends:
-            pool = pools.get(backend.name)
-            stats = pool.statistics() if pool is not None else None
-            backends.append(
-                {
-                    "name": backend.name,
-                    "url": backend.url,
-                    "weight": backend.weight,
-                    "state": "closed",
-                    "consecutive_failures": 0,
-                    "active_requests": stats.in_use if stats else 0,
-                    "pool": attrs.asdict(stats) if stats else None,
-                }
-            )
+        proxy = self.proxy
+        backends: list[dict[str, object]] = []
+        if proxy is not None:
+            urls = {b.name: b.url for b in proxy.config.backends}
+            for snapshot in proxy.health.snapshot(trio.current_time()):
+                pool = proxy.pools.get(snapshot.name)
+                backends.append(
+                    {
+                        "name": snapshot.name,
+                        "url": urls.get(snapshot.name),
+                        "weight": snapshot.weight,
+                        "state": snapshot.state,
+                        "consecutive_failures": snapshot.consecutive_failures,
+                        "active_requests": snapshot.in_flight,
+                        "latency_ms": snapshot.latency_ms,
+                        "last_error": snapshot.last_error,
+                        "models": snapshot.models,
+                        "probe": snapshot.probe,
+                        "draining": snapshot.draining,
+                        "not_eligible_because": list(snapshot.reasons),
+                        "pool": attrs.asdict(pool.statistics()) if pool else None,
+                    }
+                )
         return {
             "version": __version__,
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
+            "strategy": self.config.balancer.strategy,
+            "queued": proxy.admission.waiting if proxy else 0,
             "backends": backends,
         }
+
+
+_MODEL_LISTS = frozenset({b"/v1/models", b"/api/tags"})
+
+
+def _breaker_settings(config: Config) -> BreakerSettings:
+    health = config.health
+    return BreakerSettings(health.failure_threshold, health.open_for, health.max_open_for)
+
+
+def _bearer_matches(scope: Scope, token: str) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return hmac.compare_digest(value, b"Bearer " + token.encode())
+    return False
 
 
 def config_for_hypercorn_command() -> Config:
     """The config of a gateway started as `hypercorn ... ntonix:app`.
 
-    A bad config ends the worker process with one line per problem and exit code 1, which the
-    hypercorn command passes on. Any exception would be printed as a traceback instead.
+    A bad config ends the worker process with one line per problem and exit code 1. Any
+    exception would be printed as a traceback instead.
     """
     try:
         config = load_config()
@@ -134,5 +238,5 @@ def config_for_hypercorn_command() -> Config:
     return config
 
 
-async def _send_error(send: Send, error: GatewayError) -> None:
+async def send_error(send: Send, error: GatewayError) -> None:
     await send_json(send, error.status, error.payload(), error.headers()[1:])

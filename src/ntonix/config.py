@@ -196,21 +196,28 @@ class Config:
         return cls.from_mapping({"backends": [{"url": DEFAULT_BACKEND_URL}]})
 
 
-def load_config(
+def config_path(
     path: str | None = None, *, environ: Mapping[str, str] = os.environ, cwd: str | None = None
-) -> Config:
-    """Load the config the gateway starts with.
+) -> str | None:
+    """The file the gateway's config comes from, or None for the built-in default.
 
     Lookup order: `path`, else $NTONIX_CONFIG (when set and not empty), else ./ntonix.toml when
-    it exists, else Config.default(). Relative paths are taken from `cwd` (default: the process's).
+    it exists. Relative paths are taken from `cwd` (default: the process's).
     """
     chosen = path or environ.get(CONFIG_ENV_VAR)
     if chosen:
-        return Config.from_file(chosen if cwd is None else os.path.join(cwd, chosen))
+        return os.path.abspath(chosen if cwd is None else os.path.join(cwd, chosen))
     local = os.path.join(os.getcwd() if cwd is None else cwd, CONFIG_FILE_NAME)
-    if os.path.lexists(local):  # a dangling symlink is reported, not silently skipped
-        return Config.from_file(local)
-    return Config.default()
+    # A dangling symlink is reported when it is read, not silently skipped.
+    return os.path.abspath(local) if os.path.lexists(local) else None
+
+
+def load_config(
+    path: str | None = None, *, environ: Mapping[str, str] = os.environ, cwd: str | None = None
+) -> Config:
+    """Load the config the gateway starts with, from `config_path(...)` or the default."""
+    chosen = config_path(path, environ=environ, cwd=cwd)
+    return Config.default() if chosen is None else Config.from_file(chosen)
 
 
 def check_config_file(path: str, out: TextIO) -> int:

@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
+from collections.abc import Iterable
 
 import trio
 
 from ntonix.asgi import Receive, Scope, Send, send_body
 from ntonix.config import Config
-from ntonix.core.balancer import RoundRobin
+from ntonix.core.balancer import affinity_key, make_strategy
 from ntonix.core.framing import StreamKind, stream_error_frame, stream_kind
 from ntonix.core.headers import client_response_headers, request_id_of, upstream_request_headers
+from ntonix.core.health import HealthTable, Outcome, Ticket, no_route_status
 from ntonix.core.requests import ProxiedRequest, classify
 from ntonix.errors import GatewayError, client_error, upstream_error
 from ntonix.upstream import BackendPool, UpstreamConnection
@@ -74,14 +77,24 @@ class Downstream:
 
 
 class Proxy:
-    """Forwards /v1/ and /api/ requests to the backends through per-backend pools."""
+    """Forwards /v1/ and /api/ requests to healthy backends, with admission and failover."""
 
-    def __init__(self, config: Config, pools: dict[str, BackendPool]) -> None:
+    def __init__(self, config: Config, pools: dict[str, BackendPool], health: HealthTable) -> None:
+        self.health = health
+        self.admission = Admission()
+        self._strategy_name = ""
+        self.reconfigure(config, pools)
+
+    def reconfigure(self, config: Config, pools: dict[str, BackendPool]) -> None:
+        """Adopt a (re)loaded config; requests in flight keep the pools they hold."""
         self.config = config
         self.pools = pools
         self._settings = config.gateway
-        self._balancer = RoundRobin()
-        self._pool_list = list(pools.values())
+        self._limits = {b.name: b.max_concurrent for b in config.backends}
+        self._affinity = config.balancer.strategy == "prefix-affinity"
+        if config.balancer.strategy != self._strategy_name:
+            self._strategy_name = config.balancer.strategy
+            self.strategy = make_strategy(config.balancer.strategy, random.Random())
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run one request through every phase; returns when the client has its answer."""
@@ -119,76 +132,258 @@ class Proxy:
     async def forward(
         self, scope: Scope, request: ProxiedRequest, body: bytes, downstream: Downstream
     ) -> None:
-        """Phases pick upstream and admission, then the exchange with one backend."""
-        pool = self._balancer.order(self._pool_list)[0]
-        if pool.limited:
-            with trio.move_on_after(self._settings.queue_timeout) as queued:
-                await pool.acquire_slot()
-            if queued.cancelled_caught:
+        """Phases pick upstream and admission, then tries on backends until one answers.
+
+        A failure before commit moves on to another backend (never the same one twice), at
+        most `retries` times; after commit the stream is never replayed elsewhere.
+        """
+        exchange = Exchange(scope, request, body, downstream)
+        if self._affinity and request.payload is not None:
+            exchange.affinity = affinity_key(request.payload)
+        last_error: GatewayError | None = None
+        for attempt in range(self._settings.retries + 1):
+            ticket = await self.admit(exchange, first=attempt == 0)
+            if ticket is None:
+                break
+            exchange.tried.add(ticket.name)
+            last_error = await self.attempt(
+                ticket, exchange, last=attempt == self._settings.retries
+            )
+            if last_error is None:
+                return
+        assert last_error is not None
+        raise last_error
+
+    async def admit(self, exchange: Exchange, *, first: bool) -> Ticket | None:
+        """Phases pick upstream and admission: the best eligible backend with a free slot.
+
+        Waits up to `queue_timeout`, first come first served, when every eligible backend is at
+        `max_concurrent`; None when failover has no untried backend left.
+        """
+        model = exchange.request.model
+        deadline = trio.current_time() + self._settings.queue_timeout
+        woken = False
+        while True:
+            now = trio.current_time()
+            names = [n for n in self.health.eligible(model, now) if n not in exchange.tried]
+            if not names:
+                if not first:
+                    return None
+                raise self._no_route(model, now)
+            if woken or not self.admission.waiting:
+                candidates = self.health.candidates(names)
+                order = self.strategy.order(candidates, affinity_key=exchange.affinity)
+                in_flight = {c.name: c.in_flight for c in candidates}
+                for name in order:
+                    limit = self._limits.get(name, 0)
+                    if limit and in_flight[name] >= limit:
+                        continue
+                    ticket = self.health.begin(name, now)
+                    if ticket is not None:
+                        return ticket
+            if not await self.admission.wait_until(deadline):
                 raise GatewayError(
                     503,
-                    "backend_busy",
-                    f"Backend {pool.backend.name} is at max_concurrent",
+                    "backends_busy",
+                    "Every backend that serves this model is at max_concurrent",
                     source="gateway",
                     retry_after=1,
                 )
-        try:
-            await self.exchange(pool, scope, request, body, downstream)
-        finally:
-            pool.release_slot()
+            woken = True
 
-    async def exchange(
-        self,
-        pool: BackendPool,
-        scope: Scope,
-        request: ProxiedRequest,
-        body: bytes,
-        downstream: Downstream,
-    ) -> None:
-        """Phases connect, first byte, commit and stream body on one backend connection."""
+    async def attempt(
+        self, ticket: Ticket, exchange: Exchange, *, last: bool
+    ) -> GatewayError | None:
+        """One try on one backend: connect, first byte, commit, stream body, finish.
+
+        Returns the error to retry elsewhere when nothing reached the client, None when the
+        client has its answer (a success, or an error already written into its stream).
+        """
         settings = self._settings
-        backend = pool.backend
-        connection = pool.checkout_idle()
-        if connection is None:
-            with trio.move_on_after(settings.upstream_connect_timeout):
-                connection = await pool.connect()
-            if connection is None:
-                raise upstream_error(
-                    504,
-                    "backend_connect_timeout",
-                    f"Connecting to backend {backend.name} timed out",
-                )
+        pool = self.pools[ticket.name]
+        report = Report()
+        connection: UpstreamConnection | None = None
         try:
-            headers = upstream_request_headers(
-                scope["headers"],
-                host=backend.host_header,
-                body_length=len(body)
-                if body or scope["method"] in ("POST", "PUT", "PATCH")
-                else None,
-                client_address=_client_address(scope),
-                scheme=scope["scheme"].encode(),
-                request_id=downstream.request_id,
-                api_key=backend.api_key,
-            )
-            target = backend.base_path.encode() + request.target
+            connection = pool.checkout_idle()
+            if connection is None:
+                with trio.move_on_after(settings.upstream_connect_timeout):
+                    connection = await pool.connect()
+                if connection is None:
+                    report.outcome = Outcome.TIMED_OUT
+                    return upstream_error(
+                        504,
+                        "backend_connect_timeout",
+                        f"Connecting to backend {ticket.name} timed out",
+                    )
+            sent_at = trio.current_time()
             with trio.move_on_after(settings.first_byte_timeout) as waiting:
-                await connection.send_request(scope["method"].encode(), target, headers, body)
+                await connection.send_request(
+                    exchange.method,
+                    pool.backend.base_path.encode() + exchange.request.target,
+                    self._upstream_headers(exchange, pool),
+                    exchange.body,
+                )
                 response = await connection.receive_response()
             if waiting.cancelled_caught:
-                raise upstream_error(
-                    504, "backend_timeout", f"Backend {backend.name} sent no response in time"
+                report.outcome = Outcome.TIMED_OUT
+                return upstream_error(
+                    504, "backend_timeout", f"Backend {ticket.name} sent no response in time"
                 )
-            await downstream.start(
-                response.status_code,
+            report.ttfb = trio.current_time() - sent_at
+            status = response.status_code
+            answered = outcome_of_status(status)
+            if answered is Outcome.UPSTREAM_429:
+                report.retry_after = retry_after_of(response.headers)
+            if answered in _RETRYABLE and not last and self._has_alternative(exchange):
+                report.outcome = answered
+                return upstream_error(
+                    502, "backend_error", f"Backend {ticket.name} answered {status}"
+                )
+            await exchange.downstream.start(
+                status,
                 client_response_headers(
                     response.headers,
-                    backend=backend.name.encode(),
-                    request_id=downstream.request_id,
+                    backend=ticket.name.encode(),
+                    request_id=exchange.downstream.request_id,
                 ),
             )
-            await relay_body(connection, downstream, settings.idle_timeout, backend.name)
+            try:
+                await relay_body(
+                    connection, exchange.downstream, settings.idle_timeout, ticket.name
+                )
+            except GatewayError as error:
+                report.outcome = Outcome.FAILED_MIDSTREAM
+                report.error = error.message
+                log.warning(
+                    "request %s: %s", exchange.downstream.request_id.decode(), error.message
+                )
+                await exchange.downstream.fail(error)
+            else:
+                report.outcome = answered
+            return None
+        except GatewayError as error:
+            report.outcome = Outcome.CONNECT_FAILED
+            report.error = error.message
+            return error
         finally:
-            pool.checkin(connection)
+            if connection is not None:
+                pool.checkin(connection)
+            self.health.end(
+                ticket,
+                report.outcome,
+                trio.current_time(),
+                ttfb=report.ttfb,
+                retry_after=report.retry_after,
+                error=report.error,
+            )
+            self.admission.slot_freed()
+
+    def _has_alternative(self, exchange: Exchange) -> bool:
+        now = trio.current_time()
+        return any(
+            name not in exchange.tried for name in self.health.eligible(exchange.request.model, now)
+        )
+
+    def _upstream_headers(self, exchange: Exchange, pool: BackendPool) -> list[tuple[bytes, bytes]]:
+        scope = exchange.scope
+        return upstream_request_headers(
+            scope["headers"],
+            host=pool.backend.host_header,
+            body_length=len(exchange.body)
+            if exchange.body or scope["method"] in ("POST", "PUT", "PATCH")
+            else None,
+            client_address=_client_address(scope),
+            scheme=scope["scheme"].encode(),
+            request_id=exchange.downstream.request_id,
+            api_key=pool.backend.api_key,
+        )
+
+    def _no_route(self, model: str | None, now: float) -> GatewayError:
+        status = no_route_status(serving=self.health.serving(model), eligible=())
+        if status == 404:
+            return client_error(404, "model_not_found", f"No backend serves the model {model!r}")
+        return GatewayError(
+            503,
+            "no_healthy_backend",
+            "No healthy backend can take this request now",
+            source="gateway",
+            retry_after=self.health.retry_after(model, now),
+        )
+
+
+class Exchange:
+    """One client request on its way through the phases, whichever backend it ends up on."""
+
+    __slots__ = ("affinity", "body", "downstream", "method", "request", "scope", "tried")
+
+    def __init__(
+        self, scope: Scope, request: ProxiedRequest, body: bytes, downstream: Downstream
+    ) -> None:
+        self.scope = scope
+        self.request = request
+        self.body = body
+        self.downstream = downstream
+        self.method = scope["method"].encode()
+        self.tried: set[str] = set()
+        self.affinity: str | None = None
+
+
+class Report:
+    """What one attempt tells the health table when it ends, whatever way it ends."""
+
+    __slots__ = ("error", "outcome", "retry_after", "ttfb")
+
+    def __init__(self) -> None:
+        # Until something else is known, the client left (cancellation) and proved nothing.
+        self.outcome = Outcome.CLIENT_DISCONNECTED
+        self.ttfb: float | None = None
+        self.retry_after: float | None = None
+        self.error = ""
+
+
+class Admission:
+    """Requests waiting for a slot on a backend at max_concurrent, first come first served."""
+
+    def __init__(self) -> None:
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._lot)
+
+    async def wait_until(self, deadline: float) -> bool:
+        """Wait for a freed slot; False when the deadline passed first."""
+        with trio.move_on_at(deadline):
+            await self._lot.park()
+            return True
+        return False
+
+    def slot_freed(self) -> None:
+        if self._lot:
+            self._lot.unpark()
+
+
+_RETRYABLE = frozenset({Outcome.UPSTREAM_5XX, Outcome.UPSTREAM_429})
+
+
+def outcome_of_status(status: int) -> Outcome:
+    if status == 429:
+        return Outcome.UPSTREAM_429
+    if status >= 500:
+        return Outcome.UPSTREAM_5XX
+    if status >= 400:
+        return Outcome.UPSTREAM_4XX
+    return Outcome.COMPLETED
+
+
+def retry_after_of(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
+    for name, value in headers:
+        if name == b"retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
 
 
 async def relay_body(

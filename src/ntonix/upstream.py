@@ -12,7 +12,6 @@ timeouts (`trio.fail_after` around each phase); nothing here waits on a clock.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
 from typing import cast
 
 import attrs
@@ -156,38 +155,23 @@ class UpstreamConnection:
 class PoolStatistics:
     idle: int
     in_use: int
-    waiting: int
     opened: int
     closed: int
     reused: int
 
 
 class BackendPool:
-    """Keep-alive connections to one backend, and its `max_concurrent` admission slots."""
+    """Keep-alive connections to one backend."""
 
     def __init__(self, backend: BackendSettings, ssl_context: ssl.SSLContext | None) -> None:
         self.backend = backend
         self._ssl_context = ssl_context
         self._idle: list[UpstreamConnection] = []
-        limit = backend.max_concurrent
-        self._slots = trio.Semaphore(limit) if limit else None
+        self._retired = False
         self._in_use = 0
         self._opened = 0
         self._closed = 0
         self._reused = 0
-
-    @property
-    def limited(self) -> bool:
-        return self._slots is not None
-
-    async def acquire_slot(self) -> None:
-        """Wait (first come, first served) until the backend is under `max_concurrent`."""
-        if self._slots is not None:
-            await self._slots.acquire()
-
-    def release_slot(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
 
     def checkout_idle(self) -> UpstreamConnection | None:
         """The most recently used idle connection that is still open, if any (no waiting)."""
@@ -212,21 +196,25 @@ class BackendPool:
     def checkin(self, connection: UpstreamConnection) -> None:
         """Give a connection back: kept if its exchange completed, closed otherwise."""
         self._in_use -= 1
-        if connection.ready_for_reuse() and len(self._idle) < MAX_IDLE_PER_BACKEND:
+        if (
+            connection.ready_for_reuse()
+            and not self._retired
+            and len(self._idle) < MAX_IDLE_PER_BACKEND
+        ):
             self._idle.append(connection)
         else:
             self._discard(connection)
 
-    def close(self) -> None:
+    def retire(self) -> None:
+        """Close the idle connections now and those in use when they come back."""
+        self._retired = True
         while self._idle:
             self._discard(self._idle.pop())
 
     def statistics(self) -> PoolStatistics:
-        waiting = self._slots.statistics().tasks_waiting if self._slots is not None else 0
         return PoolStatistics(
             idle=len(self._idle),
             in_use=self._in_use,
-            waiting=waiting,
             opened=self._opened,
             closed=self._closed,
             reused=self._reused,
@@ -268,7 +256,3 @@ def backend_ssl_context(backend: BackendSettings) -> ssl.SSLContext | None:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
-
-
-def pools_for(backends: Sequence[BackendSettings]) -> dict[str, BackendPool]:
-    return {b.name: BackendPool(b, backend_ssl_context(b)) for b in backends}

@@ -1,0 +1,117 @@
+"""Active health checks: one task per backend in the supervisor nursery.
+
+Each probe is a GET of `health.path` (by default /v1/models, which vLLM, llama.cpp, Ollama and
+SGLang all serve) through httpx, under `health.timeout`. Its outcome feeds the same health table
+as live traffic, and the model list it returns teaches the table which models a backend serves.
+A probe task never dies of an unexpected error: it logs it and probes again next period.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+import httpx
+import trio
+
+from ntonix.config import BackendSettings, HealthSettings
+from ntonix.core.health import HealthTable, Outcome
+from ntonix.upstream import backend_ssl_context
+
+log = logging.getLogger("ntonix.prober")
+
+
+def models_in(payload: Any) -> list[str] | None:
+    """Model names from an OpenAI /v1/models or an Ollama /api/tags answer."""
+    if not isinstance(payload, dict):
+        return None
+    if isinstance(payload.get("data"), list):
+        entries, key = payload["data"], "id"
+    elif isinstance(payload.get("models"), list):
+        entries, key = payload["models"], "name"
+    else:
+        return None
+    return [e[key] for e in entries if isinstance(e, dict) and isinstance(e.get(key), str)]
+
+
+async def probe_once(
+    client: httpx.AsyncClient, backend: BackendSettings, health: HealthTable, path: str
+) -> None:
+    ticket = health.begin_probe(backend.name, trio.current_time())
+    if ticket is None:  # removed by a reload meanwhile
+        return
+    outcome, error, models = Outcome.CLIENT_DISCONNECTED, "", None
+    try:
+        response = await client.get(backend.url.rstrip("/") + path)
+        outcome = (
+            Outcome.UPSTREAM_5XX
+            if response.status_code >= 500
+            else Outcome.COMPLETED
+            if response.status_code < 400
+            else Outcome.UPSTREAM_4XX
+        )
+        if outcome is Outcome.UPSTREAM_5XX:
+            error = f"health probe answered {response.status_code}"
+        elif outcome is Outcome.COMPLETED:
+            try:
+                models = models_in(response.json())
+            except ValueError:
+                models = None
+    except httpx.TimeoutException:
+        outcome, error = Outcome.TIMED_OUT, "health probe timed out"
+    except httpx.HTTPError as failure:
+        outcome, error = (
+            Outcome.CONNECT_FAILED,
+            f"health probe failed: {failure or type(failure).__name__}",
+        )
+    finally:
+        health.end(ticket, outcome, trio.current_time(), error=error, models=models)
+
+
+async def probe_forever(
+    backend: BackendSettings, health: HealthTable, settings: HealthSettings, rng: random.Random
+) -> None:
+    """Probe at once, then every `interval` with +-20% jitter, so backends are not probed in
+    lockstep by every gateway worker."""
+    context: ssl.SSLContext | bool = backend_ssl_context(backend) or True
+    async with httpx.AsyncClient(timeout=settings.timeout, verify=context) as client:
+        while True:
+            try:
+                await probe_once(client, backend, health, settings.path)
+            except Exception:
+                log.exception("health probe of %s crashed; probing again next period", backend.name)
+            await trio.sleep(settings.interval * rng.uniform(0.8, 1.2))
+
+
+class Probers:
+    """The probe tasks, kept in step with the configured backends across reloads."""
+
+    def __init__(
+        self, nursery: trio.Nursery, health: HealthTable, settings: HealthSettings
+    ) -> None:
+        self._nursery = nursery
+        self._health = health
+        self._settings = settings
+        self._rng = random.Random()
+        self._running: dict[str, tuple[BackendSettings, trio.CancelScope]] = {}
+
+    def reconcile(self, backends: Iterable[BackendSettings], settings: HealthSettings) -> None:
+        wanted = {backend.name: backend for backend in backends}
+        changed = settings != self._settings
+        self._settings = settings
+        for name, (backend, scope) in list(self._running.items()):
+            if changed or wanted.get(name) != backend:
+                scope.cancel()
+                del self._running[name]
+        for name, backend in wanted.items():
+            if name not in self._running:
+                scope = trio.CancelScope()
+                self._running[name] = (backend, scope)
+                self._nursery.start_soon(self._run, backend, scope)
+
+    async def _run(self, backend: BackendSettings, scope: trio.CancelScope) -> None:
+        with scope:
+            await probe_forever(backend, self._health, self._settings, self._rng)
