@@ -11,7 +11,14 @@ from functools import partial
 import trio
 
 from ntonix import __version__
-from ntonix.config import BackendSettings, Config, ConfigError, check_config_file, load_config
+from ntonix.config import (
+    BackendSettings,
+    Config,
+    ConfigError,
+    check_config_file,
+    config_path,
+    load_config,
+)
 from ntonix.server import serve, serve_workers, wait_for_stop_signal
 
 
@@ -62,7 +69,8 @@ def _positive_int(text: str) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        config_file = config_path(args.config)
+        config = load_config(config_file)
     except ConfigError as error:
         sys.stderr.write(error.report())
         return 1
@@ -72,9 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
     binds = args.bind or ["127.0.0.1:8000"]
     tls = {"certfile": args.certfile, "keyfile": args.keyfile}
     if args.workers > 1:
-        return serve_workers(args.config, config, binds, args.workers, **tls)
+        return serve_workers(config_file, config, binds, args.workers, **tls)
     try:
-        trio.run(partial(serve, config, binds, **tls))
+        trio.run(partial(serve, config, binds, config_file=config_file, **tls))
     except OSError as error:
         print(
             f"ntonix: cannot serve on {', '.join(binds)}: {error.strerror or error}",

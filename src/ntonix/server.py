@@ -50,6 +50,7 @@ async def serve(
     certfile: str | None = None,
     keyfile: str | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    config_file: str | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `shutdown_trigger` returns (default: SIGINT or SIGTERM), then drain for up
@@ -60,7 +61,7 @@ async def serve(
     settings = hypercorn_config(config, binds, certfile=certfile, keyfile=keyfile)
     await hypercorn.trio.serve(
         # Gateway speaks plain-dict ASGI; Hypercorn's TypedDict signature is stricter than needed.
-        cast("Framework", Gateway(config)),
+        cast("Framework", Gateway(config, config_file=config_file)),
         settings,
         shutdown_trigger=shutdown_trigger or wait_for_stop_signal,
         task_status=task_status,
