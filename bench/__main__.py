@@ -1,10 +1,10 @@
-"""`python -m bench [--quick] [--only a,b,c,d,e] [--workers 1,2] [--profile]`
+"""`python -m bench [--quick] [--only a,b,c,d,e,f] [--workers 1,2] [--profile]`
 
 Starts lean mocks, then for each worker count a fresh gateway in front of them, runs the
-scenarios (each straight at the mocks and through the gateway, alternating), and prints the
-Markdown report, also written to bench/results/latest.md (plus latest.json). Progress goes to
-stderr. Every subprocess is stopped on the way out, whether the run ends, fails or is
-interrupted.
+scenarios (each straight at the mocks, or at the framework floor for (f), and through the
+gateway, alternating), and prints the Markdown report, also written to bench/results/latest.md
+(plus latest.json). Progress goes to stderr. Every subprocess is stopped on the way out, whether
+the run ends, fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -39,13 +39,16 @@ from bench.scenarios import (
     Sizes,
     burst,
     disconnects,
+    framework_floor,
     measure_throughput,
     slow_streams,
     throughput,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("a", "b", "c", "d", "e")
+SCENARIOS = ("a", "b", "c", "d", "e", "f")
+# Those that run against a gateway (e measures upstream clients on their own).
+GATEWAY_SCENARIOS = {"a", "b", "c", "d", "f"}
 # The mocks answer small non-streaming requests at once; streaming scenarios override the
 # timing per request with x-mock-* headers.
 MOCK_OPTIONS = ["--tokens", "8", "--token-delay", "0", "--ttft", "0"]
@@ -56,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="smaller counts: a ~1 minute smoke run"
     )
-    parser.add_argument("--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e)")
+    parser.add_argument(
+        "--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e,f)"
+    )
     parser.add_argument("--workers", default="1,2", help="gateway worker counts (1,2)")
     parser.add_argument("--mocks", type=int, default=2, help="lean mock processes (2)")
     parser.add_argument(
@@ -88,6 +93,9 @@ def _run_gateway_scenarios(
         sampled = _profile(bench) if profile_it else None
         if sampled is not None:
             results.profiles[workers] = sampled
+    if "f" in only:
+        _log(f"(f) framework floor, {workers} worker(s)")
+        results.floor[workers] = framework_floor(bench)
     if "b" in only:
         _log(f"(b) TTFT bursts, {workers} worker(s)")
         results.burst[workers] = burst(bench)
@@ -155,7 +163,7 @@ def run(args: argparse.Namespace) -> Results:
         mocks = [start_mock(processes, f"mock-{i + 1}", MOCK_OPTIONS) for i in range(args.mocks)]
         config = logs / "ntonix.toml"
         config.write_text(gateway_config(mocks))
-        if only & {"a", "b", "c", "d"}:
+        if only & GATEWAY_SCENARIOS:
             for workers in worker_counts:
                 _log(f"starting the gateway with {workers} worker(s)")
                 gateway = start_gateway(processes, config, workers)

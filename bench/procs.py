@@ -309,3 +309,33 @@ def start_gateway(
                 pass
         time.sleep(0.1)
     raise RuntimeError(f"the gateway did not come up within {timeout:g} s")
+
+
+@dataclass
+class Floor:
+    """`python -m bench.floor`: a minimal ASGI app behind the gateway's Hypercorn setup."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_floor(processes: Processes, timeout: float = 30.0) -> Floor:
+    """The framework floor of (f) on a free port; returns once it answers."""
+    port = free_port()
+    argv = python_argv("bench.floor", "--bind", f"127.0.0.1:{port}")
+    floor = Floor(port, processes.start("floor", argv))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if floor.process.poll() is not None:
+            raise RuntimeError(f"the floor exited with {floor.process.returncode}")
+        try:
+            if http_json(floor.url, timeout=1.0):  # any path gets the fixed answer
+                return floor
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the floor did not come up within {timeout:g} s")

@@ -13,8 +13,9 @@ from collections.abc import Iterable
 
 from bench.profile import Profile
 from bench.results import ClientsRun, Results
-from bench.scenarios import StreamRun
-from bench.targets import judge
+from bench.scenarios import StreamRun, Throughput
+from bench.stats import median
+from bench.targets import TARGET_RATE, judge
 
 _OWN_ROLES = ("gateway", "mocks", "load")
 CPU_ROLES = (*_OWN_ROLES, "others", "machine")
@@ -33,12 +34,17 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> list[str]
     return [*lines, ""]
 
 
-def _cpu(cpu: dict[str, float]) -> list[str]:
-    # "others": what the machine did beyond our three roles: the kernel's network work, and
-    # whatever else shares the machine (other people's test runs show up here).
-    others = cpu.get("machine", math.nan) - sum(cpu.get(role, 0.0) for role in _OWN_ROLES)
-    shown = {**cpu, "others": max(others, 0.0)}
-    return [f"{shown.get(role, math.nan):.0f}%" for role in CPU_ROLES]
+def _cpu(cpu: dict[str, float], roles: Iterable[str] = CPU_ROLES) -> list[str]:
+    # "others": what the machine did beyond the processes we measured (our three roles, or the
+    # floor of (f)): the kernel's network work, and whatever else shares the machine (other
+    # people's test runs show up here).
+    measured = sum(percent for role, percent in cpu.items() if role != "machine")
+    shown = {**cpu, "others": max(cpu.get("machine", math.nan) - measured, 0.0)}
+    return [f"{shown.get(role, math.nan):.0f}%" for role in roles]
+
+
+def _us(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:,.0f}"
 
 
 def _errors(run: StreamRun) -> str:
@@ -72,17 +78,98 @@ def _throughput(results: Results) -> list[str]:
                         _ms(run.p50_ms),
                         _ms(run.p99_ms),
                         run.errors,
+                        _us(run.cpu_us("gateway")) if path == "gateway" else "",
                         *_cpu(run.cpu),
                     ]
                 )
         median_rows = [
-            ("gateway", f"{result.gateway_rate:,.0f}"),
-            ("gateway / direct", f"{result.ratio:.2f}"),
+            ("gateway", f"{result.gateway_rate:,.0f}", f"**{_us(result.gateway_us)}**"),
+            ("gateway / direct", f"{result.ratio:.2f}", ""),
         ]
-        for path, shown in median_rows:
-            rows.append([workers, "**median**", path, f"**{shown}**", "", "", "", *_NO_CPU])
-    header = ["workers", "repeat", "path", "req/s", "p50 ms", "p99 ms", "errors", *_cpu_header()]
+        for path, shown, us in median_rows:
+            rows.append([workers, "**median**", path, f"**{shown}**", "", "", "", us, *_NO_CPU])
+    header = [
+        "workers",
+        "repeat",
+        "path",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "gateway CPU µs/req",
+        *_cpu_header(),
+    ]
     return _table(header, rows)
+
+
+_FLOOR_ROLES = ("server", "mocks", "load", "others", "machine")
+
+
+def _floor(results: Results) -> list[str]:
+    summary = []
+    rows = []
+    for workers, result in sorted(results.floor.items()):
+        summary.append(
+            [
+                workers,
+                f"{result.floor_rate:,.0f}",
+                _latencies([floor for floor, _ in result.pairs]),
+                _us(result.floor_us),
+                f"{result.gateway_rate:,.0f}",
+                _latencies([gateway for _, gateway in result.pairs]),
+                _us(result.gateway_us),
+                f"**{_us(result.own_us)}**",
+            ]
+        )
+        for index, (floor, gateway) in enumerate(result.pairs):
+            for server, run in (("floor", floor), ("gateway", gateway)):
+                rows.append([workers, index + 1, *_floor_run(server, run)])
+    lines = _table(
+        [
+            "workers",
+            "floor req/s",
+            "floor p50 / p99 ms",
+            "floor CPU µs/req",
+            "gateway req/s",
+            "gateway p50 / p99 ms",
+            "gateway CPU µs/req",
+            "gateway's own µs/req",
+        ],
+        summary,
+    )
+    lines += [
+        "The floor is a minimal ASGI app (reads the body, answers a fixed 8-token completion) "
+        "served exactly as the gateway is, by Hypercorn's trio worker in one process: its rate "
+        "is the most any Hypercorn app can do per worker on this machine, so the "
+        f">= {TARGET_RATE:,} req/s per worker target cannot be met while the floor itself is "
+        "below it, and gateway minus floor CPU per request is the share of the gateway's own "
+        "code (the median over the pairs). Medians of "
+        f"{max(len(r.pairs) for r in results.floor.values())} floor/gateway pair(s); the floor "
+        "is one process whatever the gateway's worker count.",
+        "",
+    ]
+    header = ["workers", "repeat", "server", "req/s", "p50 ms", "p99 ms", "errors", "CPU µs/req"]
+    lines += _table([*header, *(f"CPU {role}" for role in _FLOOR_ROLES)], rows)
+    return lines
+
+
+def _latencies(runs: list[Throughput]) -> str:
+    """Median p50 / median p99 over the repeats."""
+    return f"{_ms(median([r.p50_ms for r in runs]))} / {_ms(median([r.p99_ms for r in runs]))}"
+
+
+def _floor_run(server: str, run: Throughput) -> list[str]:
+    # The server's CPU sits under its own role name; show it in one "server" column.
+    cpu = {("server" if role == server else role): percent for role, percent in run.cpu.items()}
+    return [
+        server,
+        f"{run.rate:,.0f}",
+        _ms(run.p50_ms),
+        _ms(run.p99_ms),
+        str(run.errors),
+        _us(run.cpu_us(server)),
+        *_cpu(cpu, _FLOOR_ROLES),
+    ]
 
 
 def _cpu_header() -> list[str]:
@@ -286,9 +373,10 @@ def render(results: Results, info: dict[str, str], command: str, workers: list[i
         "",
         "CPU columns: percent of one core over the scenario "
         f"({os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%). *others* is the machine's "
-        "busy time minus gateway, mocks and load generator: the kernel's loopback work and "
-        "anything else running on this shared machine; a large figure there means that run "
-        "was disturbed.",
+        "busy time minus gateway (or the floor of (f)), mocks and load generator: the kernel's "
+        "loopback work and anything else running on this shared machine; a large figure there "
+        "means that run was disturbed. CPU µs/req: the server's user plus system CPU time "
+        "(/proc/PID/stat) over the measurement window, per request completed in it.",
         "",
         "## Targets",
         "",
@@ -309,6 +397,9 @@ def render(results: Results, info: dict[str, str], command: str, workers: list[i
     if results.clients is not None:
         lines += ["## (e) Upstream clients against the mocks, in one process", ""]
         lines += _clients(results.clients)
+    if results.floor:
+        lines += [f"## (f) Framework floor: (a)'s load at a bare Hypercorn app, {_CONNECTIONS}", ""]
+        lines += _floor(results)
     if results.profiles:
         lines += ["## Profile of the gateway", ""]
         lines += _profiles(results.profiles)

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from bench.clients import ClientsResult
 from bench.profile import Profile
-from bench.scenarios import BurstResult, DisconnectResult, SlowStreamsResult, ThroughputResult
+from bench.scenarios import (
+    BurstResult,
+    DisconnectResult,
+    FloorResult,
+    SlowStreamsResult,
+    ThroughputResult,
+)
 
 LIBRARIES = ("trio", "hypercorn", "h11", "httpx", "httpcore", "attrs")
 
@@ -31,6 +37,7 @@ class Results:
     burst: dict[int, BurstResult] = field(default_factory=dict)
     slow: dict[int, SlowStreamsResult] = field(default_factory=dict)
     disconnects: dict[int, DisconnectResult] = field(default_factory=dict)
+    floor: dict[int, FloorResult] = field(default_factory=dict)
     clients: ClientsRun | None = None
     profiles: dict[int, Profile] = field(default_factory=dict)
 

@@ -1,4 +1,5 @@
-"""Scenarios (a) to (d): each runs the same load straight at the mocks and through the gateway.
+"""Scenarios (a) to (d): each runs the same load straight at the mocks and through the gateway;
+(f) runs (a)'s load at a minimal app on the gateway's Hypercorn setup instead of the mocks.
 
 Invariants: a scenario leaves no stream open behind it (the load processes have exited), every
 figure comes with the CPU that gateway, mocks and load generator used meanwhile (percent of one
@@ -16,7 +17,7 @@ from typing import Any
 
 from bench.drive import StreamsLoad, run_requests, run_streams
 from bench.load import LoadSpec
-from bench.procs import CpuMeter, Gateway, Mock, Processes, memory_kib
+from bench.procs import CpuMeter, Gateway, Mock, Processes, memory_kib, start_floor
 from bench.stats import median, percentile
 
 CHAT = {"model": "mock-llm", "messages": [{"role": "user", "content": "Tell me a story"}]}
@@ -136,8 +137,21 @@ class Throughput:
     cpu: dict[str, float]
     error_samples: list[str] = field(default_factory=list)
 
+    def cpu_us(self, role: str) -> float:
+        """CPU microseconds per completed request of one role's processes over the window.
 
-def measure_throughput(bench: Bench, targets: list[Address], label: str) -> Throughput:
+        CPU per second over rate rather than CPU seconds over completed requests: the meter's
+        window and the load's can differ by a poll tick, and this way neither length matters.
+        """
+        if not self.rate or role not in self.cpu:
+            return math.nan
+        return 1e4 * self.cpu[role] / self.rate  # percent of a core -> seconds: / 100
+
+
+def measure_throughput(
+    bench: Bench, targets: list[Address], label: str, meter: CpuMeter | None = None
+) -> Throughput:
+    """(a)'s load at `targets`; `meter` (default: gateway and mocks) is read over the window."""
     sizes = bench.sizes
     spec = LoadSpec(
         mode="requests",
@@ -149,7 +163,7 @@ def measure_throughput(bench: Bench, targets: list[Address], label: str) -> Thro
         duration=sizes.duration,
         id_prefix=f"a-{label}",
     )
-    meter = bench.meter()
+    meter = meter or bench.meter()
     window = _Window(meter, sizes.warmup, sizes.warmup + sizes.duration)
     load = run_requests(
         bench.processes, spec, sizes.request_processes, on_start=window.on_start, every=window.tick
@@ -174,6 +188,11 @@ class ThroughputResult:
         return median([gateway.rate for _, gateway in self.pairs])
 
     @property
+    def gateway_us(self) -> float:
+        """Median over the repeats of the gateway's CPU microseconds per request."""
+        return median([gateway.cpu_us("gateway") for _, gateway in self.pairs])
+
+    @property
     def ratio(self) -> float:
         """Median over the repeats of gateway rate / direct rate."""
         return median([g.rate / d.rate if d.rate else math.nan for d, g in self.pairs])
@@ -188,6 +207,57 @@ def throughput(bench: Bench) -> ThroughputResult:
         gateway = measure_throughput(bench, bench.through_gateway(), f"a{repeat}-gateway")
         pairs.append((direct, gateway))
     return ThroughputResult(pairs)
+
+
+# --- (f) the framework floor ----------------------------------------------------------------
+
+
+@dataclass
+class FloorResult:
+    """(f): the floor's runs have its CPU under "floor", the gateway's under "gateway"."""
+
+    pairs: list[tuple[Throughput, Throughput]]  # (floor, gateway), one per repeat
+
+    @property
+    def floor_rate(self) -> float:
+        return median([floor.rate for floor, _ in self.pairs])
+
+    @property
+    def gateway_rate(self) -> float:
+        return median([gateway.rate for _, gateway in self.pairs])
+
+    @property
+    def floor_us(self) -> float:
+        return median([floor.cpu_us("floor") for floor, _ in self.pairs])
+
+    @property
+    def gateway_us(self) -> float:
+        return median([gateway.cpu_us("gateway") for _, gateway in self.pairs])
+
+    @property
+    def own_us(self) -> float:
+        """Median over the pairs of gateway minus floor CPU per request: the gateway's share."""
+        return median([g.cpu_us("gateway") - f.cpu_us("floor") for f, g in self.pairs])
+
+
+def framework_floor(bench: Bench) -> FloorResult:
+    """(f) (a)'s load at a minimal ASGI app served like the gateway (`bench.floor`), alternating
+    with the gateway: its CPU per request is what Hypercorn and Trio take before the gateway's
+    own work, and its rate the most any app served this way gets from one process here."""
+    floor = start_floor(bench.processes)
+    try:
+        pairs = []
+        for repeat in range(bench.sizes.throughput_repeats):
+            # The mocks stay in the meter: idle here, they show that nothing else was relayed.
+            meter = CpuMeter({"floor": [floor.process.pid], "mocks": [m.pid for m in bench.mocks]})
+            floored = measure_throughput(
+                bench, [("127.0.0.1", floor.port)], f"f{repeat}-floor", meter
+            )
+            gateway = measure_throughput(bench, bench.through_gateway(), f"f{repeat}-gateway")
+            pairs.append((floored, gateway))
+    finally:
+        bench.processes.stop(floor.process)
+    return FloorResult(pairs)
 
 
 # --- streams, shared by (b), (c) and (d) --------------------------------------------------------

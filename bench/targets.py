@@ -36,7 +36,12 @@ def _rate_per_worker(results: Results, workers: int) -> tuple[float, str] | None
     if result is None:
         return None
     per_worker = result.gateway_rate / workers
-    return per_worker, f"{per_worker:,.0f} req/s per worker ({result.gateway_rate:,.0f} total)"
+    shown = f"{per_worker:,.0f} req/s per worker ({result.gateway_rate:,.0f} total"
+    # The floor of (f) bounds what any app on Hypercorn gets from one process: the context.
+    floor = results.floor.get(workers)
+    if floor is not None:
+        shown += f"; bare Hypercorn {floor.floor_rate:,.0f}"
+    return per_worker, shown + ")"
 
 
 def _slow_ok(results: Results, workers: int) -> tuple[float, str] | None:
@@ -81,10 +86,16 @@ def _left_open(results: Results, workers: int) -> tuple[float, str] | None:
     return result.gateway.left_open, f"{result.gateway.left_open} open"
 
 
+TARGET_RATE = 2000  # non-streaming requests/s per worker
+
 TARGETS = (
     Target("added TTFT p50 <= 10 ms (100-stream burst)", _added_ttft("p50"), lambda v: v <= 10),
     Target("added TTFT p99 <= 25 ms (100-stream burst)", _added_ttft("p99"), lambda v: v <= 25),
-    Target(">= 2,000 non-streaming req/s per worker", _rate_per_worker, lambda v: v >= 2000),
+    Target(
+        f">= {TARGET_RATE:,} non-streaming req/s per worker",
+        _rate_per_worker,
+        lambda v: v >= TARGET_RATE,
+    ),
     Target("1,000 streams/worker at 2 tok/s, zero errors", _slow_ok, lambda v: v == 0),
     Target("... with TTFT p99 < 1 s", _slow_ttft, lambda v: v < 1000),
     Target("<= 40 KiB gateway memory per open stream", _memory, lambda v: v <= 40),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -14,6 +17,7 @@ import trio
 from mocks.llm import MockLLM, MockOptions, serve_mock
 from ntonix.config import BackendSettings, Config, GatewaySettings
 from ntonix.server import serve
+from tests.support import REPO_ROOT, ChildProcess, Spawn, SteerableMock
 
 
 @attrs.frozen
@@ -67,3 +71,56 @@ def start_gateway(nursery: trio.Nursery) -> StartGateway:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=10) as client:
         yield client
+
+
+StartGatewayWith = Callable[[Config], Awaitable[str]]
+
+
+@pytest.fixture
+def start_gateway_with(nursery: trio.Nursery) -> StartGatewayWith:
+    """Start a gateway with a whole Config: balancer, health and admission settings too."""
+
+    async def start(config: Config) -> str:
+        run = partial(serve, config, ["127.0.0.1:0"], shutdown_trigger=trio.sleep_forever)
+        urls: list[str] = await nursery.start(run)
+        return urls[0]
+
+    return start
+
+
+@pytest.fixture
+def start_steerable_mock(nursery: trio.Nursery) -> StartMock:
+    """Like start_mock, but `.mock` is a SteerableMock the test can make misbehave alone."""
+
+    async def start(name: str = "mock", **options: Any) -> RunningMock:
+        options.setdefault("ttft", 0.01)
+        options.setdefault("token_delay", 0.005)
+        options.setdefault("tokens", 8)
+        mock = SteerableMock(MockOptions(name=name, **options))
+        port = await nursery.start(partial(serve_mock, mock))
+        return RunningMock(mock, f"http://127.0.0.1:{port}")
+
+    return start
+
+
+@pytest.fixture
+async def spawn(nursery: trio.Nursery) -> AsyncIterator[Spawn]:
+    """Start child processes; those still running when the test ends are stopped, by PID."""
+    children: list[ChildProcess] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None) -> ChildProcess:
+        process = await trio.lowlevel.open_process(
+            list(args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=REPO_ROOT,
+        )
+        child = ChildProcess(process)
+        children.append(child)
+        nursery.start_soon(child.collect)
+        return child
+
+    yield start
+    for child in children:
+        await child.stop(signal.SIGTERM, timeout=5)

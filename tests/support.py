@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import trio
+
+from mocks.answers import is_generation
+from mocks.llm import MockLLM, MockOptions
+from mocks.playback import Connection, Outcome
+from mocks.replies import Request
+from ntonix.config import HealthSettings
 
 
 def chat(content: str = "Hello", *, stream: bool = True, **extra: Any) -> dict[str, Any]:
@@ -93,3 +104,177 @@ class RawClient:
         """Close the connection; returns the wall-clock time of the close."""
         self.stream.socket.close()
         return time.time()
+
+
+# --- Balancing, health and reload tests ---------------------------------------------------
+
+
+# Probes fast enough that health tests take a second, not a minute.
+FAST_HEALTH = HealthSettings(
+    interval=0.2, timeout=0.5, failure_threshold=3, open_for=0.5, max_open_for=2
+)
+# Probes that run once at start-up and then stay out of the way, so that only the requests a
+# test sends feed the breakers; circuits stay open long enough to look at them.
+QUIET_HEALTH = HealthSettings(
+    interval=60, timeout=2, failure_threshold=3, open_for=60, max_open_for=120
+)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+async def backend_status(
+    client: httpx.AsyncClient, gateway: str, name: str, *, headers: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """One backend's record in /ntonix/status, or None when the gateway no longer lists it."""
+    response = await client.get(f"{gateway}/ntonix/status", headers=headers)
+    assert response.status_code == 200, response.text
+    for backend in response.json()["backends"]:
+        if backend["name"] == name:
+            return dict(backend)
+    return None
+
+
+async def wait_for_backend(
+    client: httpx.AsyncClient,
+    gateway: str,
+    name: str,
+    predicate: Callable[[dict[str, Any]], bool],
+    *,
+    timeout: float = 5.0,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Poll /ntonix/status until `name`'s record satisfies predicate; return that record."""
+    with trio.fail_after(timeout):
+        while True:
+            record = await backend_status(client, gateway, name, headers=headers)
+            if record is not None and predicate(record):
+                return record
+            await trio.sleep(0.01)
+
+
+async def queued(client: httpx.AsyncClient, gateway: str) -> int:
+    """Requests waiting for a free slot, as /ntonix/status counts them."""
+    count: int = (await status(client, gateway))["queued"]
+    return count
+
+
+async def wait_for_queued(
+    client: httpx.AsyncClient, gateway: str, count: int, timeout: float = 5.0
+) -> None:
+    with trio.fail_after(timeout):
+        while await queued(client, gateway) != count:
+            await trio.sleep(0.005)
+
+
+class _WithExtraHeaders:
+    """A mock connection whose response heads carry extra headers."""
+
+    def __init__(self, connection: Connection, extra: tuple[tuple[str, str], ...]) -> None:
+        self._connection = connection
+        self._extra = extra
+
+    def start(self, status: int, headers: tuple[tuple[str, str], ...]) -> None:
+        self._connection.start(status, (*headers, *self._extra))
+
+    async def write(self, data: bytes, *, last: bool) -> bool:
+        return await self._connection.write(data, last=last)
+
+    async def wait_disconnect(self) -> None:
+        await self._connection.wait_disconnect()
+
+
+class SteerableMock(MockLLM):
+    """A mock backend that a test can make misbehave on its own, unlike its peers.
+
+    `x-mock-*` request headers reach whichever backend the gateway picks; `forced_headers` act
+    as if every generation request to this backend carried them (say x-mock-status: 429), and
+    `response_headers` are added to its answers (say Retry-After). Probes are left alone.
+    """
+
+    def __init__(self, options: MockOptions | None = None) -> None:
+        super().__init__(options)
+        self.forced_headers: dict[str, str] = {}
+        self.response_headers: tuple[tuple[str, str], ...] = ()
+
+    async def respond(self, request: Request, connection: Connection) -> Outcome:
+        if is_generation(request):
+            if self.forced_headers:
+                request = attrs.evolve(request, headers={**request.headers, **self.forced_headers})
+            if self.response_headers:
+                connection = _WithExtraHeaders(connection, self.response_headers)
+        return await super().respond(request, connection)
+
+
+class ChildProcess:
+    """A child process (a gateway or a mock) whose stdout and stderr are collected."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.output = b""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def collect(self) -> None:
+        assert self.process.stdout is not None
+        while data := await self.process.stdout.receive_some(65536):
+            self.output += data
+
+    async def wait_for(self, pattern: bytes, timeout: float = 20) -> re.Match[bytes]:
+        """The first match of `pattern` in the output so far or to come."""
+        with trio.fail_after(timeout):
+            while not (match := re.search(pattern, self.output)):
+                if self.process.returncode is not None:
+                    await trio.sleep(0.1)  # the last of the output
+                    if match := re.search(pattern, self.output):
+                        return match
+                    raise AssertionError(
+                        f"exited {self.process.returncode} before {pattern!r}:\n"
+                        + self.output.decode(errors="replace")
+                    )
+                await trio.sleep(0.01)
+        return match
+
+    async def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would end it, and reap it."""
+        self.process.send_signal(signal.SIGKILL)
+        with trio.fail_after(10):
+            await self.process.wait()
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Send `sig` and wait for the exit; SIGKILL if it is not gone after `timeout`."""
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        with trio.move_on_after(timeout):
+            return await self.process.wait()
+        await self.kill()
+        return await self.process.wait()
+
+
+Spawn = Callable[..., Awaitable[ChildProcess]]
+MOCK_LISTENING = rb"mock \S+ listening on (http://127\.0\.0\.1:(\d+))"
+
+
+@attrs.frozen
+class MockProcess:
+    """`python -m mocks.llm` running as a child process."""
+
+    child: ChildProcess
+    url: str
+    port: int
+
+    async def stats(self, client: httpx.AsyncClient) -> dict[str, Any]:
+        response = await client.get(f"{self.url}/mock/stats")
+        assert response.status_code == 200
+        result: dict[str, Any] = response.json()
+        return result
+
+
+async def spawn_mock(spawn: Spawn, name: str, *options: str, port: int = 0) -> MockProcess:
+    """A lean mock backend in its own process (so that it can be killed); port 0 picks one."""
+    child = await spawn(
+        PYTHON, "-m", "mocks.llm", "--lean", "--name", name, "--port", str(port), *options
+    )
+    match = await child.wait_for(MOCK_LISTENING)
+    return MockProcess(child, match.group(1).decode(), int(match.group(2)))

@@ -107,8 +107,10 @@ async def test_round_robin_spreads_requests_over_backends(
 ) -> None:
     mocks = [await start_mock(name=f"m{i}") for i in range(3)]
     gateway = await start_gateway(*mocks)
-    for _ in range(9):
-        response = await client.post(f"{gateway}/v1/chat/completions", json=chat(stream=False))
+    for index in range(9):
+        response = await client.post(
+            f"{gateway}/v1/chat/completions", json=chat(f"q{index}", stream=False)
+        )
         assert response.status_code == 200
     assert [m.stats["requests"] for m in mocks] == [3, 3, 3]
 
@@ -117,8 +119,8 @@ async def test_keep_alive_connections_are_reused(
     start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
 ) -> None:
     gateway = await start_gateway(await start_mock())
-    for _ in range(10):
-        await client.post(f"{gateway}/v1/chat/completions", json=chat(stream=False))
+    for index in range(10):
+        await client.post(f"{gateway}/v1/chat/completions", json=chat(f"q{index}", stream=False))
     pool = (await client.get(f"{gateway}/ntonix/status")).json()["backends"][0]["pool"]
     assert pool["opened"] == 1
     assert pool["reused"] == 9

@@ -15,6 +15,7 @@ import trio
 
 from ntonix import __version__
 from ntonix.asgi import Receive, Scope, Send, send_json
+from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
 from ntonix.core.breaker import BreakerSettings
 from ntonix.core.health import HealthTable
@@ -82,7 +83,10 @@ class Gateway:
         # The supervisor: long-lived tasks live here, and it outlives every request, because
         # Hypercorn drains requests before it sends lifespan.shutdown.
         async with trio.open_nursery() as supervisor:
-            self.proxy = Proxy(config, pools, health)
+            cache = ResponseCache(config.cache, supervisor) if config.cache.enabled else None
+            if cache is not None:
+                supervisor.start_soon(cache.write_forever)
+            self.proxy = Proxy(config, pools, health, cache)
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
             supervisor.start_soon(self._reload_on_sighup)
@@ -147,6 +151,9 @@ class Gateway:
             await send_json(send, 200 if ready else 503, {"ready": ready})
         elif path == b"/ntonix/status" and method == "GET":
             await send_json(send, 200, self.status())
+        elif path == b"/ntonix/cache" and method == "DELETE":
+            cache = self.proxy.cache if self.proxy else None
+            await send_json(send, 200, {"cleared": cache.clear() if cache else 0})
         elif path == b"/ntonix/reload" and method == "POST":
             problems = self.reload()
             await send_json(
@@ -196,8 +203,10 @@ class Gateway:
                         "pool": attrs.asdict(pool.statistics()) if pool else None,
                     }
                 )
+        cache = proxy.cache if proxy else None
         return {
             "version": __version__,
+            "cache": attrs.asdict(cache.statistics()) if cache else None,
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
             "strategy": self.config.balancer.strategy,
             "queued": proxy.admission.waiting if proxy else 0,

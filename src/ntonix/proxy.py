@@ -13,16 +13,20 @@ import math
 import os
 import random
 from collections.abc import Iterable
+from functools import partial
+from typing import Protocol
 
 import trio
 
-from ntonix.asgi import Receive, Scope, Send, send_body
+from ntonix.asgi import Receive, Scope, Send
+from ntonix.cache import ResponseCache, listen, replay
 from ntonix.config import Config
 from ntonix.core.balancer import affinity_key, make_strategy
-from ntonix.core.framing import StreamKind, stream_error_frame, stream_kind
 from ntonix.core.headers import client_response_headers, request_id_of, upstream_request_headers
 from ntonix.core.health import HealthTable, Outcome, Ticket, no_route_status
+from ntonix.core.keys import cache_key, cacheability, scope_for
 from ntonix.core.requests import ProxiedRequest, classify
+from ntonix.downstream import Downstream
 from ntonix.errors import GatewayError, client_error, upstream_error
 from ntonix.upstream import BackendPool, UpstreamConnection
 
@@ -33,54 +37,18 @@ class ClientGone(Exception):
     """The client disconnected before the gateway answered: nobody waits for a response."""
 
 
-class Downstream:
-    """The response towards the client: committed once, then body chunks, then one end."""
-
-    __slots__ = ("_send", "committed", "finished", "kind", "request_id", "tail")
-
-    def __init__(self, send: Send, request_id: bytes) -> None:
-        self._send = send
-        self.request_id = request_id
-        self.committed = False
-        self.finished = False
-        self.kind = StreamKind.OTHER
-        self.tail = b""
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        self.kind = stream_kind(headers)
-        if self.kind is StreamKind.SSE:
-            # An nginx in front must not buffer the stream either.
-            headers.append((b"x-accel-buffering", b"no"))
-        self.committed = True
-        await self._send({"type": "http.response.start", "status": status, "headers": headers})
-
-    async def write(self, data: bytes, *, more: bool) -> None:
-        if data:
-            self.tail = data[-4:]
-        # Set before the send: Hypercorn reports the end of a response as a disconnect from
-        # inside this very send, and that one must not cancel Hypercorn's own bookkeeping.
-        self.finished = not more
-        await self._send({"type": "http.response.body", "body": data, "more_body": more})
-
-    async def fail(self, error: GatewayError) -> None:
-        """Tell the client: a JSON error before commit, an error frame after it."""
-        if not self.committed:
-            self.committed = True
-            headers = [*error.headers(), (b"x-request-id", self.request_id)]
-            await send_body(self._send, error.status, error.body(), headers)
-            return
-        frame = stream_error_frame(self.kind, self.tail, error.payload())
-        if frame is not None:
-            await self.write(frame, more=False)
-        # Else return without ending the body: Hypercorn then closes the connection mid-body,
-        # which every HTTP client reports as an error.
-
-
 class Proxy:
     """Forwards /v1/ and /api/ requests to healthy backends, with admission and failover."""
 
-    def __init__(self, config: Config, pools: dict[str, BackendPool], health: HealthTable) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pools: dict[str, BackendPool],
+        health: HealthTable,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self.health = health
+        self.cache = cache
         self.admission = Admission()
         self._strategy_name = ""
         self.reconfigure(config, pools)
@@ -112,7 +80,7 @@ class Proxy:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cancel_on_disconnect, receive, downstream, nursery.cancel_scope)
             try:
-                await self.forward(scope, request, body, downstream)
+                await self.respond(scope, request, body, downstream)
             except GatewayError as error:
                 log.warning("request %s failed: %s", downstream.request_id.decode(), error.message)
                 await downstream.fail(error)
@@ -129,8 +97,58 @@ class Proxy:
         assert reading.cancelled_caught
         raise client_error(408, "request_timeout", "The request body did not arrive in time")
 
-    async def forward(
+    async def respond(
         self, scope: Scope, request: ProxiedRequest, body: bytes, downstream: Downstream
+    ) -> None:
+        """Phase cache lookup: a hit is replayed, an identical request in flight is joined, a
+        cacheable miss becomes a shared flight; anything else goes straight upstream."""
+        cache = self.cache
+        if cache is None:
+            await self.forward(scope, request, body, downstream)
+            return
+        plan = (
+            cacheability(
+                scope["raw_path"],
+                request.payload,
+                deterministic_only=cache.settings.deterministic_only,
+                cache_control=_header(scope, b"cache-control"),
+            )
+            if request.payload is not None
+            else None
+        )
+        if plan is None or not (plan.lookup or plan.store):
+            cache.bypass += 1
+            downstream.cache_label = b"bypass"
+            await self.forward(scope, request, body, downstream)
+            return
+        assert request.payload is not None
+        key = cache_key(
+            scope["method"].encode(),
+            request.target,
+            scope_for(_bearer_token(scope), cache.settings.scope),
+            request.payload,
+        )
+        if plan.lookup:
+            if (hit := cache.lookup(key)) is not None:
+                downstream.cache_label = b"hit"
+                await replay(hit, downstream)
+                return
+            if (flight := cache.joinable(key)) is not None:
+                downstream.cache_label = b"coalesced"
+                await listen(flight, downstream)
+                return
+        downstream.cache_label = b"miss"
+        flight = cache.start_flight(
+            key,
+            downstream.request_id,
+            coalesce=plan.lookup,
+            store=plan.store,
+            run=partial(self.forward, scope, request, body),
+        )
+        await listen(flight, downstream)
+
+    async def forward(
+        self, scope: Scope, request: ProxiedRequest, body: bytes, downstream: ResponseSink
     ) -> None:
         """Phases pick upstream and admission, then tries on backends until one answers.
 
@@ -241,11 +259,7 @@ class Proxy:
                 )
             await exchange.downstream.start(
                 status,
-                client_response_headers(
-                    response.headers,
-                    backend=ticket.name.encode(),
-                    request_id=exchange.downstream.request_id,
-                ),
+                client_response_headers(response.headers, backend=ticket.name.encode()),
             )
             try:
                 await relay_body(
@@ -311,13 +325,24 @@ class Proxy:
         )
 
 
+class ResponseSink(Protocol):
+    """Where an exchange writes its response: one client (`Downstream`) or a shared `Flight`."""
+
+    request_id: bytes
+    committed: bool
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    async def write(self, data: bytes, *, more: bool) -> None: ...
+    async def fail(self, error: GatewayError) -> None: ...
+
+
 class Exchange:
     """One client request on its way through the phases, whichever backend it ends up on."""
 
     __slots__ = ("affinity", "body", "downstream", "method", "request", "scope", "tried")
 
     def __init__(
-        self, scope: Scope, request: ProxiedRequest, body: bytes, downstream: Downstream
+        self, scope: Scope, request: ProxiedRequest, body: bytes, downstream: ResponseSink
     ) -> None:
         self.scope = scope
         self.request = request
@@ -387,7 +412,7 @@ def retry_after_of(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
 
 
 async def relay_body(
-    connection: UpstreamConnection, downstream: Downstream, idle_timeout: float, backend: str
+    connection: UpstreamConnection, downstream: ResponseSink, idle_timeout: float, backend: str
 ) -> None:
     """Phase stream body: each upstream read goes to the client as soon as it arrives.
 
@@ -440,6 +465,15 @@ async def cancel_on_disconnect(
 
 def new_request_id() -> bytes:
     return os.urandom(12).hex().encode()
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes:
+    return b", ".join(value for name, value in scope["headers"] if name == wanted)
+
+
+def _bearer_token(scope: Scope) -> str | None:
+    value = _header(scope, b"authorization")
+    return value[7:].decode("latin-1") if value[:7].lower() == b"bearer " else None
 
 
 def _client_address(scope: Scope) -> bytes:

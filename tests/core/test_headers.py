@@ -77,13 +77,11 @@ def test_response_headers_drop_hop_by_hop_and_name_backend() -> None:
             (b"x-model", b"m"),
         ],
         backend=b"gpu-a",
-        request_id=b"rid",
     )
     assert headers == [
         (b"content-type", b"text/event-stream"),
         (b"x-model", b"m"),
         (b"x-ntonix-backend", b"gpu-a"),
-        (b"x-request-id", b"rid"),
     ]
 
 

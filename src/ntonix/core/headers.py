@@ -2,7 +2,7 @@
 
 Invariants: hop-by-hop headers (RFC 9110 section 7.6.1, plus any named in `Connection`) never
 cross; the client's credentials never reach a backend; framing headers are the gateway's own
-(it re-frames the body it read), and every response names its request id.
+(it re-frames the body it read).
 """
 
 from __future__ import annotations
@@ -92,10 +92,10 @@ def upstream_request_headers(
 
 
 def client_response_headers(
-    upstream_headers: Sequence[tuple[bytes, bytes]], *, backend: bytes, request_id: bytes
+    upstream_headers: Sequence[tuple[bytes, bytes]], *, backend: bytes
 ) -> Headers:
-    """Headers for the client: the backend's end-to-end ones plus the gateway's own."""
+    """Headers for the client: the backend's end-to-end ones and which backend answered
+    (the request's own, such as x-request-id, are added when it commits)."""
     headers = _strip(upstream_headers, _REPLACED_DOWNSTREAM)
     headers.append((b"x-ntonix-backend", backend))
-    headers.append((b"x-request-id", request_id))
     return headers
