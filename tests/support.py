@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,14 @@ from mocks.answers import is_generation
 from mocks.llm import MockLLM, MockOptions
 from mocks.playback import Connection, Outcome
 from mocks.replies import Request
-from ntonix.config import HealthSettings
+from ntonix.config import (
+    BackendSettings,
+    BalancerSettings,
+    CacheSettings,
+    Config,
+    GatewaySettings,
+    HealthSettings,
+)
 
 
 def chat(content: str = "Hello", *, stream: bool = True, **extra: Any) -> dict[str, Any]:
@@ -278,3 +286,44 @@ async def spawn_mock(spawn: Spawn, name: str, *options: str, port: int = 0) -> M
     )
     match = await child.wait_for(MOCK_LISTENING)
     return MockProcess(child, match.group(1).decode(), int(match.group(2)))
+
+
+def backend(url: str, name: str, **settings: Any) -> BackendSettings:
+    """One [[backends]] entry, named for x-ntonix-backend and /ntonix/status."""
+    return BackendSettings(name=name, url=url, **settings)
+
+
+def gateway_config(
+    *backends: BackendSettings,
+    strategy: str = "least-connections",
+    health: HealthSettings = QUIET_HEALTH,
+    **gateway: Any,
+) -> Config:
+    """A whole config: backends, [balancer] strategy, [health] and [gateway] keys.
+
+    The response cache is off: a routing test needs every request to reach a backend, and
+    identical requests in flight must not be coalesced into one.
+    """
+    return Config(
+        backends=backends,
+        gateway=GatewaySettings(**gateway),
+        balancer=BalancerSettings(strategy=strategy),
+        health=health,
+        cache=CacheSettings(enabled=False),
+    )
+
+
+def closed_port_url() -> str:
+    """A URL where nothing listens: connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> float:
+    """Like wait_until, for a check that must await (say, a request); returns the time taken."""
+    start = time.monotonic()
+    with trio.fail_after(timeout):
+        while not await check():
+            await trio.sleep(0.01)
+    return time.monotonic() - start

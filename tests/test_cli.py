@@ -52,8 +52,17 @@ async def _spawn(nursery: trio.Nursery, *args: str, env: dict[str, str] | None =
     )
     child = Process(process)
     nursery.start_soon(child.collect)
-    nursery.cancel_scope.deadline = trio.current_time() + 120
+    nursery.start_soon(_stop_at_teardown, process)
     return child
+
+
+async def _stop_at_teardown(process: trio.Process) -> None:
+    """Whatever the test did, its child does not outlive it."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        if process.returncode is None:
+            process.kill()
 
 
 def _config(tmp_path: Path, mock: RunningMock, **gateway: float) -> Path:
@@ -137,9 +146,14 @@ async def test_demo_answers_a_stream_and_stops_cleanly_on_ctrl_c(nursery: trio.N
             answer = await client.post(f"{url}/api/chat", json=chat(f"q{index}", stream=False))
             backends.add(answer.headers["x-ntonix-backend"])
         assert backends == {"mock-1", "mock-2", "mock-3"}
+    mock_pids = [int(pid) for pid in re.findall(rb"\(pid (\d+)\)", demo.output)]
+    assert len(mock_pids) == 3
     assert await demo.stop(signal.SIGINT) == 0
     assert b"Traceback" not in demo.output
     assert b"ntonix demo: stopped" in demo.output
+    for pid in mock_pids:  # the mock processes went with it
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 async def test_invalid_config_stops_start_up_with_clear_messages(

@@ -131,7 +131,7 @@ class Gateway:
         for name, pool in old_pools.items():
             if pools.get(name) is not pool:
                 pool.retire()  # its requests in flight finish; its connections close after
-        proxy.health.reconcile(config.backends)
+        proxy.health.reconcile(config.backends, _breaker_settings(config))
         proxy.reconfigure(config, pools)
         probers.reconcile(config.backends, config.health)
         self._config = config
@@ -176,8 +176,13 @@ class Gateway:
             await send_json(send, 200, {"models": [{"name": m, "model": m} for m in models]})
 
     def ready(self) -> bool:
+        """At least one backend is healthy: its circuit is not open and it is not draining.
+        (A 429 back-off is not ill health: it keeps the backend's place.)"""
         proxy = self.proxy
-        return proxy is not None and bool(proxy.health.eligible(None, trio.current_time()))
+        if proxy is None:
+            return False
+        snapshots = proxy.health.snapshot(trio.current_time())
+        return any(s.state != "open" and not s.draining for s in snapshots)
 
     def status(self) -> dict[str, object]:
         proxy = self.proxy

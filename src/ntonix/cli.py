@@ -5,21 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import trio
 
 from ntonix import __version__
 from ntonix.config import (
-    BackendSettings,
-    Config,
     ConfigError,
     check_config_file,
     config_path,
     load_config,
 )
-from ntonix.server import serve, serve_workers, wait_for_stop_signal
+from ntonix.demo import run_demo
+from ntonix.server import serve, serve_workers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,81 +80,25 @@ def _serve(args: argparse.Namespace) -> int:
     tls = {"certfile": args.certfile, "keyfile": args.keyfile}
     if args.workers > 1:
         return serve_workers(config_file, config, binds, args.workers, **tls)
-    try:
-        trio.run(partial(serve, config, binds, config_file=config_file, **tls))
-    except OSError as error:
-        print(
-            f"ntonix: cannot serve on {', '.join(binds)}: {error.strerror or error}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    serving = partial(serve, config, binds, config_file=config_file, **tls)
+    return _run(serving, f"cannot serve on {', '.join(binds)}")
 
 
 def _demo(args: argparse.Namespace) -> int:
+    return _run(partial(run_demo, args.backends, args.port), "demo cannot start")
+
+
+def _run(program: Callable[[], Awaitable[object]], failure: str) -> int:
+    """Run a Trio program; an OSError (a port in use, say) is one line, not a traceback."""
+    errors: list[OSError] = []
     try:
-        trio.run(run_demo, args.backends, args.port)
-    except OSError as error:
-        print(
-            f"ntonix demo: cannot listen on 127.0.0.1:{args.port}: {error.strerror or error}",
-            file=sys.stderr,
-        )
+        trio.run(program)
+    except* OSError as group:
+        errors.extend(e for e in group.exceptions if isinstance(e, OSError))
+    if errors:
+        print(f"ntonix: {failure}: {errors[0]}", file=sys.stderr)
         return 1
     return 0
-
-
-async def run_demo(
-    backends: int,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Mock backends plus a gateway in front of them, in one process, until SIGINT/SIGTERM."""
-    from mocks.llm import MockLLM, MockOptions, serve_mock
-
-    async with trio.open_nursery() as mock_nursery:
-        mocks = []
-        for index in range(1, backends + 1):
-            name = f"mock-{index}"
-            mock = MockLLM(MockOptions(name=name))
-            mock_port = await mock_nursery.start(partial(serve_mock, mock))
-            mocks.append(BackendSettings(name=name, url=f"http://127.0.0.1:{mock_port}"))
-        stop = trio.Event()
-        async with trio.open_nursery() as gateway_nursery:
-            serve_gateway = partial(
-                serve,
-                Config(backends=tuple(mocks)),
-                [f"127.0.0.1:{port}"],
-                shutdown_trigger=stop.wait,
-            )
-            gateway_url = (await gateway_nursery.start(serve_gateway))[0]
-            print(_demo_instructions(gateway_url, mocks), flush=True)
-            task_status.started(gateway_url)
-            await wait_for_stop_signal()
-            stop.set()  # the gateway drains its streams; the mocks serve them until it is done
-        mock_nursery.cancel_scope.cancel()
-    print("ntonix demo: stopped", flush=True)
-
-
-def _demo_instructions(gateway_url: str, mocks: Sequence[BackendSettings]) -> str:
-    backends = "\n".join(f"  {mock.name}: {mock.url}" for mock in mocks)
-    return f"""NTONIX demo: gateway on {gateway_url} in front of {len(mocks)} mock LLM backends:
-{backends}
-
-Try a streaming chat completion:
-  curl -N {gateway_url}/v1/chat/completions -H 'content-type: application/json' \\
-    -d '{{"model": "mock-llm", "stream": true,
-         "messages": [{{"role": "user", "content": "Hello"}}]}}'
-
-With the OpenAI SDK (pip install openai):
-  python -c 'from openai import OpenAI
-c = OpenAI(base_url="{gateway_url}/v1", api_key="unused")
-for ch in c.chat.completions.create(model="mock-llm", stream=True,
-        messages=[{{"role": "user", "content": "Hello"}}]):
-    print(ch.choices[0].delta.content or "", end="", flush=True)'
-
-Gateway status: curl {gateway_url}/ntonix/status
-Press Ctrl-C to stop."""
 
 
 if __name__ == "__main__":

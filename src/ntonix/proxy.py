@@ -384,8 +384,10 @@ class Admission:
         return False
 
     def slot_freed(self) -> None:
+        # Wake every waiter, in order: the first may not be able to use this slot (its model
+        # lives elsewhere) while one behind it can. Each checks again and parks again if not.
         if self._lot:
-            self._lot.unpark()
+            self._lot.unpark_all()
 
 
 _RETRYABLE = frozenset({Outcome.UPSTREAM_5XX, Outcome.UPSTREAM_429})

@@ -171,12 +171,17 @@ class HealthTable:
         """Every backend with a record, draining ones included, in config order."""
         return list(self._records)
 
-    def reconcile(self, backends: Iterable[BackendLike]) -> None:
+    def reconcile(
+        self, backends: Iterable[BackendLike], breaker: BreakerSettings | None = None
+    ) -> None:
         """Adopt a reloaded backend list: kept names keep their health, new ones start closed.
 
         A removed backend drains: it takes no new requests, and its record goes when its last
-        in-flight request ends. Weights and configured models follow the new list.
+        in-flight request ends. Weights and configured models follow the new list; new breaker
+        settings apply to the backends added from now on.
         """
+        if breaker is not None:
+            self._settings = breaker
         old = self._records
         records: dict[str, _Record] = {}
         for backend in backends:
