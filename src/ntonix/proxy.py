@@ -12,7 +12,8 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Protocol
 
@@ -179,35 +180,49 @@ class Proxy:
         `max_concurrent`; None when failover has no untried backend left.
         """
         model = exchange.request.model
-        deadline = trio.current_time() + self._settings.queue_timeout
-        woken = False
-        while True:
-            now = trio.current_time()
-            names = [n for n in self.health.eligible(model, now) if n not in exchange.tried]
-            if not names:
-                if not first:
-                    return None
-                raise self._no_route(model, now)
-            if woken or not self.admission.waiting:
-                candidates = self.health.candidates(names)
-                order = self.strategy.order(candidates, affinity_key=exchange.affinity)
-                in_flight = {c.name: c.in_flight for c in candidates}
-                for name in order:
-                    limit = self._limits.get(name, 0)
-                    if limit and in_flight[name] >= limit:
-                        continue
-                    ticket = self.health.begin(name, now)
-                    if ticket is not None:
-                        return ticket
-            if not await self.admission.wait_until(deadline):
-                raise GatewayError(
-                    503,
-                    "backends_busy",
-                    "Every backend that serves this model is at max_concurrent",
-                    source="gateway",
-                    retry_after=1,
-                )
-            woken = True
+        now = trio.current_time()
+        if not any(n not in exchange.tried for n in self.health.eligible(model, now)):
+            if not first:
+                return None
+            raise self._no_route(model, now)
+        # Requests already waiting go first: a slot they can use is theirs.
+        self.admission.admit_waiting()
+        try_admit = partial(self._try_admit, exchange)
+        ticket = try_admit()
+        if ticket is None:
+            deadline = trio.current_time() + self._settings.queue_timeout
+            ticket = await self.admission.wait(try_admit, deadline, self._abandon)
+        if ticket is None:
+            raise GatewayError(
+                503,
+                "backends_busy",
+                "Every backend that serves this model is at max_concurrent",
+                source="gateway",
+                retry_after=1,
+            )
+        return ticket
+
+    def _try_admit(self, exchange: Exchange) -> Ticket | None:
+        """The strategy's first choice among untried eligible backends below their limit."""
+        now = trio.current_time()
+        names = [
+            n for n in self.health.eligible(exchange.request.model, now) if n not in exchange.tried
+        ]
+        candidates = self.health.candidates(names)
+        in_flight = {c.name: c.in_flight for c in candidates}
+        for name in self.strategy.order(candidates, affinity_key=exchange.affinity):
+            limit = self._limits.get(name, 0)
+            if limit and in_flight[name] >= limit:
+                continue
+            ticket = self.health.begin(name, now)
+            if ticket is not None:
+                return ticket
+        return None
+
+    def _abandon(self, ticket: Ticket) -> None:
+        """A queued request got its slot as its client left: give the slot back."""
+        self.health.end(ticket, Outcome.CLIENT_DISCONNECTED, trio.current_time())
+        self.admission.admit_waiting()
 
     async def attempt(
         self, ticket: Ticket, exchange: Exchange, *, last: bool
@@ -290,7 +305,7 @@ class Proxy:
                 retry_after=report.retry_after,
                 error=report.error,
             )
-            self.admission.slot_freed()
+            self.admission.admit_waiting()
 
     def _has_alternative(self, exchange: Exchange) -> bool:
         now = trio.current_time()
@@ -367,27 +382,57 @@ class Report:
 
 
 class Admission:
-    """Requests waiting for a slot on a backend at max_concurrent, first come first served."""
+    """Requests waiting for a slot on a backend at max_concurrent, first come first served.
+
+    Admitting is synchronous: whenever a slot may have freed, the waiters are offered it in
+    arrival order, and the first that can use it gets it at once. No wake-up is lost, and one
+    waiting for a full backend does not hold back one behind it that another backend can take.
+    """
 
     def __init__(self) -> None:
-        self._lot = trio.lowlevel.ParkingLot()
+        self._waiters: deque[_Waiter] = deque()
 
     @property
     def waiting(self) -> int:
-        return len(self._lot)
+        return len(self._waiters)
 
-    async def wait_until(self, deadline: float) -> bool:
-        """Wait for a freed slot; False when the deadline passed first."""
-        with trio.move_on_at(deadline):
-            await self._lot.park()
-            return True
-        return False
+    def admit_waiting(self) -> None:
+        for waiter in list(self._waiters):
+            ticket = waiter.try_admit()
+            if ticket is not None:
+                self._waiters.remove(waiter)
+                waiter.ticket = ticket
+                waiter.admitted.set()
 
-    def slot_freed(self) -> None:
-        # Wake every waiter, in order: the first may not be able to use this slot (its model
-        # lives elsewhere) while one behind it can. Each checks again and parks again if not.
-        if self._lot:
-            self._lot.unpark_all()
+    async def wait(
+        self,
+        try_admit: Callable[[], Ticket | None],
+        deadline: float,
+        abandon: Callable[[Ticket], None],
+    ) -> Ticket | None:
+        """The ticket a freed slot brought, or None when `deadline` passed first."""
+        waiter = _Waiter(try_admit)
+        self._waiters.append(waiter)
+        try:
+            with trio.move_on_at(deadline):
+                await waiter.admitted.wait()
+        except BaseException:
+            if waiter.ticket is not None:  # admitted, but its client left meanwhile
+                abandon(waiter.ticket)
+            raise
+        finally:
+            if waiter.ticket is None:
+                self._waiters.remove(waiter)
+        return waiter.ticket
+
+
+class _Waiter:
+    __slots__ = ("admitted", "ticket", "try_admit")
+
+    def __init__(self, try_admit: Callable[[], Ticket | None]) -> None:
+        self.try_admit = try_admit
+        self.admitted = trio.Event()
+        self.ticket: Ticket | None = None
 
 
 _RETRYABLE = frozenset({Outcome.UPSTREAM_5XX, Outcome.UPSTREAM_429})
