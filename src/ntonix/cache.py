@@ -194,7 +194,7 @@ class ResponseCache:
             max_entries=settings.max_entries, max_bytes=settings.max_bytes, ttl=settings.ttl
         )
         self._flights: dict[str, Flight] = {}
-        self._offers, self._to_write = trio.open_memory_channel[tuple[str, CachedResponse]](
+        self._offers, self._to_write = trio.open_memory_channel[tuple[Flight, CachedResponse]](
             WRITE_QUEUE
         )
         self.hits = self.misses = self.coalesced = self.bypass = 0
@@ -240,22 +240,33 @@ class ResponseCache:
         except Exception:
             log.exception("a shared upstream exchange failed")
             flight.failed = True
-        finally:
-            if self._flights.get(flight.key) is flight:
-                del self._flights[flight.key]
-            flight.end()
+        except BaseException:
+            self._land(flight)
+            raise
+        flight.end()
         response = flight.cached(trio.current_time())
-        if response is not None:
-            try:
-                self._offers.send_nowait((flight.key, response))
-            except trio.WouldBlock:
-                self.dropped_offers += 1
+        if response is None:
+            self._land(flight)
+            return
+        try:
+            # The flight stays joinable (a finished one replays whole) until the writer has
+            # put its answer in the LRU: an identical request never finds neither.
+            self._offers.send_nowait((flight, response))
+        except trio.WouldBlock:
+            self.dropped_offers += 1
+            self._land(flight)
+
+    def _land(self, flight: Flight) -> None:
+        flight.end()
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
 
     async def write_forever(self) -> None:
         """The cache writer: the only task that adds entries to the LRU."""
-        async for key, response in self._to_write:
-            self._lru.put(key, response, trio.current_time())
+        async for flight, response in self._to_write:
+            self._lru.put(flight.key, response, trio.current_time())
             self.stored += 1
+            self._land(flight)
 
     def clear(self) -> int:
         return self._lru.clear()
