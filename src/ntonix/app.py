@@ -12,18 +12,20 @@ import time
 import attrs
 import hypercorn.config
 import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from ntonix import __version__
-from ntonix.asgi import Receive, Scope, Send, send_json
+from ntonix.asgi import Receive, Scope, Send, send_body, send_json
 from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
 from ntonix.core.breaker import BreakerSettings
 from ntonix.core.health import HealthTable
 from ntonix.core.requests import is_proxied
 from ntonix.errors import GatewayError, client_error
+from ntonix.metrics import GatewayCollector, exposition, registry_for
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
-from ntonix.upstream import BackendPool, backend_ssl_context
+from ntonix.upstream import BackendPool, PoolStatistics, backend_ssl_context
 
 log = logging.getLogger("ntonix")
 
@@ -43,6 +45,7 @@ class Gateway:
         self._config_file = config_file
         self.proxy: Proxy | None = None
         self._probers: Probers | None = None
+        self._metrics: CollectorRegistry | None = None
         self._started_at = time.monotonic()
 
     @property
@@ -87,6 +90,7 @@ class Gateway:
             if cache is not None:
                 supervisor.start_soon(cache.write_forever)
             self.proxy = Proxy(config, pools, health, cache)
+            self._metrics = registry_for(self._collector(self.proxy))
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
             supervisor.start_soon(self._reload_on_sighup)
@@ -149,6 +153,9 @@ class Gateway:
         elif path == b"/ntonix/ready" and method == "GET":
             ready = self.ready()
             await send_json(send, 200 if ready else 503, {"ready": ready})
+        elif path == b"/metrics" and method == "GET" and self._metrics is not None:
+            body = exposition(self._metrics)
+            await send_body(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
         elif path == b"/ntonix/status" and method == "GET":
             await send_json(send, 200, self.status())
         elif path == b"/ntonix/cache" and method == "DELETE":
@@ -174,6 +181,17 @@ class Gateway:
             await send_json(send, 200, {"object": "list", "data": data})
         else:
             await send_json(send, 200, {"models": [{"name": m, "model": m} for m in models]})
+
+    @staticmethod
+    def _collector(proxy: Proxy) -> GatewayCollector:
+        def pools() -> dict[str, PoolStatistics]:
+            return {name: pool.statistics() for name, pool in proxy.pools.items()}
+
+        return GatewayCollector(
+            backends=lambda: proxy.health.snapshot(trio.current_time()),
+            pools=pools,
+            cache=lambda: proxy.cache.statistics() if proxy.cache else None,
+        )
 
     def ready(self) -> bool:
         """At least one backend is healthy: its circuit is not open and it is not draining.
