@@ -1,10 +1,11 @@
-"""`python -m bench [--quick] [--only a,b,c,d,e,f] [--workers 1,2] [--profile]`
+"""`python -m bench [--quick] [--only a,b,c,d,e,f,g] [--workers 1,2] [--profile]`
 
 Starts lean mocks, then for each worker count a fresh gateway in front of them, runs the
 scenarios (each straight at the mocks, or at the framework floor for (f), and through the
-gateway, alternating), and prints the Markdown report, also written to bench/results/latest.md
-(plus latest.json). Progress goes to stderr. Every subprocess is stopped on the way out, whether
-the run ends, fails or is interrupted.
+gateway, alternating), then (g), the response cache, on gateways of its own (cache off, then
+on), and prints the Markdown report, also written to bench/results/latest.md (plus
+latest.json). Progress goes to stderr. Every subprocess is stopped on the way out, whether the
+run ends, fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench import profile
+from bench.cache_bench import ResultsWithCache, cache_scenario
 from bench.clients import ClientSpec, ClientsResult
 from bench.load import raise_open_file_limit
 from bench.procs import (
@@ -46,8 +48,9 @@ from bench.scenarios import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("a", "b", "c", "d", "e", "f")
-# Those that run against a gateway (e measures upstream clients on their own).
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "g")
+# Those that run against the shared gateway (e measures upstream clients on their own; g starts
+# gateways of its own, one with the cache off and one with it on).
 GATEWAY_SCENARIOS = {"a", "b", "c", "d", "f"}
 # The mocks answer small non-streaming requests at once; streaming scenarios override the
 # timing per request with x-mock-* headers.
@@ -60,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="smaller counts: a ~1 minute smoke run"
     )
     parser.add_argument(
-        "--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e,f)"
+        "--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e,f,g)"
     )
     parser.add_argument("--workers", default="1,2", help="gateway worker counts (1,2)")
     parser.add_argument("--mocks", type=int, default=2, help="lean mock processes (2)")
@@ -145,7 +148,7 @@ def _run_clients(processes: Processes, mocks: list[Mock], sizes: Sizes) -> Clien
     return ClientsRun(result, 100 * meter.seconds["mocks"] / meter.wall)
 
 
-def run(args: argparse.Namespace) -> Results:
+def run(args: argparse.Namespace) -> ResultsWithCache:
     sizes = QUICK if args.quick else Sizes()
     only = {name.strip() for name in args.only.split(",") if name.strip()}
     unknown = only - set(SCENARIOS)
@@ -157,7 +160,7 @@ def run(args: argparse.Namespace) -> Results:
     logs.mkdir(parents=True)
     for old in RESULTS.glob("profile-*.txt"):  # a previous run's samples would mix in
         old.unlink()
-    results = Results()
+    results = ResultsWithCache()
     with Processes(logs) as processes:
         _log(f"starting {args.mocks} lean mocks")
         mocks = [start_mock(processes, f"mock-{i + 1}", MOCK_OPTIONS) for i in range(args.mocks)]
@@ -174,6 +177,12 @@ def run(args: argparse.Namespace) -> Results:
                     processes.stop(gateway.process)
         if "e" in only:
             results.clients = _run_clients(processes, mocks, sizes)
+        if "g" in only:
+            for workers in worker_counts:
+                _log(f"(g) response cache, Zipf workload, cache off then on, {workers} worker(s)")
+                results.cache[workers] = cache_scenario(
+                    processes, mocks, workers, logs, quick=args.quick
+                )
     return results
 
 

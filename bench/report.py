@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Iterable
 
+from bench.cache_bench import CacheResult, CacheRun, cache_results, ideal_saving
 from bench.profile import Profile
 from bench.results import ClientsRun, Results
 from bench.scenarios import StreamRun, Throughput
@@ -346,6 +347,158 @@ def _clients(run: ClientsRun) -> list[str]:
     return lines
 
 
+def _cache_run_row(workers: int, result: CacheResult, run: CacheRun) -> list[object]:
+    p50 = run.latency_p50_ms
+    off = result.off
+    labels = run.labels
+    return [
+        workers,
+        "on" if run.cache else "off",
+        f"{run.backend_requests:,}",
+        f"**{result.requests_saved:.1f}%**" if run.cache else "",
+        f"{run.backend_token_seconds:,.1f}",
+        f"**{result.token_seconds_saved:.1f}%**" if run.cache else "",
+        " / ".join(f"{labels.get(name, 0):,}" for name in ("hit", "coalesced", "miss"))
+        if run.cache
+        else "-",
+        _ms(p50.get("all", math.nan)),
+        _ms(p50.get("hit", math.nan)),
+        _ms(p50.get("coalesced", math.nan)),
+        _ms(p50.get("miss", math.nan) if run.cache else off.latency_p50_ms.get("all", math.nan)),
+        run.mismatches,
+        run.failed,
+        f"{run.seconds:.1f}",
+        f"{run.cpu_seconds.get('gateway', math.nan):.1f} / {run.cpu_seconds.get('mocks', 0):.1f}",
+    ]
+
+
+def _cache(results: dict[int, CacheResult]) -> list[str]:
+    some = next(iter(results.values()))
+    workload = some.workload
+    rows = []
+    probes = []
+    samples: list[str] = []
+    notes: list[str] = []
+    for workers, result in sorted(results.items()):
+        for run in (result.off, result.on):
+            rows.append(_cache_run_row(workers, result, run))
+            samples += [f"{workers} worker(s), cache {run.cache}: {s}" for s in run.failure_samples]
+            if run.backend_requests != run.backend_completed:
+                samples.append(
+                    f"{workers} worker(s), cache {run.cache}: the mocks completed "
+                    f"{run.backend_completed} of {run.backend_requests} requests"
+                )
+        caches = result.on.worker_caches
+        if len(caches) == workers:
+            # /ntonix/status of every worker, summed, must agree with the x-ntonix-cache
+            # headers the clients saw.
+            told = {name: result.on.labels.get(name, 0) for name in ("hit", "coalesced", "miss")}
+            kept = {
+                name: sum(cache.get(counter, 0) for cache in caches)
+                for name, counter in (
+                    ("hit", "hits"),
+                    ("coalesced", "coalesced"),
+                    ("miss", "misses"),
+                )
+            }
+            if told != kept:
+                samples.append(f"/ntonix/status counted {kept}, the clients saw {told}")
+        held = "; ".join(
+            f"{c.get('entries', 0):,} entries, {c.get('bytes', 0):,} bytes, "
+            f"{c.get('hits', 0):,} hits, {c.get('misses', 0):,} misses, "
+            f"{c.get('coalesced', 0):,} coalesced"
+            for c in caches
+        )
+        seen = f"{len(caches)} of {workers} workers answered" if len(caches) != workers else ""
+        notes.append(
+            f"{workers} worker(s), /ntonix/status after the run, per worker: {held or '-'}"
+            + (f" ({seen})" if seen else "")
+            + "."
+        )
+        extra = result.on.backend_requests - result.distinct
+        if extra:
+            notes.append(
+                f"{workers} worker(s): {extra} backend request(s) beyond one per distinct request."
+            )
+        served = result.on.labels.get("miss", 0) + result.on.labels.get("bypass", 0)
+        if served != result.on.backend_requests:
+            samples.append(
+                f"{workers} worker(s): {served} misses but the mocks counted "
+                f"{result.on.backend_requests} requests"
+            )
+        probe = result.probe
+        probes.append(
+            [
+                workers,
+                f"{probe.floor_p50_ms:.3f}",
+                f"{probe.relay_p50_ms:.3f}",
+                f"{probe.hit_p50_ms:.3f}",
+                f"**{result.hit_added_ms:+.3f}**",
+                f"{probe.hit_p50_ms - probe.relay_p50_ms:+.3f}",
+                f"{probe.stream_hit_p50_ms:.3f}",
+                probe.not_hits,
+            ]
+        )
+    lines = [
+        f"Workload: {workload.describe()}. It holds {some.distinct:,} distinct requests, so a "
+        f"cache that never forgets and coalesces every duplicate in flight needs "
+        f"{some.distinct:,} backend requests: at most {ideal_saving(workload):.1f}% saved. "
+        "Backend requests are what the mocks counted (`/mock/stats`); backend token-seconds "
+        "are tokens x token delay summed over the requests the backends served (every request "
+        "without the cache, the misses with it). Each answer is compared byte for byte with the "
+        "mock's own answer to the same request, fetched directly once per distinct request.",
+        "",
+    ]
+    lines += _table(
+        [
+            "workers",
+            "cache",
+            "backend requests",
+            "saved",
+            "backend token-s",
+            "saved",
+            "answers hit / coalesced / miss",
+            "p50 ms all",
+            "p50 hit",
+            "p50 coalesced",
+            "p50 miss (off: all)",
+            "wrong",
+            "truncated or failed",
+            "wall s",
+            "CPU s gateway / mocks",
+        ],
+        rows,
+    )
+    if notes:
+        lines += [*(f"- {note}" for note in notes), ""]
+    if samples:
+        lines += ["Problems seen:", "", *(f"- {sample}" for sample in samples), ""]
+    lines += [
+        f"Hit latency, one request at a time on a keep-alive connection, "
+        f"{some.probe.requests} requests per target in {workload.probe_rounds} rounds (targets "
+        "in turn, after a warm-up round), p50 in ms. *floor*: the framework floor of (f), a "
+        "bare Hypercorn app answering a fixed 316-byte completion, i.e. what any app served "
+        "this way costs; *relay*: the cache-off gateway relaying the mock's 8-token answer "
+        "(sent at once); *hit*: the cache-on gateway answering that same request from the "
+        "cache. The target reads hit minus floor.",
+        "",
+    ]
+    lines += _table(
+        [
+            "workers",
+            "floor",
+            "cache-off relay",
+            "hit",
+            "hit - floor",
+            "hit - relay",
+            "streamed hit (16 tokens, 18 events)",
+            "probe answers not hits",
+        ],
+        probes,
+    )
+    return lines
+
+
 def _profiles(profiles: dict[int, Profile]) -> list[str]:
     lines: list[str] = []
     for workers, profile in sorted(profiles.items()):
@@ -400,6 +553,10 @@ def render(results: Results, info: dict[str, str], command: str, workers: list[i
     if results.floor:
         lines += [f"## (f) Framework floor: (a)'s load at a bare Hypercorn app, {_CONNECTIONS}", ""]
         lines += _floor(results)
+    cache = cache_results(results)
+    if cache:
+        lines += ["## (g) Response cache: a Zipf workload, cache off vs on", ""]
+        lines += _cache(cache)
     if results.profiles:
         lines += ["## Profile of the gateway", ""]
         lines += _profiles(results.profiles)

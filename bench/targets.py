@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bench.cache_bench import cache_results
 from bench.results import Results
 
 
@@ -86,6 +87,37 @@ def _left_open(results: Results, workers: int) -> tuple[float, str] | None:
     return result.gateway.left_open, f"{result.gateway.left_open} open"
 
 
+def _cache_saving(results: Results, workers: int) -> tuple[float, str] | None:
+    result = cache_results(results).get(workers)
+    if result is None:
+        return None
+    saved = result.requests_saved
+    shown = f"{saved:.1f}% ({result.off.backend_requests:,} -> {result.on.backend_requests:,})"
+    return saved, shown
+
+
+def _cache_answers(results: Results, workers: int) -> tuple[float, str] | None:
+    result = cache_results(results).get(workers)
+    if result is None:
+        return None
+    mismatches = result.off.mismatches + result.on.mismatches
+    failed = result.off.failed + result.on.failed
+    total = result.off.requests + result.on.requests
+    return result.bad_answers, f"{mismatches} wrong, {failed} truncated of {total:,}"
+
+
+def _cache_hit_latency(results: Results, workers: int) -> tuple[float, str] | None:
+    result = cache_results(results).get(workers)
+    if result is None:
+        return None
+    probe = result.probe
+    shown = (
+        f"{result.hit_added_ms:+.3f} ms (hit p50 {probe.hit_p50_ms:.3f}, floor "
+        f"{probe.floor_p50_ms:.3f}, cache-off relay {probe.relay_p50_ms:.3f})"
+    )
+    return result.hit_added_ms, shown
+
+
 TARGET_RATE = 2000  # non-streaming requests/s per worker
 
 TARGETS = (
@@ -101,6 +133,17 @@ TARGETS = (
     Target("<= 40 KiB gateway memory per open stream", _memory, lambda v: v <= 40),
     Target("upstream closed <= 20 ms (p99) after client left", _close_p99, lambda v: v <= 20),
     Target("no upstream left open after disconnects", _left_open, lambda v: v == 0),
+    Target(
+        "cache: >= 40% fewer backend requests (Zipf workload of (g))",
+        _cache_saving,
+        lambda v: v >= 40,
+    ),
+    Target("cache: zero wrong or truncated answers (g)", _cache_answers, lambda v: v == 0),
+    Target(
+        "cache: hit p50 < 1 ms above the framework floor (g)",
+        _cache_hit_latency,
+        lambda v: v < 1,
+    ),
 )
 
 

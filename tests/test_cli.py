@@ -14,55 +14,9 @@ import pytest
 import trio
 
 from tests.conftest import RunningMock, StartMock
-from tests.support import chat
+from tests.support import Spawn, chat
 
 PYTHON = sys.executable
-
-
-class Process:
-    """A child process whose output is collected while it runs."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.output = b""
-
-    async def collect(self) -> None:
-        assert self.process.stdout is not None
-        while data := await self.process.stdout.receive_some(65536):
-            self.output += data
-
-    async def wait_for(self, pattern: bytes, timeout: float = 20) -> re.Match[bytes]:
-        with trio.fail_after(timeout):
-            while not (match := re.search(pattern, self.output)):
-                await trio.sleep(0.02)
-        return match
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        self.process.send_signal(sig)
-        with trio.fail_after(timeout):
-            return await self.process.wait()
-
-
-async def _spawn(nursery: trio.Nursery, *args: str, env: dict[str, str] | None = None) -> Process:
-    process = await trio.lowlevel.open_process(
-        list(args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
-    child = Process(process)
-    nursery.start_soon(child.collect)
-    nursery.start_soon(_stop_at_teardown, process)
-    return child
-
-
-async def _stop_at_teardown(process: trio.Process) -> None:
-    """Whatever the test did, its child does not outlive it."""
-    try:
-        await trio.sleep_forever()
-    finally:
-        if process.returncode is None:
-            process.kill()
 
 
 def _config(tmp_path: Path, mock: RunningMock, **gateway: float) -> Path:
@@ -80,16 +34,14 @@ RUNNING_ON = rb"Running on (http://127\.0\.0\.1:\d+)"
 
 @pytest.mark.parametrize("command", ["serve", "hypercorn"])
 async def test_shutdown_lets_streams_finish_then_exits_0(
-    command: str, tmp_path: Path, start_mock: StartMock, nursery: trio.Nursery
+    command: str, tmp_path: Path, start_mock: StartMock, spawn: Spawn
 ) -> None:
     mock = await start_mock(tokens=30, token_delay=0.1)
     config = _config(tmp_path, mock, graceful_timeout=30)
     if command == "serve":
-        gateway = await _spawn(nursery, *SERVE, "--config", str(config))
+        gateway = await spawn(*SERVE, "--config", str(config))
     else:
-        gateway = await _spawn(
-            nursery, *HYPERCORN, "ntonix:app", env={"NTONIX_CONFIG": str(config)}
-        )
+        gateway = await spawn(*HYPERCORN, "ntonix:app", env={"NTONIX_CONFIG": str(config)})
     url = (await gateway.wait_for(RUNNING_ON)).group(1).decode()
     codes: list[int] = []
 
@@ -112,11 +64,11 @@ async def test_shutdown_lets_streams_finish_then_exits_0(
 
 
 async def test_shutdown_cancels_streams_after_graceful_timeout(
-    tmp_path: Path, start_mock: StartMock, nursery: trio.Nursery
+    tmp_path: Path, start_mock: StartMock, spawn: Spawn
 ) -> None:
     mock = await start_mock(tokens=100, token_delay=0.1)
     config = _config(tmp_path, mock, graceful_timeout=0.5)
-    gateway = await _spawn(nursery, *SERVE, "--config", str(config))
+    gateway = await spawn(*SERVE, "--config", str(config))
     url = (await gateway.wait_for(RUNNING_ON)).group(1).decode()
     async with (
         httpx.AsyncClient(timeout=30) as client,
@@ -134,8 +86,8 @@ async def test_shutdown_cancels_streams_after_graceful_timeout(
     assert mock.stats["active"] == 0
 
 
-async def test_demo_answers_a_stream_and_stops_cleanly_on_ctrl_c(nursery: trio.Nursery) -> None:
-    demo = await _spawn(nursery, PYTHON, "-m", "ntonix.cli", "demo", "--port", "0")
+async def test_demo_answers_a_stream_and_stops_cleanly_on_ctrl_c(spawn: Spawn) -> None:
+    demo = await spawn(PYTHON, "-m", "ntonix.cli", "demo", "--port", "0")
     url = (await demo.wait_for(rb"gateway on (http://127\.0\.0\.1:\d+)")).group(1).decode()
     async with httpx.AsyncClient(timeout=30) as client:
         response = await client.post(f"{url}/v1/chat/completions", json=chat())
@@ -157,7 +109,7 @@ async def test_demo_answers_a_stream_and_stops_cleanly_on_ctrl_c(nursery: trio.N
 
 
 async def test_invalid_config_stops_start_up_with_clear_messages(
-    tmp_path: Path, nursery: trio.Nursery
+    tmp_path: Path, spawn: Spawn
 ) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[gateway]\nidle_timout = 3\n[[backends]]\nurl = "ftp://x"\n')
@@ -167,7 +119,7 @@ async def test_invalid_config_stops_start_up_with_clear_messages(
         ([*SERVE, "--config", str(bad)], {}, 1),
         ([*HYPERCORN, "ntonix:app"], {"NTONIX_CONFIG": str(bad)}, None),
     ]:
-        process = await _spawn(nursery, *command, env=env)
+        process = await spawn(*command, env=env)
         with trio.fail_after(20):
             code = await process.process.wait()
         await trio.sleep(0.1)
