@@ -179,19 +179,20 @@ class Proxy:
         Waits up to `queue_timeout`, first come first served, when every eligible backend is at
         `max_concurrent`; None when failover has no untried backend left.
         """
+        # Requests already waiting go first: a slot they can use is theirs.
+        self.admission.admit_waiting()
+        try_admit = partial(self._try_admit, exchange)
+        ticket = try_admit()
+        if ticket is not None:
+            return ticket
         model = exchange.request.model
         now = trio.current_time()
         if not any(n not in exchange.tried for n in self.health.eligible(model, now)):
             if not first:
                 return None
             raise self._no_route(model, now)
-        # Requests already waiting go first: a slot they can use is theirs.
-        self.admission.admit_waiting()
-        try_admit = partial(self._try_admit, exchange)
-        ticket = try_admit()
-        if ticket is None:
-            deadline = trio.current_time() + self._settings.queue_timeout
-            ticket = await self.admission.wait(try_admit, deadline, self._abandon)
+        deadline = now + self._settings.queue_timeout
+        ticket = await self.admission.wait(try_admit, deadline, self._abandon)
         if ticket is None:
             raise GatewayError(
                 503,
@@ -397,6 +398,8 @@ class Admission:
         return len(self._waiters)
 
     def admit_waiting(self) -> None:
+        if not self._waiters:
+            return
         for waiter in list(self._waiters):
             ticket = waiter.try_admit()
             if ticket is not None:
