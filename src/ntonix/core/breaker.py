@@ -125,6 +125,11 @@ class CircuitBreaker:
     def state(self, now: float) -> State:
         return _STATE_OF[self._phase(now)]
 
+    @property
+    def closed(self) -> bool:
+        """Closed, whatever the time: the cheap question every request asks first."""
+        return self._closed
+
     def may_try(self, now: float) -> bool:
         """Whether a request may go now: closed, or half-open with no trial in flight.
 

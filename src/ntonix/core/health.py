@@ -362,6 +362,13 @@ class HealthTable:
         return min(retry_after, self._settings.max_open_for)
 
     def _reasons(self, record: _Record, now: float) -> list[str]:
+        if (
+            record.breaker.closed
+            and not record.draining
+            and (record.backoff_until is None or now >= record.backoff_until)
+            and record.probe_failures < self._settings.failure_threshold
+        ):
+            return []  # the common case, asked by every request: no snapshot to build
         reasons = []
         if record.draining:
             reasons.append(f"draining: removed from the config, {record.in_flight} in flight")
