@@ -15,11 +15,13 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from ntonix import __version__
-from ntonix.asgi import Receive, Scope, Send, send_body, send_json
+from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
 from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
+from ntonix.core.auth import ApiKeys, keys_from_file
 from ntonix.core.breaker import BreakerSettings
 from ntonix.core.health import HealthTable
+from ntonix.core.limits import ClientLimits
 from ntonix.core.requests import is_proxied
 from ntonix.errors import GatewayError, client_error
 from ntonix.metrics import GatewayCollector, exposition, registry_for
@@ -46,6 +48,8 @@ class Gateway:
         self.proxy: Proxy | None = None
         self._probers: Probers | None = None
         self._metrics: CollectorRegistry | None = None
+        self._keys = ApiKeys(())
+        self._limits = ClientLimits(per_minute=0, max_concurrent=0)
         self._started_at = time.monotonic()
 
     @property
@@ -63,10 +67,8 @@ class Gateway:
                 if scope["method"] in _REFUSED_METHODS:
                     error = client_error(405, "method_not_allowed", "Method not allowed")
                     await send_error(send, error)
-                elif scope["method"] == "GET" and scope["raw_path"] in _MODEL_LISTS:
-                    await self._list_models(scope["raw_path"], send)
                 else:
-                    await proxy.handle(scope, receive, send)
+                    await self._client_request(scope, receive, send, proxy)
             else:
                 await self._own_route(scope, send)
         elif kind == "lifespan":
@@ -74,11 +76,46 @@ class Gateway:
         else:
             await send({"type": "websocket.close", "code": 1000})
 
+    async def _client_request(
+        self, scope: Scope, receive: Receive, send: Send, proxy: Proxy
+    ) -> None:
+        """Who is asking (API key), within their limits, then the model list or the proxy."""
+        identity = None
+        if self._keys.required:
+            identity = self._keys.identify(header(scope, b"authorization"))
+            if identity is None:
+                error = client_error(401, "invalid_api_key", "Missing or invalid API key")
+                await send_error(send, error)
+                return
+        limits = self._limits
+        client = identity or (scope["client"][0] if scope.get("client") else "unknown")
+        if limits.active:
+            verdict = limits.admit(client, trio.current_time())
+            if not verdict.allowed:
+                error = GatewayError(
+                    429,
+                    "rate_limit_exceeded",
+                    f"Too many requests: {verdict.reason}",
+                    source="client",
+                    retry_after=verdict.retry_after,
+                )
+                await send_error(send, error)
+                return
+        try:
+            if scope["method"] == "GET" and scope["raw_path"] in _MODEL_LISTS:
+                await self._list_models(scope["raw_path"], send)
+            else:
+                await proxy.handle(scope, receive, send)
+        finally:
+            if limits.active:
+                limits.release(client)
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         config = self.config
         try:
             pools = {b.name: BackendPool(b, backend_ssl_context(b)) for b in config.backends}
+            self._keys = api_keys(config)
         except (OSError, ValueError) as error:
             await send({"type": "lifespan.startup.failed", "message": f"Cannot start: {error}"})
             return
@@ -90,6 +127,7 @@ class Gateway:
             if cache is not None:
                 supervisor.start_soon(cache.write_forever)
             self.proxy = Proxy(config, pools, health, cache)
+            self._limits = _client_limits(config)
             self._metrics = registry_for(self._collector(self.proxy))
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
@@ -122,9 +160,14 @@ class Gateway:
             return ["no config file to reload: the gateway runs on the built-in default"]
         try:
             config = Config.from_file(self._config_file)
+            keys = api_keys(config)
         except ConfigError as error:
             log.error("config reload refused, keeping the running config:\n%s", error.report())
             return error.problems
+        except OSError as error:
+            problem = f"auth.api_keys_file: cannot read it: {error}"
+            log.error("config reload refused, keeping the running config: %s", problem)
+            return [problem]
         old_pools = proxy.pools
         pools = {}
         for backend in config.backends:
@@ -138,6 +181,9 @@ class Gateway:
         proxy.health.reconcile(config.backends, _breaker_settings(config))
         proxy.reconfigure(config, pools)
         probers.reconcile(config.backends, config.health)
+        self._keys = keys
+        self._limits.per_minute = config.auth.requests_per_minute
+        self._limits.max_concurrent = config.auth.max_concurrent_per_key
         self._config = config
         log.info("config reloaded from %s: %d backends", self._config_file, len(config.backends))
         return []
@@ -238,6 +284,23 @@ class Gateway:
 
 
 _MODEL_LISTS = frozenset({b"/v1/models", b"/api/tags"})
+
+
+def api_keys(config: Config) -> ApiKeys:
+    """The client keys: `auth.api_keys` plus the lines of `auth.api_keys_file` (OSError if it
+    cannot be read)."""
+    keys = list(config.auth.api_keys)
+    if config.auth.api_keys_file:
+        with open(config.auth.api_keys_file, encoding="utf-8") as file:
+            keys += keys_from_file(file.read())
+    return ApiKeys(keys)
+
+
+def _client_limits(config: Config) -> ClientLimits:
+    auth = config.auth
+    return ClientLimits(
+        per_minute=auth.requests_per_minute, max_concurrent=auth.max_concurrent_per_key
+    )
 
 
 def _breaker_settings(config: Config) -> BreakerSettings:

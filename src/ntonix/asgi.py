@@ -12,6 +12,11 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
+def header(scope: Scope, name: bytes) -> bytes:
+    """A request header's value (repeated ones joined with ", "), b"" when absent."""
+    return b", ".join(value for key, value in scope["headers"] if key == name)
+
+
 async def send_body(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import trio
 
-from ntonix.asgi import Receive, Scope, Send
+from ntonix.asgi import Receive, Scope, Send, header
 from ntonix.cache import ResponseCache, listen, replay
 from ntonix.config import Config
 from ntonix.core.balancer import affinity_key, make_strategy
@@ -112,7 +112,7 @@ class Proxy:
                 scope["raw_path"],
                 request.payload,
                 deterministic_only=cache.settings.deterministic_only,
-                cache_control=_header(scope, b"cache-control"),
+                cache_control=header(scope, b"cache-control"),
             )
             if request.payload is not None
             else None
@@ -517,12 +517,8 @@ def new_request_id() -> bytes:
     return os.urandom(12).hex().encode()
 
 
-def _header(scope: Scope, wanted: bytes) -> bytes:
-    return b", ".join(value for name, value in scope["headers"] if name == wanted)
-
-
 def _bearer_token(scope: Scope) -> str | None:
-    value = _header(scope, b"authorization")
+    value = header(scope, b"authorization")
     return value[7:].decode("latin-1") if value[:7].lower() == b"bearer " else None
 
 
