@@ -19,6 +19,7 @@ from ntonix.config import (
 )
 from ntonix.demo import run_demo
 from ntonix.server import serve, serve_workers
+from ntonix.tls import server_ssl_context
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +77,14 @@ def _serve(args: argparse.Namespace) -> int:
     if bool(args.certfile) != bool(args.keyfile):
         print("ntonix: --certfile and --keyfile go together", file=sys.stderr)
         return 2
+    if args.certfile:
+        # Loaded once here so that a bad file is one line now, not a traceback from each worker
+        # after start-up; the workers build their own contexts from the same files.
+        try:
+            server_ssl_context(args.certfile, args.keyfile)
+        except OSError as error:  # ssl.SSLError is an OSError too
+            print(f"ntonix: cannot use --certfile/--keyfile: {error}", file=sys.stderr)
+            return 1
     binds = args.bind or ["127.0.0.1:8000"]
     tls = {"certfile": args.certfile, "keyfile": args.keyfile}
     if args.workers > 1:
