@@ -1,4 +1,4 @@
-"""The response towards one client, as an ASGI send: commit once, body pieces, one end.
+"""The client side of a request: its body, its disconnect, and the response towards it.
 
 Invariant: after commit an error never ends the body cleanly: SSE and NDJSON streams get an
 error frame at a frame boundary, any other body is left unfinished so Hypercorn aborts it.
@@ -6,9 +6,17 @@ error frame at a frame boundary, any other body is left unfinished so Hypercorn 
 
 from __future__ import annotations
 
-from ntonix.asgi import Send, send_body
+import os
+
+import trio
+
+from ntonix.asgi import Receive, Send, send_body
 from ntonix.core.framing import StreamKind, stream_error_frame, stream_kind
-from ntonix.errors import GatewayError
+from ntonix.errors import GatewayError, client_error
+
+
+class ClientGone(Exception):
+    """The client disconnected before the gateway answered: nobody waits for a response."""
 
 
 class Downstream:
@@ -59,3 +67,42 @@ class Downstream:
             await self.write(frame, more=False)
         # Else return without ending the body: Hypercorn then closes the connection mid-body,
         # which every HTTP client reports as an error.
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, refusing it as soon as it grows past `limit`."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def cancel_on_disconnect(
+    receive: Receive, downstream: Downstream, scope: trio.CancelScope
+) -> None:
+    """Watch for the client leaving; then cancel its request so the upstream closes at once.
+
+    Hypercorn reports a disconnect only to a task blocked in receive(), never through send().
+    """
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not downstream.finished:
+        scope.cancel()
+
+
+def new_request_id() -> bytes:
+    return os.urandom(12).hex().encode()
+
+
+def too_large(limit: int) -> GatewayError:
+    return client_error(413, "request_too_large", f"The request body is larger than {limit} bytes")

@@ -18,7 +18,7 @@ import httpx
 import trio
 
 from ntonix.config import BackendSettings, HealthSettings
-from ntonix.core.health import HealthTable, Outcome
+from ntonix.core.health import HealthTable, Outcome, outcome_of_status
 from ntonix.upstream import backend_ssl_context
 
 log = logging.getLogger("ntonix.prober")
@@ -46,13 +46,7 @@ async def probe_once(
     outcome, error, models = Outcome.CLIENT_DISCONNECTED, "", None
     try:
         response = await client.get(backend.url.rstrip("/") + path)
-        outcome = (
-            Outcome.UPSTREAM_5XX
-            if response.status_code >= 500
-            else Outcome.COMPLETED
-            if response.status_code < 400
-            else Outcome.UPSTREAM_4XX
-        )
+        outcome = outcome_of_status(response.status_code)
         if outcome is Outcome.UPSTREAM_5XX:
             error = f"health probe answered {response.status_code}"
         elif outcome is Outcome.COMPLETED:

@@ -10,32 +10,40 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-from collections import deque
-from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Protocol
 
 import trio
 
+from ntonix.admission import Admission
 from ntonix.asgi import Receive, Scope, Send, header
 from ntonix.cache import ResponseCache, listen, replay
 from ntonix.config import Config
 from ntonix.core.balancer import affinity_key, make_strategy
 from ntonix.core.headers import client_response_headers, request_id_of, upstream_request_headers
-from ntonix.core.health import HealthTable, Outcome, Ticket, no_route_status
+from ntonix.core.health import (
+    HealthTable,
+    Outcome,
+    Ticket,
+    no_route_status,
+    outcome_of_status,
+    retry_after_of,
+)
 from ntonix.core.keys import cache_key, cacheability, scope_for
 from ntonix.core.requests import ProxiedRequest, classify
-from ntonix.downstream import Downstream
+from ntonix.downstream import (
+    ClientGone,
+    Downstream,
+    cancel_on_disconnect,
+    new_request_id,
+    read_body,
+    too_large,
+)
 from ntonix.errors import GatewayError, client_error, upstream_error
 from ntonix.upstream import BackendPool, UpstreamConnection
 
 log = logging.getLogger("ntonix.proxy")
-
-
-class ClientGone(Exception):
-    """The client disconnected before the gateway answered: nobody waits for a response."""
 
 
 class Proxy:
@@ -92,7 +100,7 @@ class Proxy:
         limit = self._settings.max_request_body
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise _too_large(limit)
+                raise too_large(limit)
         with trio.move_on_after(self._settings.body_timeout) as reading:
             return await read_body(receive, limit)
         assert reading.cancelled_caught
@@ -382,83 +390,7 @@ class Report:
         self.error = ""
 
 
-class Admission:
-    """Requests waiting for a slot on a backend at max_concurrent, first come first served.
-
-    Admitting is synchronous: whenever a slot may have freed, the waiters are offered it in
-    arrival order, and the first that can use it gets it at once. No wake-up is lost, and one
-    waiting for a full backend does not hold back one behind it that another backend can take.
-    """
-
-    def __init__(self) -> None:
-        self._waiters: deque[_Waiter] = deque()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    def admit_waiting(self) -> None:
-        if not self._waiters:
-            return
-        for waiter in list(self._waiters):
-            ticket = waiter.try_admit()
-            if ticket is not None:
-                self._waiters.remove(waiter)
-                waiter.ticket = ticket
-                waiter.admitted.set()
-
-    async def wait(
-        self,
-        try_admit: Callable[[], Ticket | None],
-        deadline: float,
-        abandon: Callable[[Ticket], None],
-    ) -> Ticket | None:
-        """The ticket a freed slot brought, or None when `deadline` passed first."""
-        waiter = _Waiter(try_admit)
-        self._waiters.append(waiter)
-        try:
-            with trio.move_on_at(deadline):
-                await waiter.admitted.wait()
-        except BaseException:
-            if waiter.ticket is not None:  # admitted, but its client left meanwhile
-                abandon(waiter.ticket)
-            raise
-        finally:
-            if waiter.ticket is None:
-                self._waiters.remove(waiter)
-        return waiter.ticket
-
-
-class _Waiter:
-    __slots__ = ("admitted", "ticket", "try_admit")
-
-    def __init__(self, try_admit: Callable[[], Ticket | None]) -> None:
-        self.try_admit = try_admit
-        self.admitted = trio.Event()
-        self.ticket: Ticket | None = None
-
-
 _RETRYABLE = frozenset({Outcome.UPSTREAM_5XX, Outcome.UPSTREAM_429})
-
-
-def outcome_of_status(status: int) -> Outcome:
-    if status == 429:
-        return Outcome.UPSTREAM_429
-    if status >= 500:
-        return Outcome.UPSTREAM_5XX
-    if status >= 400:
-        return Outcome.UPSTREAM_4XX
-    return Outcome.COMPLETED
-
-
-def retry_after_of(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
-    for name, value in headers:
-        if name == b"retry-after":
-            try:
-                return float(value)
-            except ValueError:
-                return None
-    return None
 
 
 async def relay_body(
@@ -482,41 +414,6 @@ async def relay_body(
     )
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The request body, refusing it as soon as it grows past `limit`."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def cancel_on_disconnect(
-    receive: Receive, downstream: Downstream, scope: trio.CancelScope
-) -> None:
-    """Watch for the client leaving; then cancel its request so the upstream closes at once.
-
-    Hypercorn reports a disconnect only to a task blocked in receive(), never through send().
-    """
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    if not downstream.finished:
-        scope.cancel()
-
-
-def new_request_id() -> bytes:
-    return os.urandom(12).hex().encode()
-
-
 def _bearer_token(scope: Scope) -> str | None:
     value = header(scope, b"authorization")
     return value[7:].decode("latin-1") if value[:7].lower() == b"bearer " else None
@@ -525,7 +422,3 @@ def _bearer_token(scope: Scope) -> str | None:
 def _client_address(scope: Scope) -> bytes:
     client = scope.get("client")
     return client[0].encode() if client else b"unknown"
-
-
-def _too_large(limit: int) -> GatewayError:
-    return client_error(413, "request_too_large", f"The request body is larger than {limit} bytes")

@@ -11,6 +11,8 @@ from ntonix.core.health import (
     Outcome,
     Verdict,
     no_route_status,
+    outcome_of_status,
+    retry_after_of,
     verdict_of,
 )
 
@@ -389,3 +391,25 @@ def test_snapshot_shows_what_the_status_page_needs() -> None:
         "draining": False,
         "reasons": ("circuit open for 6.0 s more after 3 failures (last: upstream_5xx)",),
     }
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (200, Outcome.COMPLETED),
+        (304, Outcome.COMPLETED),
+        (400, Outcome.UPSTREAM_4XX),
+        (413, Outcome.UPSTREAM_4XX),
+        (429, Outcome.UPSTREAM_429),
+        (500, Outcome.UPSTREAM_5XX),
+        (503, Outcome.UPSTREAM_5XX),
+    ],
+)
+def test_outcome_of_a_response_status(status: int, outcome: Outcome) -> None:
+    assert outcome_of_status(status) is outcome
+
+
+def test_retry_after_in_seconds_only() -> None:
+    assert retry_after_of([(b"retry-after", b"2.5")]) == 2.5
+    assert retry_after_of([(b"retry-after", b"Wed, 21 Oct 2015 07:28:00 GMT")]) is None
+    assert retry_after_of([]) is None

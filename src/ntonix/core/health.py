@@ -397,3 +397,25 @@ _EVENTS = {
     (True, Verdict.FAILED): Event.TRIAL_FAILED,
     (True, Verdict.NEUTRAL): Event.TRIAL_ABANDONED,
 }
+
+
+def outcome_of_status(status: int) -> Outcome:
+    """What a backend's response status says, before its body."""
+    if status == 429:
+        return Outcome.UPSTREAM_429
+    if status >= 500:
+        return Outcome.UPSTREAM_5XX
+    if status >= 400:
+        return Outcome.UPSTREAM_4XX
+    return Outcome.COMPLETED
+
+
+def retry_after_of(headers: Iterable[tuple[bytes, bytes]]) -> float | None:
+    """A `Retry-After` in seconds (the HTTP-date form counts as absent)."""
+    for name, value in headers:
+        if name == b"retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
