@@ -21,6 +21,7 @@ from ntonix.config import Config, ConfigError, config_path, load_config
 from ntonix.core.auth import ApiKeys, keys_from_file
 from ntonix.core.breaker import BreakerSettings
 from ntonix.core.health import HealthTable
+from ntonix.core.hygiene import check_request
 from ntonix.core.limits import ClientLimits
 from ntonix.core.requests import is_proxied
 from ntonix.errors import GatewayError, client_error
@@ -31,8 +32,6 @@ from ntonix.upstream import BackendPool, PoolStatistics, backend_ssl_context
 
 log = logging.getLogger("ntonix")
 
-# Methods that make no sense through an LLM gateway and that proxies are abused with.
-_REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 # Gateway routes anyone may call, even when an admin token is set: load balancers poll them.
 _OPEN_ROUTES = frozenset({b"/ntonix/health", b"/ntonix/ready"})
 
@@ -63,12 +62,11 @@ class Gateway:
         kind = scope["type"]
         if kind == "http":
             proxy = self.proxy
-            if proxy is not None and is_proxied(scope["raw_path"]):
-                if scope["method"] in _REFUSED_METHODS:
-                    error = client_error(405, "method_not_allowed", "Method not allowed")
-                    await send_error(send, error)
-                else:
-                    await self._client_request(scope, receive, send, proxy)
+            refused = check_request(scope["method"], scope["raw_path"], scope["headers"])
+            if refused is not None:
+                await send_error(send, refused, close=scope["http_version"].startswith("1"))
+            elif proxy is not None and is_proxied(scope["raw_path"]):
+                await self._client_request(scope, receive, send, proxy)
             else:
                 await self._own_route(scope, send)
         elif kind == "lifespan":
@@ -333,5 +331,11 @@ def config_for_hypercorn_command() -> Config:
     return config
 
 
-async def send_error(send: Send, error: GatewayError) -> None:
-    await send_json(send, error.status, error.payload(), error.headers()[1:])
+async def send_error(send: Send, error: GatewayError, *, close: bool = False) -> None:
+    """`close` asks Hypercorn (h11) to close the connection after this response: for a request
+    whose framing is in doubt, what follows it on the connection cannot be trusted. HTTP/1
+    only: HTTP/2 forbids the header and its streams are framed by the protocol."""
+    headers = error.headers()[1:]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send_json(send, error.status, error.payload(), headers)
