@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import trio
 
+from bench.load import connect
 from bench.procs import (
     CpuMeter,
     Floor,
@@ -156,7 +156,7 @@ class Connection:
         answer = Answer()
         try:
             if self._sock is None:
-                self._sock = await _connect(self.target)
+                self._sock = await connect(self.target)
             sock, parser = self._sock, self._parser
             parser.start()
             head = b""
@@ -191,17 +191,6 @@ class Connection:
             self._sock.close()
             self._sock = None
         self._parser = ResponseParser()
-
-
-async def _connect(target: Target) -> trio.socket.SocketType:
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await sock.connect(target)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _is_json(body: bytes) -> bool:

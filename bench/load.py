@@ -86,7 +86,8 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _connect(target: tuple[str, int]) -> trio.socket.SocketType:
+async def connect(target: tuple[str, int]) -> trio.socket.SocketType:
+    """A TCP socket to `target` with Nagle off (closed again if connecting fails)."""
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -119,7 +120,7 @@ async def _request_loop(
     clock = time.perf_counter
     while clock() < closes:
         try:
-            sock = await _connect(target)
+            sock = await connect(target)
         except OSError as error:
             _count_error(result, f"connect: {error}")
             await trio.sleep(0.05)  # do not spin on a refusing server
@@ -181,7 +182,7 @@ async def _one_stream(spec: LoadSpec, target: tuple[str, int], record: StreamRec
     pending = b""
     try:
         with trio.fail_after(spec.timeout):
-            sock = await _connect(target)
+            sock = await connect(target)
             try:
                 await _send_all(sock, request)
                 parser = ResponseParser()

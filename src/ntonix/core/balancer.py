@@ -78,18 +78,25 @@ def _smooth_pick(current: dict[str, int], group: Sequence[Candidate]) -> Candida
     return best
 
 
-class WeightedRoundRobin:
-    """nginx's smooth weighted round-robin: weights 5, 1, 1 give a a b a c a a."""
+class _SmoothTurns:
+    """The per-backend counters of smooth weighted round-robin, kept across calls."""
 
     def __init__(self) -> None:
         self._current: dict[str, int] = {}
 
+    def _counters(self, candidates: Sequence[Candidate]) -> dict[str, int]:
+        # Names that left the candidate set are forgotten; newcomers start at 0.
+        self._current = {c.name: self._current.get(c.name, 0) for c in candidates}
+        return self._current
+
+
+class WeightedRoundRobin(_SmoothTurns):
+    """nginx's smooth weighted round-robin: weights 5, 1, 1 give a a b a c a a."""
+
     def order(
         self, candidates: Sequence[Candidate], *, affinity_key: str | None = None
     ) -> list[str]:
-        # Names that left the candidate set are forgotten; newcomers start at 0.
-        current = {c.name: self._current.get(c.name, 0) for c in candidates}
-        self._current = current
+        current = self._counters(candidates)
         if not candidates:
             return []
         best = _smooth_pick(current, candidates)
@@ -98,21 +105,17 @@ class WeightedRoundRobin:
         return [best.name, *(c.name for c in rest)]
 
 
-class LeastConnections:
+class LeastConnections(_SmoothTurns):
     """Fewest in-flight requests per unit of weight; ties share by smooth weighted round-robin.
 
     As in nginx's least_conn, only the tied backends take a round-robin step, so equal idle
     backends take turns and idle backends of weights 3 and 1 split 3:1.
     """
 
-    def __init__(self) -> None:
-        self._current: dict[str, int] = {}
-
     def order(
         self, candidates: Sequence[Candidate], *, affinity_key: str | None = None
     ) -> list[str]:
-        current = {c.name: self._current.get(c.name, 0) for c in candidates}
-        self._current = current
+        current = self._counters(candidates)
         if not candidates:
             return []
         least = min(c.load for c in candidates)
