@@ -113,6 +113,12 @@ class Gateway:
         config = self.config
         try:
             pools = {b.name: BackendPool(b, backend_ssl_context(b)) for b in config.backends}
+            for backend in config.backends:
+                if backend.scheme == "https" and not backend.tls_verify:
+                    log.warning(
+                        "backend %s: tls_verify = false, its certificate is NOT checked",
+                        backend.name,
+                    )
             self._keys = api_keys(config)
         except (OSError, ValueError) as error:
             await send({"type": "lifespan.startup.failed", "message": f"Cannot start: {error}"})

@@ -302,6 +302,9 @@ class Proxy:
         except GatewayError as error:
             report.outcome = Outcome.CONNECT_FAILED
             report.error = error.message
+            # Logged even when another backend then answers: a refused connection or a TLS
+            # certificate that does not verify must not pass unnoticed behind a retry.
+            log.warning("request %s: %s", exchange.downstream.request_id.decode(), error.message)
             return error
         finally:
             if connection is not None:
