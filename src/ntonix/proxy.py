@@ -91,7 +91,8 @@ class Proxy:
             try:
                 await self.respond(scope, request, body, downstream)
             except GatewayError as error:
-                log.warning("request %s failed: %s", downstream.request_id.decode(), error.message)
+                if error.source != "upstream":  # upstream failures were logged per attempt
+                    log.warning("request %s: %s", downstream.request_id.decode(), error.message)
                 await downstream.fail(error)
             nursery.cancel_scope.cancel()
 
