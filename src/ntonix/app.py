@@ -8,24 +8,30 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
+from typing import cast
 
 import attrs
 import hypercorn.config
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from ntonix import __version__
+from ntonix import __version__, dashboard
+from ntonix.accesslog import AccessLog, open_target
 from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
 from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
 from ntonix.core.auth import ApiKeys, keys_from_file
 from ntonix.core.breaker import BreakerSettings
+from ntonix.core.headers import request_id_of
 from ntonix.core.health import HealthTable
 from ntonix.core.hygiene import check_request
 from ntonix.core.limits import ClientLimits
 from ntonix.core.requests import is_proxied
+from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
+from ntonix.downstream import new_request_id
 from ntonix.errors import GatewayError, client_error
-from ntonix.metrics import GatewayCollector, exposition, registry_for
+from ntonix.metrics import GatewayCollector, Sources, exposition, registry_for
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
 from ntonix.upstream import BackendPool, PoolStatistics, backend_ssl_context
@@ -50,6 +56,9 @@ class Gateway:
         self._keys = ApiKeys(())
         self._limits = ClientLimits(per_minute=0, max_concurrent=0)
         self._started_at = time.monotonic()
+        self.tallies = Tallies()
+        self.recent = RecentWindow()
+        self.access_log = AccessLog("off")
 
     @property
     def config(self) -> Config:
@@ -62,20 +71,55 @@ class Gateway:
         kind = scope["type"]
         if kind == "http":
             proxy = self.proxy
-            refused = check_request(scope["method"], scope["raw_path"], scope["headers"])
-            if refused is not None:
-                await send_error(send, refused, close=scope["http_version"].startswith("1"))
-            elif proxy is not None and is_proxied(scope["raw_path"]):
-                await self._client_request(scope, receive, send, proxy)
-            else:
-                await self._own_route(scope, send)
+            api = is_proxied(scope["raw_path"])
+            record = self._begin(scope, api=api)
+            try:
+                refused = check_request(scope["method"], scope["raw_path"], scope["headers"])
+                if refused is not None:
+                    close = scope["http_version"].startswith("1")
+                    await refuse(send, record, refused, close=close)
+                elif proxy is not None and api:
+                    await self._client_request(scope, receive, send, proxy, record)
+                else:
+                    await self._own_route(scope, recording(send, record), record)
+            finally:
+                self._finish(record, api=api)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+        elif scope["path"] == "/ntonix/dashboard/ws" and self._admin_allowed(scope):
+            await dashboard.stream_snapshots(receive, send, self.live_status)
         else:
-            await send({"type": "websocket.close", "code": 1000})
+            # Closing before accepting makes the server refuse the handshake (HTTP 403).
+            await send({"type": "websocket.close", "code": 1008})
+
+    def _begin(self, scope: Scope, *, api: bool) -> RequestRecord:
+        client = scope.get("client")
+        record = RequestRecord(
+            started=trio.current_time(),
+            wall_time=time.time(),
+            request_id=request_id_of(scope["headers"]) or new_request_id(),
+            client=client[0] if client else "unknown",
+            method=scope["method"],
+            path=scope["path"],
+            cache=("bypass" if self.proxy is not None and self.proxy.cache else "off")
+            if api
+            else "",
+        )
+        if api:
+            self.tallies.begin()
+        return record
+
+    def _finish(self, record: RequestRecord, *, api: bool) -> None:
+        """Count and log a request that has ended; only API traffic feeds the metrics and the
+        dashboard (a load balancer polling /ntonix/health is not traffic)."""
+        now = trio.current_time()
+        if api:
+            self.tallies.finish(record, now)
+            self.recent.add(now, record.backend, record.ttft())
+        self.access_log.write(record, now)
 
     async def _client_request(
-        self, scope: Scope, receive: Receive, send: Send, proxy: Proxy
+        self, scope: Scope, receive: Receive, send: Send, proxy: Proxy, record: RequestRecord
     ) -> None:
         """Who is asking (API key), within their limits, then the model list or the proxy."""
         identity = None
@@ -83,7 +127,7 @@ class Gateway:
             identity = self._keys.identify(header(scope, b"authorization"))
             if identity is None:
                 error = client_error(401, "invalid_api_key", "Missing or invalid API key")
-                await send_error(send, error)
+                await refuse(send, record, error)
                 return
         limits = self._limits
         client = identity or (scope["client"][0] if scope.get("client") else "unknown")
@@ -97,13 +141,13 @@ class Gateway:
                     source="client",
                     retry_after=verdict.retry_after,
                 )
-                await send_error(send, error)
+                await refuse(send, record, error)
                 return
         try:
             if scope["method"] == "GET" and scope["raw_path"] in _MODEL_LISTS:
-                await self._list_models(scope["raw_path"], send)
+                await self._list_models(scope["raw_path"], recording(send, record))
             else:
-                await proxy.handle(scope, receive, send)
+                await proxy.handle(scope, receive, send, record)
         finally:
             if limits.active:
                 limits.release(client)
@@ -120,6 +164,7 @@ class Gateway:
                         backend.name,
                     )
             self._keys = api_keys(config)
+            self.access_log = AccessLog(config.log.access_log)
         except (OSError, ValueError) as error:
             await send({"type": "lifespan.startup.failed", "message": f"Cannot start: {error}"})
             return
@@ -130,7 +175,8 @@ class Gateway:
             cache = ResponseCache(config.cache, supervisor) if config.cache.enabled else None
             if cache is not None:
                 supervisor.start_soon(cache.write_forever)
-            self.proxy = Proxy(config, pools, health, cache)
+            self.proxy = Proxy(config, pools, health, cache, self.tallies)
+            supervisor.start_soon(self.access_log.flush_forever)
             self._limits = _client_limits(config)
             self._metrics = registry_for(self._collector(self.proxy))
             self._probers = Probers(supervisor, health, config.health)
@@ -142,6 +188,7 @@ class Gateway:
             supervisor.cancel_scope.cancel()
         for pool in self.proxy.pools.values():
             pool.retire()
+        await self.access_log.close()
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _reload_on_sighup(self) -> None:
@@ -172,6 +219,13 @@ class Gateway:
             problem = f"auth.api_keys_file: cannot read it: {error}"
             log.error("config reload refused, keeping the running config: %s", problem)
             return [problem]
+        try:
+            access_file = open_target(config.log.access_log)
+        except OSError as error:
+            problem = f"log.access_log: cannot open it: {error}"
+            log.error("config reload refused, keeping the running config: %s", problem)
+            return [problem]
+        self.access_log.replace(config.log.access_log, access_file)
         old_pools = proxy.pools
         pools = {}
         for backend in config.backends:
@@ -192,12 +246,12 @@ class Gateway:
         log.info("config reloaded from %s: %d backends", self._config_file, len(config.backends))
         return []
 
-    async def _own_route(self, scope: Scope, send: Send) -> None:
+    async def _own_route(self, scope: Scope, send: Send, record: RequestRecord) -> None:
         path = scope["raw_path"]
         method = scope["method"]
-        token = self.config.auth.admin_token
-        if path not in _OPEN_ROUTES and token and not _bearer_matches(scope, token):
-            await send_error(send, client_error(401, "invalid_admin_token", "Admin token required"))
+        if path not in _OPEN_ROUTES and not self._admin_allowed(scope):
+            error = client_error(401, "invalid_admin_token", "Admin token required")
+            await refuse(send, record, error)
         elif path == b"/ntonix/health" and method == "GET":
             await send_json(send, 200, {"status": "ok"})
         elif path == b"/ntonix/ready" and method == "GET":
@@ -208,6 +262,15 @@ class Gateway:
             await send_body(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
         elif path == b"/ntonix/status" and method == "GET":
             await send_json(send, 200, self.status())
+        elif path == b"/ntonix/dashboard" and method == "GET":
+            headers = [
+                (b"content-type", b"text/html; charset=utf-8"),
+                (b"cache-control", b"no-store"),
+                # The page may talk only to this gateway, and nobody may frame it.
+                (b"content-security-policy", _DASHBOARD_CSP),
+                (b"x-frame-options", b"DENY"),
+            ]
+            await send_body(send, 200, dashboard.page(), headers)
         elif path == b"/ntonix/cache" and method == "DELETE":
             cache = self.proxy.cache if self.proxy else None
             await send_json(send, 200, {"cleared": cache.clear() if cache else 0})
@@ -218,7 +281,25 @@ class Gateway:
             )
         else:
             error = client_error(404, "unknown_route", f"Unknown route: {method} {scope['path']}")
-            await send_error(send, error)
+            await refuse(send, record, error)
+
+    def _admin_allowed(self, scope: Scope) -> bool:
+        """No admin token set, or the request carries it: as a Bearer token, or for the
+        dashboard (a browser cannot set headers on a page load or a websocket) as the `token`
+        query parameter or the `ntonix_admin_token` cookie."""
+        token = self.config.auth.admin_token
+        if not token:
+            return True
+        if _bearer_matches(scope, token):
+            return True
+        if not scope["path"].startswith("/ntonix/dashboard"):
+            return False
+        expected = token.encode()
+        offered = [
+            *_query_values(scope["query_string"], b"token"),
+            *_cookie_values(header(scope, b"cookie"), b"ntonix_admin_token"),
+        ]
+        return any(hmac.compare_digest(value, expected) for value in offered)
 
     async def _list_models(self, path: bytes, send: Send) -> None:
         """/v1/models and /api/tags: the union of what the healthy backends serve."""
@@ -232,15 +313,19 @@ class Gateway:
         else:
             await send_json(send, 200, {"models": [{"name": m, "model": m} for m in models]})
 
-    @staticmethod
-    def _collector(proxy: Proxy) -> GatewayCollector:
+    def _collector(self, proxy: Proxy) -> GatewayCollector:
         def pools() -> dict[str, PoolStatistics]:
             return {name: pool.statistics() for name, pool in proxy.pools.items()}
 
         return GatewayCollector(
-            backends=lambda: proxy.health.snapshot(trio.current_time()),
-            pools=pools,
-            cache=lambda: proxy.cache.statistics() if proxy.cache else None,
+            Sources(
+                backends=lambda: proxy.health.snapshot(trio.current_time()),
+                pools=pools,
+                cache=lambda: proxy.cache.statistics() if proxy.cache else None,
+                transitions=lambda: proxy.health.transitions,
+                access_log_dropped=lambda: self.access_log.dropped,
+                tallies=self.tallies,
+            )
         )
 
     def ready(self) -> bool:
@@ -286,8 +371,48 @@ class Gateway:
             "backends": backends,
         }
 
+    def live_status(self) -> dict[str, object]:
+        """What the dashboard shows each second: `status()` plus the last minute's rates."""
+        status = self.status()
+        now = trio.current_time()
+        recent = self.recent.summary(now)
+        for backend in cast(list[dict[str, object]], status["backends"]):
+            backend["ttft_p50_ms"] = _ms(recent.backend_ttft_p50.get(cast(str, backend["name"])))
+        cache = self.proxy.cache.statistics() if self.proxy and self.proxy.cache else None
+        saved = cache.hits + cache.coalesced if cache else 0
+        lookups = saved + cache.misses if cache else 0
+        # Series times are on Trio's clock; the page wants wall-clock seconds.
+        offset = time.time() - now
+        status["rates"] = {
+            "window_seconds": self.recent.seconds,
+            "requests_per_second": recent.requests_per_second,
+            "ttft_p50_ms": _ms(recent.ttft_p50),
+            "ttft_p99_ms": _ms(recent.ttft_p99),
+            "cache_hit_ratio": saved / lookups if lookups else None,
+            "backend_requests_saved": saved,
+            "active_requests": self.tallies.active,
+        }
+        status["series"] = [
+            {
+                "t": round(second.at + offset, 3),
+                "requests": second.requests,
+                "ttft_p50_ms": _ms(second.ttft_p50),
+                "ttft_p99_ms": _ms(second.ttft_p99),
+            }
+            for second in recent.series
+        ]
+        return status
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
 
 _MODEL_LISTS = frozenset({b"/v1/models", b"/api/tags"})
+_DASHBOARD_CSP = (
+    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    b"img-src data:; connect-src 'self'; frame-ancestors 'none'"
+)
 
 
 def api_keys(config: Config) -> ApiKeys:
@@ -312,6 +437,20 @@ def _breaker_settings(config: Config) -> BreakerSettings:
     return BreakerSettings(health.failure_threshold, health.open_for, health.max_open_for)
 
 
+def _query_values(query: bytes, name: bytes) -> list[bytes]:
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    return [value for key, value in pairs if key == name]
+
+
+def _cookie_values(cookies: bytes, name: bytes) -> list[bytes]:
+    values = []
+    for pair in cookies.replace(b",", b";").split(b";"):
+        key, _, value = pair.strip().partition(b"=")
+        if key == name:
+            values.append(value.strip(b'"'))
+    return values
+
+
 def _bearer_matches(scope: Scope, token: str) -> bool:
     for name, value in scope["headers"]:
         if name == b"authorization":
@@ -334,7 +473,41 @@ def config_for_hypercorn_command() -> Config:
     # The hypercorn command reads this default when it shuts down, so that without an explicit
     # --graceful-timeout it drains for our graceful_timeout rather than cutting streams at 3 s.
     hypercorn.config.Config.graceful_timeout = config.gateway.graceful_timeout
+    # Hypercorn bound its listening sockets (in its parent, before spawning this worker)
+    # without the send timeout `ntonix serve` sets on its own: set it on them here.
+    from ntonix.listening import set_send_timeout_on_listening_sockets
+
+    set_send_timeout_on_listening_sockets()
     return config
+
+
+async def refuse(
+    send: Send, record: RequestRecord, error: GatewayError, *, close: bool = False
+) -> None:
+    """Answer with the gateway's own error, and note it for the access log."""
+    record.status = error.status
+    record.outcome = "error"
+    record.error = error.code
+    await send_error(send, error, close=close)
+
+
+def recording(send: Send, record: RequestRecord) -> Send:
+    """`send`, noting status and body bytes for a response the gateway writes itself (the
+    proxied ones are noted by their Downstream)."""
+
+    async def send_and_note(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            record.status = cast(int, message["status"])
+        else:
+            body = cast(bytes, message.get("body", b""))
+            if body:
+                if record.first_byte_at is None:
+                    record.first_byte_at = trio.current_time()
+                record.bytes_out += len(body)
+                record.chunks += 1
+        await send(message)
+
+    return send_and_note
 
 
 async def send_error(send: Send, error: GatewayError, *, close: bool = False) -> None:

@@ -182,6 +182,8 @@ class CacheStatistics:
     stored: int
     dropped_offers: int
     flights: int
+    max_entries: int
+    max_bytes: int
 
 
 class ResponseCache:
@@ -285,6 +287,8 @@ class ResponseCache:
             stored=self.stored,
             dropped_offers=self.dropped_offers,
             flights=len(self._flights),
+            max_entries=self.settings.max_entries,
+            max_bytes=self.settings.max_bytes,
         )
 
 

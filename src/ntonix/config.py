@@ -140,6 +140,13 @@ class AuthSettings:
 
 
 @attrs.frozen
+class LogSettings:
+    """[log]: where the access log goes: one JSON line per client request."""
+
+    access_log: str = "stderr"  # "stderr", "off", or the path of a file to append to
+
+
+@attrs.frozen
 class Config:
     """The whole config file: one record per table."""
 
@@ -149,6 +156,7 @@ class Config:
     health: HealthSettings = attrs.field(factory=HealthSettings)
     cache: CacheSettings = attrs.field(factory=CacheSettings)
     auth: AuthSettings = attrs.field(factory=AuthSettings)
+    log: LogSettings = attrs.field(factory=LogSettings)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> Self:
@@ -317,6 +325,9 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "admin_token": _SECRET,
         "requests_per_minute": _COUNT,
         "max_concurrent_per_key": _COUNT,
+    },
+    LogSettings: {
+        "access_log": _Rule('"stderr", "off" or a file path', bool),
     },
 }
 

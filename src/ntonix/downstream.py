@@ -12,6 +12,7 @@ import trio
 
 from ntonix.asgi import Receive, Send, send_body
 from ntonix.core.framing import StreamKind, stream_error_frame, stream_kind
+from ntonix.core.telemetry import RequestRecord
 from ntonix.errors import GatewayError, client_error
 
 
@@ -19,22 +20,49 @@ class ClientGone(Exception):
     """The client disconnected before the gateway answered: nobody waits for a response."""
 
 
+# nginx's status for a client that left before its response began; no client ever sees it.
+CLIENT_CLOSED_REQUEST = 499
+
+
 class Downstream:
-    """The response towards the client: committed once, then body chunks, then one end."""
+    """The response towards the client: committed once, then body chunks, then one end.
 
-    __slots__ = ("_send", "cache_label", "committed", "finished", "kind", "request_id", "tail")
+    It notes on the request's record what the client got: status, first byte, bytes, chunks.
+    """
 
-    def __init__(self, send: Send, request_id: bytes) -> None:
+    __slots__ = (
+        "_send",
+        "cache_label",
+        "committed",
+        "finished",
+        "kind",
+        "record",
+        "request_id",
+        "tail",
+    )
+
+    def __init__(self, send: Send, record: RequestRecord) -> None:
         self._send = send
-        self.request_id = request_id
+        self.record = record
+        self.request_id = record.request_id
         self.cache_label = b""
         self.committed = False
         self.finished = False
         self.kind = StreamKind.OTHER
         self.tail = b""
 
+    def set_cache(self, label: str) -> None:
+        self.cache_label = label.encode()
+        self.record.cache = label
+
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Commit: status and headers, plus the gateway's own for this request."""
+        record = self.record
+        record.status = status
+        record.phase = "stream"
+        for name, value in headers:
+            if name == b"x-ntonix-backend":  # also on a response shared with a coalesced flight
+                record.backend = value.decode("latin-1")
         self.kind = stream_kind(headers)
         headers.append((b"x-request-id", self.request_id))
         if self.cache_label:
@@ -48,6 +76,11 @@ class Downstream:
     async def write(self, data: bytes, *, more: bool) -> None:
         if data:
             self.tail = data[-4:]
+            record = self.record
+            if record.first_byte_at is None:
+                record.first_byte_at = trio.current_time()
+            record.bytes_out += len(data)
+            record.chunks += 1
         # Set before the send: Hypercorn reports the end of a response as a disconnect from
         # inside this very send, and that one must not cancel Hypercorn's own bookkeeping.
         self.finished = not more
@@ -55,13 +88,22 @@ class Downstream:
 
     async def fail(self, error: GatewayError) -> None:
         """Tell the client: a JSON error before commit, an error frame after it."""
+        record = self.record
+        record.error = error.code
         if not self.committed:
             self.committed = True
+            self.finished = True  # as in `write`: the end of this send is no disconnect
+            record.status = error.status
+            record.outcome = "error"
             headers = [*error.headers(), (b"x-request-id", self.request_id)]
             if self.cache_label:
                 headers.append((b"x-ntonix-cache", self.cache_label))
-            await send_body(self._send, error.status, error.body(), headers)
+            body = error.body()
+            record.bytes_out += len(body)
+            record.chunks += 1
+            await send_body(self._send, error.status, body, headers)
             return
+        record.outcome = "stream_error"
         frame = stream_error_frame(self.kind, self.tail, error.payload())
         if frame is not None:
             await self.write(frame, more=False)
@@ -97,7 +139,15 @@ async def cancel_on_disconnect(
     while (await receive())["type"] != "http.disconnect":
         pass
     if not downstream.finished:
+        client_left(downstream.record, committed=downstream.committed)
         scope.cancel()
+
+
+def client_left(record: RequestRecord, *, committed: bool) -> None:
+    record.disconnected = True
+    record.outcome = "client_disconnected"
+    if not committed:
+        record.status = CLIENT_CLOSED_REQUEST
 
 
 def new_request_id() -> bytes:

@@ -1,41 +1,142 @@
 """`GET /metrics`: Prometheus text format through prometheus-client.
 
-Everything here is read from the components' frozen snapshots at scrape time (the health
-table's, the pools', the cache's), so a scrape costs the hot path nothing and can never
-disagree with `/ntonix/status`. Each gateway has its own registry: several can share a process.
+Everything here is read at scrape time: from the components' frozen snapshots (the health
+table's, the pools', the cache's) and from the plain counters requests feed as they end
+(`Tallies`). So a request pays a few dictionary increments and no metrics-library locks, and a
+scrape can never disagree with `/ntonix/status`. Each gateway has its own registry: several can
+share a process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 
+import attrs
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from ntonix.cache import CacheStatistics
 from ntonix.core.health import BackendSnapshot
+from ntonix.core.telemetry import Histogram, Tallies
 from ntonix.upstream import PoolStatistics
 
 BREAKER_STATES = ("closed", "open", "half-open")
 
 
-class GatewayCollector(Collector):
-    """Turns one gateway's snapshots into metric families at each scrape."""
+@attrs.frozen
+class Sources:
+    """Where a scrape reads one gateway's state."""
 
-    def __init__(
-        self,
-        backends: Callable[[], tuple[BackendSnapshot, ...]],
-        pools: Callable[[], dict[str, PoolStatistics]],
-        cache: Callable[[], CacheStatistics | None],
-    ) -> None:
-        self._backends = backends
-        self._pools = pools
-        self._cache = cache
+    backends: Callable[[], tuple[BackendSnapshot, ...]]
+    pools: Callable[[], dict[str, PoolStatistics]]
+    cache: Callable[[], CacheStatistics | None]
+    transitions: Callable[[], Counter[tuple[str, str, str]]]
+    access_log_dropped: Callable[[], int]
+    tallies: Tallies
+
+
+class GatewayCollector(Collector):
+    """Turns one gateway's snapshots and tallies into metric families at each scrape."""
+
+    def __init__(self, sources: Sources) -> None:
+        self._sources = sources
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._request_metrics()
+        yield from self._attempt_metrics()
         yield from self._backend_metrics()
         yield from self._cache_metrics()
+
+    def _request_metrics(self) -> Iterator[Metric]:
+        tallies = self._sources.tallies
+        yield _counter(
+            "ntonix_requests",
+            "Client API requests that ended, by route, backend, status and cache result",
+            ["route", "backend", "status", "cache"],
+            tallies.requests.items(),
+        )
+        yield _histograms(
+            "ntonix_request_duration_seconds",
+            "From the request's arrival to the end of its response, by backend",
+            tallies.durations,
+        )
+        yield _histograms(
+            "ntonix_time_to_first_token_seconds",
+            "From the request's arrival to the first body byte of a successful response",
+            tallies.ttfts,
+        )
+        yield _counter(
+            "ntonix_response_chunks",
+            "Body chunks sent to clients, by backend",
+            ["backend"],
+            _one_label(tallies.chunks),
+        )
+        yield _counter(
+            "ntonix_response_bytes",
+            "Body bytes sent to clients, by backend",
+            ["backend"],
+            _one_label(tallies.bytes_out),
+        )
+        yield CounterMetricFamily(
+            "ntonix_request_bytes", "Request body bytes received", value=tallies.bytes_in
+        )
+        yield GaugeMetricFamily(
+            "ntonix_active_requests",
+            "Client API requests in progress (a streaming one is one open stream)",
+            value=tallies.active,
+        )
+        yield _counter(
+            "ntonix_client_disconnects",
+            "Clients that left before their response ended, by phase "
+            "(body, queue, first_byte, stream)",
+            ["phase"],
+            _one_label(tallies.disconnects),
+        )
+        yield CounterMetricFamily(
+            "ntonix_access_log_dropped_lines",
+            "Access log lines dropped because the log could not keep up",
+            value=self._sources.access_log_dropped(),
+        )
+
+    def _attempt_metrics(self) -> Iterator[Metric]:
+        tallies = self._sources.tallies
+        queue_wait = HistogramMetricFamily(
+            "ntonix_queue_wait_seconds",
+            "Time requests waited for a backend slot (only requests that had to wait)",
+        )
+        _add_histogram(queue_wait, [], tallies.queue_wait)
+        yield queue_wait
+        yield _counter(
+            "ntonix_upstream_attempts",
+            "Tries on a backend, by how they ended",
+            ["backend", "outcome"],
+            tallies.attempts.items(),
+        )
+        yield _counter(
+            "ntonix_retries",
+            "Failed tries that were retried on another backend, by the backend that failed",
+            ["backend"],
+            _one_label(tallies.retries),
+        )
+        yield _counter(
+            "ntonix_failovers",
+            "Requests answered by a backend after another had failed, by the one that answered",
+            ["backend"],
+            _one_label(tallies.failovers),
+        )
+        yield _counter(
+            "ntonix_upstream_cancellations",
+            "Upstream requests cancelled because their clients left",
+            ["backend"],
+            _one_label(tallies.cancellations),
+        )
 
     def _backend_metrics(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(
@@ -58,26 +159,33 @@ class GatewayCollector(Collector):
             "Moving average of the backend's time to first byte",
             labels=["backend"],
         )
-        for backend in self._backends():
+        for backend in self._sources.backends():
             for name in BREAKER_STATES:
                 state.add_metric([backend.name, name], 1.0 if backend.state == name else 0.0)
             in_flight.add_metric([backend.name], backend.in_flight)
             failures.add_metric([backend.name], backend.consecutive_failures)
             if backend.latency_ms is not None:
                 latency.add_metric([backend.name], backend.latency_ms / 1000)
+        yield from (state, in_flight, failures, latency)
+        yield _counter(
+            "ntonix_breaker_transitions",
+            "Circuit breaker state changes caused by outcomes (open -> half-open is the clock)",
+            ["backend", "from_state", "to_state"],
+            self._sources.transitions().items(),
+        )
         idle = GaugeMetricFamily(
             "ntonix_upstream_idle_connections", "Idle keep-alive connections", labels=["backend"]
         )
         opened = CounterMetricFamily(
             "ntonix_upstream_connections_opened", "Upstream connections opened", labels=["backend"]
         )
-        for name, pool in self._pools().items():
+        for name, pool in self._sources.pools().items():
             idle.add_metric([name], pool.idle)
             opened.add_metric([name], pool.opened)
-        yield from (state, in_flight, failures, latency, idle, opened)
+        yield from (idle, opened)
 
     def _cache_metrics(self) -> Iterator[Metric]:
-        stats = self._cache()
+        stats = self._sources.cache()
         if stats is None:
             return
         for name, value, help_text in (
@@ -91,14 +199,53 @@ class GatewayCollector(Collector):
             ("dropped_offers", stats.dropped_offers, "Responses not stored: the writer was behind"),
         ):
             yield CounterMetricFamily(f"ntonix_cache_{name}", help_text, value=value)
-        yield GaugeMetricFamily("ntonix_cache_entries", "Entries in the cache", value=stats.entries)
-        yield GaugeMetricFamily("ntonix_cache_bytes", "Bytes held by the cache", value=stats.bytes)
+        for name, value, help_text in (
+            ("entries", stats.entries, "Entries in the cache"),
+            ("bytes", stats.bytes, "Bytes held by the cache"),
+            ("max_entries", stats.max_entries, "The cache's max_entries setting"),
+            ("max_bytes", stats.max_bytes, "The cache's max_bytes setting"),
+        ):
+            yield GaugeMetricFamily(f"ntonix_cache_{name}", help_text, value=value)
         # Every hit and every follower is a request no backend had to serve.
         yield CounterMetricFamily(
             "ntonix_cache_backend_requests_saved",
             "Backend requests the cache saved (hits plus coalesced followers)",
             value=stats.hits + stats.coalesced,
         )
+
+
+def _counter(
+    name: str,
+    documentation: str,
+    labels: list[str],
+    samples: Iterable[tuple[tuple[str, ...], int]],
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, count in sorted(samples):
+        family.add_metric(list(values), count)
+    return family
+
+
+def _one_label(counter: Counter[str]) -> Iterator[tuple[tuple[str], int]]:
+    return (((key,), count) for key, count in counter.items())
+
+
+def _histograms(
+    name: str, documentation: str, by_backend: dict[str, Histogram]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=["backend"])
+    for backend, histogram in sorted(by_backend.items()):
+        _add_histogram(family, [backend], histogram)
+    return family
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
+    buckets = [(_bound(bound), count) for bound, count in histogram.cumulative()]
+    family.add_metric(labels, buckets, histogram.total)
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 def registry_for(collector: GatewayCollector) -> CollectorRegistry:

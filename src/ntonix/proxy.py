@@ -21,7 +21,7 @@ from ntonix.asgi import Receive, Scope, Send, header
 from ntonix.cache import ResponseCache, listen, replay
 from ntonix.config import Config
 from ntonix.core.balancer import affinity_key, make_strategy
-from ntonix.core.headers import client_response_headers, request_id_of, upstream_request_headers
+from ntonix.core.headers import client_response_headers, upstream_request_headers
 from ntonix.core.health import (
     HealthTable,
     Outcome,
@@ -32,11 +32,12 @@ from ntonix.core.health import (
 )
 from ntonix.core.keys import cache_key, cacheability, scope_for
 from ntonix.core.requests import ProxiedRequest, classify
+from ntonix.core.telemetry import RequestRecord, Tallies
 from ntonix.downstream import (
     ClientGone,
     Downstream,
     cancel_on_disconnect,
-    new_request_id,
+    client_left,
     read_body,
     too_large,
 )
@@ -55,9 +56,11 @@ class Proxy:
         pools: dict[str, BackendPool],
         health: HealthTable,
         cache: ResponseCache | None = None,
+        tallies: Tallies | None = None,
     ) -> None:
         self.health = health
         self.cache = cache
+        self.tallies = tallies or Tallies()
         self.admission = Admission()
         self._strategy_name = ""
         self.reconfigure(config, pools)
@@ -73,19 +76,25 @@ class Proxy:
             self._strategy_name = config.balancer.strategy
             self.strategy = make_strategy(config.balancer.strategy, random.Random())
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, record: RequestRecord
+    ) -> None:
         """Run one request through every phase; returns when the client has its answer."""
-        downstream = Downstream(send, request_id_of(scope["headers"]) or new_request_id())
+        downstream = Downstream(send, record)
         try:
             body = await self.accept(scope, receive)
+            record.bytes_in = len(body)
+            record.phase = "first_byte"
             request = classify(
                 scope["method"].encode(), scope["raw_path"], scope["query_string"], body
             )
         except ClientGone:
+            client_left(record, committed=False)
             return
         except GatewayError as error:
             await downstream.fail(error)
             return
+        record.model = request.model
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cancel_on_disconnect, receive, downstream, nursery.cancel_scope)
             try:
@@ -114,7 +123,7 @@ class Proxy:
         cacheable miss becomes a shared flight; anything else goes straight upstream."""
         cache = self.cache
         if cache is None:
-            await self.forward(scope, request, body, downstream)
+            await self.forward(scope, request, body, downstream, downstream.record)
             return
         plan = (
             cacheability(
@@ -128,8 +137,8 @@ class Proxy:
         )
         if plan is None or not (plan.lookup or plan.store):
             cache.bypass += 1
-            downstream.cache_label = b"bypass"
-            await self.forward(scope, request, body, downstream)
+            downstream.set_cache("bypass")
+            await self.forward(scope, request, body, downstream, downstream.record)
             return
         assert request.payload is not None
         key = cache_key(
@@ -140,45 +149,62 @@ class Proxy:
         )
         if plan.lookup:
             if (hit := cache.lookup(key)) is not None:
-                downstream.cache_label = b"hit"
+                downstream.set_cache("hit")
                 await replay(hit, downstream)
                 return
             if (flight := cache.joinable(key)) is not None:
-                downstream.cache_label = b"coalesced"
+                downstream.set_cache("coalesced")
                 await listen(flight, downstream)
                 return
-        downstream.cache_label = b"miss"
+        downstream.set_cache("miss")
+        # The flight outlives this client if others joined it: what it notes on this record
+        # after the client left is never read.
         flight = cache.start_flight(
             key,
             downstream.request_id,
             coalesce=plan.lookup,
             store=plan.store,
-            run=partial(self.forward, scope, request, body),
+            run=partial(self.forward, scope, request, body, record=downstream.record),
         )
         await listen(flight, downstream)
 
     async def forward(
-        self, scope: Scope, request: ProxiedRequest, body: bytes, downstream: ResponseSink
+        self,
+        scope: Scope,
+        request: ProxiedRequest,
+        body: bytes,
+        downstream: ResponseSink,
+        record: RequestRecord,
     ) -> None:
         """Phases pick upstream and admission, then tries on backends until one answers.
 
         A failure before commit moves on to another backend (never the same one twice), at
-        most `retries` times; after commit the stream is never replayed elsewhere.
+        most `retries` times; after commit the stream is never replayed elsewhere. `record`
+        is the client's (for a shared flight: its first client's).
         """
-        exchange = Exchange(scope, request, body, downstream)
+        exchange = Exchange(scope, request, body, downstream, record)
         if self._affinity and request.payload is not None:
             exchange.affinity = affinity_key(request.payload)
+        tallies = self.tallies
         last_error: GatewayError | None = None
+        failed = ""
         for attempt in range(self._settings.retries + 1):
             ticket = await self.admit(exchange, first=attempt == 0)
             if ticket is None:
                 break
+            if failed:
+                tallies.retries[failed] += 1
             exchange.tried.add(ticket.name)
+            record.retries = attempt
+            record.backend = ticket.name
             last_error = await self.attempt(
                 ticket, exchange, last=attempt == self._settings.retries
             )
             if last_error is None:
+                if failed:
+                    tallies.failovers[ticket.name] += 1
                 return
+            failed = ticket.name
         assert last_error is not None
         raise last_error
 
@@ -201,7 +227,10 @@ class Proxy:
                 return None
             raise self._no_route(model, now)
         deadline = now + self._settings.queue_timeout
+        exchange.record.phase = "queue"
         ticket = await self.admission.wait(try_admit, deadline, self._abandon)
+        exchange.record.phase = "first_byte"
+        self.tallies.queue_wait.observe(trio.current_time() - now)
         if ticket is None:
             raise GatewayError(
                 503,
@@ -310,6 +339,10 @@ class Proxy:
         finally:
             if connection is not None:
                 pool.checkin(connection)
+            tallies = self.tallies
+            tallies.attempts[(ticket.name, report.outcome.value)] += 1
+            if report.outcome is Outcome.CLIENT_DISCONNECTED:
+                tallies.cancellations[ticket.name] += 1
             self.health.end(
                 ticket,
                 report.outcome,
@@ -367,15 +400,30 @@ class ResponseSink(Protocol):
 class Exchange:
     """One client request on its way through the phases, whichever backend it ends up on."""
 
-    __slots__ = ("affinity", "body", "downstream", "method", "request", "scope", "tried")
+    __slots__ = (
+        "affinity",
+        "body",
+        "downstream",
+        "method",
+        "record",
+        "request",
+        "scope",
+        "tried",
+    )
 
     def __init__(
-        self, scope: Scope, request: ProxiedRequest, body: bytes, downstream: ResponseSink
+        self,
+        scope: Scope,
+        request: ProxiedRequest,
+        body: bytes,
+        downstream: ResponseSink,
+        record: RequestRecord,
     ) -> None:
         self.scope = scope
         self.request = request
         self.body = body
         self.downstream = downstream
+        self.record = record
         self.method = scope["method"].encode()
         self.tried: set[str] = set()
         self.affinity: str | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+from collections import Counter
 from collections.abc import Collection, Iterable
 from typing import Protocol
 
@@ -164,6 +165,8 @@ class HealthTable:
         self._alpha = latency_alpha
         self._ids = itertools.count(1)
         self._records: dict[str, _Record] = {}
+        # (backend, from state, to state) -> how often an outcome moved its breaker so.
+        self.transitions: Counter[tuple[str, str, str]] = Counter()
         self.reconcile(backends)
 
     @property
@@ -278,6 +281,8 @@ class HealthTable:
         verdict = verdict_of(outcome)
         event = _EVENTS.get((ticket.trial, verdict))  # an ordinary neutral outcome has none
         transition = None if event is None else record.breaker.apply(event, now)
+        if transition is not None:
+            self.transitions[(record.name, transition.before.value, transition.after.value)] += 1
         if verdict is Verdict.FAILED:
             record.last_error = error or outcome.value
         if outcome is Outcome.UPSTREAM_429:

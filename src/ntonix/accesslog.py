@@ -1,0 +1,119 @@
+"""The access log: one JSON line per client request, to stderr or a file.
+
+Lines are collected in memory and written a few times a second by a task of the supervisor,
+in a worker thread: a slow disk or a stderr pipe nobody drains must never stall the event
+loop that carries the streams. If the backlog grows past `MAX_BACKLOG`, lines are dropped and
+counted rather than held without bound.
+
+Never in a line: API keys, the query string (clients put keys there too), the prompt.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from typing import BinaryIO
+
+import trio
+
+from ntonix.core.telemetry import RequestRecord
+
+log = logging.getLogger("ntonix.accesslog")
+
+FLUSH_INTERVAL = 0.2  # seconds
+MAX_BACKLOG = 8 * 1024 * 1024  # bytes waiting to be written
+
+
+def access_line(record: RequestRecord, now: float) -> bytes:
+    ttft = record.first_byte_at
+    started = datetime.datetime.fromtimestamp(record.wall_time, datetime.UTC)
+    entry = {
+        "time": started.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "request_id": record.request_id.decode("latin-1"),
+        "client": record.client,
+        "method": record.method,
+        "path": record.path,
+        "model": record.model,
+        "backend": record.backend or None,
+        "status": record.status,
+        "cache": record.cache or None,
+        "outcome": record.outcome,
+        "error": record.error or None,
+        "retries": record.retries,
+        "ttfb_ms": None if ttft is None else round((ttft - record.started) * 1000, 3),
+        "duration_ms": round((now - record.started) * 1000, 3),
+        "bytes_in": record.bytes_in,
+        "bytes_out": record.bytes_out,
+    }
+    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+
+
+def open_target(target: str) -> BinaryIO | None:
+    """The stream for `access_log`: None for "off"; OSError if a file cannot be opened."""
+    if target == "off":
+        return None
+    if target == "stderr":
+        # Our own object on fd 2, so a thread can write it without touching sys.stderr's buffer.
+        return open(2, "wb", closefd=False)
+    return open(target, "ab")
+
+
+class AccessLog:
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._file = open_target(target)
+        self._retired: list[BinaryIO] = []  # replaced by a reload; closed after the next flush
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self.dropped = 0
+        self._writing = trio.Lock()
+
+    def write(self, record: RequestRecord, now: float) -> None:
+        if self._file is None:
+            return
+        line = access_line(record, now)
+        if self._pending_bytes + len(line) > MAX_BACKLOG:
+            self.dropped += 1
+            return
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+
+    def replace(self, target: str, file: BinaryIO | None) -> None:
+        """Log to `file` from now on (opened by the caller, so that a target that cannot be
+        opened refuses a reload before anything changes). A reload reopens a file target even
+        when its path is unchanged: that is how a rotated log is let go."""
+        old, self._file, self.target = self._file, file, target
+        if old is not None:
+            self._retired.append(old)
+
+    async def flush_forever(self) -> None:
+        while True:
+            await trio.sleep(FLUSH_INTERVAL)
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._writing:  # one batch at a time keeps the lines in order
+            batch = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_bytes = 0
+            retired, self._retired = self._retired, []
+            if self._file is None and not retired:
+                return
+            try:
+                await trio.to_thread.run_sync(_write, self._file, batch, retired)
+            except OSError as error:
+                log.error("access log %s: cannot write: %s", self.target, error)
+
+    async def close(self) -> None:
+        self.replace("off", None)
+        await self.flush()
+
+
+def _write(file: BinaryIO | None, data: bytes, retired: list[BinaryIO]) -> None:
+    for old in retired:
+        if old.fileno() != 2:  # stderr is not ours to close
+            old.close()
+    if file is not None and data:
+        file.write(data)
+        file.flush()

@@ -1,0 +1,65 @@
+"""The live dashboard: one self-contained HTML page and the websocket that feeds it.
+
+Invariants: a websocket connection is served by exactly one `stream_snapshots` call, which
+returns once the client has gone and leaves no task behind; the page loads nothing from
+anywhere but the gateway that served it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import cache
+from importlib import resources
+
+import trio
+
+from ntonix.asgi import Receive, Send
+
+
+@cache
+def page() -> bytes:
+    """The dashboard's HTML (dashboard.html, shipped inside the package), read once."""
+    return resources.files("ntonix").joinpath("dashboard.html").read_bytes()
+
+
+async def stream_snapshots(
+    receive: Receive,
+    send: Send,
+    snapshot: Callable[[], dict[str, object]],
+    interval: float = 1.0,
+) -> None:
+    """Serve one ASGI websocket: accept it, then send `snapshot()` as JSON at once and every
+    `interval` seconds until the client goes away.
+
+    Hypercorn reports a departed client only through `receive()` (its `send()` then discards
+    quietly), so a watcher task waits there while the sender loops; whichever ends first
+    cancels the other.
+    """
+    if (await receive())["type"] != "websocket.connect":
+        return  # the client left before the handshake reached us
+    await send({"type": "websocket.accept"})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_until_disconnect, receive, nursery.cancel_scope)
+        await _send_every(send, snapshot, interval)
+        nursery.cancel_scope.cancel()
+
+
+async def _until_disconnect(receive: Receive, done: trio.CancelScope) -> None:
+    # Whatever the client sends is ignored: the stream goes one way.
+    while (await receive())["type"] != "websocket.disconnect":
+        pass
+    done.cancel()
+
+
+async def _send_every(
+    send: Send, snapshot: Callable[[], dict[str, object]], interval: float
+) -> None:
+    """Returns only when sending fails: ASGI servers other than Hypercorn raise an OSError
+    (the spec's IOError) on a closed connection."""
+    while True:
+        try:
+            await send({"type": "websocket.send", "text": json.dumps(snapshot())})
+        except OSError:
+            return
+        await trio.sleep(interval)
