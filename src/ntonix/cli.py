@@ -1,13 +1,16 @@
-"""The `ntonix` command: serve, demo, check-config."""
+"""The `ntonix` command: serve, demo, check-config, status."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
+import httpx
 import trio
 
 from ntonix import __version__
@@ -19,6 +22,7 @@ from ntonix.config import (
 )
 from ntonix.demo import run_demo
 from ntonix.server import serve, serve_workers
+from ntonix.status_table import any_backend_usable, render_status
 from ntonix.tls import server_ssl_context
 
 
@@ -28,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request at INFO: a line per health probe (and per `ntonix status`).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     result: int = args.run(args)
     return result
 
@@ -57,6 +63,25 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
     check.set_defaults(run=lambda args: check_config_file(args.file, sys.stdout))
+
+    status = commands.add_parser("status", help="a running gateway's backends and cache")
+    status.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="the gateway (http://127.0.0.1:8000)"
+    )
+    status.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        default=os.environ.get("NTONIX_ADMIN_TOKEN", ""),
+        help="[auth] admin_token of the gateway (default: $NTONIX_ADMIN_TOKEN)",
+    )
+    status.add_argument(
+        "--cacert", metavar="FILE", help="CA bundle (PEM) to trust for an https gateway"
+    )
+    status.add_argument("--json", action="store_true", help="print the JSON as received")
+    status.add_argument(
+        "--timeout", metavar="S", type=float, default=5.0, help="seconds to wait (5)"
+    )
+    status.set_defaults(run=_status)
     return parser
 
 
@@ -95,6 +120,59 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     return _run(partial(run_demo, args.backends, args.port), "demo cannot start")
+
+
+def _status(args: argparse.Namespace) -> int:
+    """GET /ntonix/status and print it; exit 0 only when some backend can take traffic."""
+    verify: ssl.SSLContext | bool = True
+    if args.cacert:
+        try:
+            verify = ssl.create_default_context(cafile=args.cacert)
+        except OSError as error:  # ssl.SSLError is an OSError too
+            print(f"ntonix: cannot use --cacert {args.cacert}: {error}", file=sys.stderr)
+            return 1
+    headers = {"authorization": f"Bearer {args.admin_token}"} if args.admin_token else {}
+    try:
+        response = httpx.get(
+            args.url.rstrip("/") + "/ntonix/status",
+            headers=headers,
+            verify=verify,
+            timeout=args.timeout,
+        )
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
+        reason = str(error) or type(error).__name__  # timeouts can come without a message
+        print(f"ntonix: cannot reach the gateway at {args.url}: {reason}", file=sys.stderr)
+        return 1
+    if response.status_code == 401:
+        if args.admin_token:
+            print("ntonix: the gateway refused the admin token", file=sys.stderr)
+        else:
+            print(
+                "ntonix: the gateway requires its admin token: "
+                "give --admin-token or set NTONIX_ADMIN_TOKEN",
+                file=sys.stderr,
+            )
+        return 1
+    try:
+        status = response.json() if response.status_code == 200 else None
+    except ValueError:
+        status = None
+    if not isinstance(status, dict):
+        print(
+            f"ntonix: {args.url} answered {response.status_code} without a status: "
+            "is it an NTONIX gateway?",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(response.text)
+    else:
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        sys.stdout.write(render_status(status, colour=colour))
+    if not any_backend_usable(status):
+        print("ntonix: no backend can take traffic: every circuit is open", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(program: Callable[[], Awaitable[object]], failure: str) -> int:
