@@ -1,18 +1,56 @@
 """Sessions: tests, lint, bench, demo, certs. `nox -s tests` is the one command CI runs."""
 
+import os
+import shutil
 from pathlib import Path
 
 import nox
+import nox.command
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 
+# The dashboard's browser test drives the first of these it finds on PATH (tests/browser.py).
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The whole test suite over real sockets."""
+    """The whole test suite over real sockets; the dashboard test drives headless Chromium."""
+    install_chromium(session)
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs)
+
+
+def install_chromium(session: nox.Session) -> None:
+    """Debian's chromium package, when no browser is found. Without one the browser test is
+    skipped, so a failed install is a warning, not a failed session."""
+    if any(shutil.which(name) for name in BROWSERS):
+        return
+    apt_get = shutil.which("apt-get")
+    if apt_get is None:
+        session.warn("no chromium and no apt-get: the dashboard's browser test will be skipped")
+        return
+    # Never a password prompt: without root, sudo -n fails at once instead of asking.
+    command = [apt_get] if os.geteuid() == 0 else ["sudo", "-n", apt_get]
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.log("no chromium on PATH: installing Debian's chromium package")
+    try:
+        session.run(*command, "-qq", "update", external=True, silent=True, env=env)
+        session.run(
+            *command,
+            "-qq",
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "chromium",
+            external=True,
+            silent=True,
+            env=env,
+        )
+    except nox.command.CommandFailed:
+        session.warn("cannot install chromium: the dashboard's browser test will be skipped")
 
 
 @nox.session

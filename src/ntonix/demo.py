@@ -113,7 +113,8 @@ for ch in c.chat.completions.create(model="mock-llm", stream=True,
         messages=[{{"role": "user", "content": "Hello"}}]):
     print(ch.choices[0].delta.content or "", end="", flush=True)'
 
-Gateway status: curl {gateway_url}/ntonix/status
+Live dashboard: {gateway_url}/ntonix/dashboard
+Gateway status: ntonix status --url {gateway_url}  (or curl {gateway_url}/ntonix/status)
 Kill a backend and watch it leave and come back:
   kill -9 {first.process.pid}
   {restart} --name {first.name}
