@@ -1,34 +1,51 @@
-"""Serving the gateway with Hypercorn's trio worker, in-process or as N worker processes."""
+"""Serving the gateway: one worker in-process, or N worker processes on shared sockets.
+
+Both run `worker.serve_worker` (Hypercorn's HTTP machinery behind our capped listeners) on
+sockets bound here, through Hypercorn's bind parsing. With N workers the parent binds, spawns
+the workers, hands them the sockets and supervises: SIGINT or SIGTERM makes every worker drain
+and exit; SIGHUP is passed on to each (each reloads its config); a worker that exits stops the
+others, and the exit code is 1 if any failed.
+"""
 
 from __future__ import annotations
 
 import logging
+import logging.config
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
 import ssl
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, MutableSequence, Sequence
+from contextlib import suppress
+from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import cast
 
 import hypercorn.config
-import hypercorn.run
-import hypercorn.trio
 import trio
-from hypercorn.typing import Framework
+from hypercorn.typing import AppWrapper, Framework
+from hypercorn.utils import wrap_app
 
 from ntonix.app import Gateway
 from ntonix.config import Config
+from ntonix.listening import CLIENT_SEND_TIMEOUT, ConnectionSlots, set_send_timeout
 from ntonix.tls import server_ssl_context
+from ntonix.worker import serve_worker
+
+log = logging.getLogger("ntonix.server")
 
 # Pending connections the kernel queues for us: a burst of a thousand streams must not drop SYNs.
 LISTEN_BACKLOG = 4096
-# How long a client may leave sent data unacknowledged (or its receive window shut) before the
-# kernel aborts the connection. Hypercorn writes inside a shielded cancel scope and has no write
-# timeout, so without this a client that stops reading pins its handler (and its upstream) for
-# ever. Idle streams are not affected: the clock runs only while data waits to be delivered.
-# 0 leaves the kernel's default (no such timeout).
-CLIENT_SEND_TIMEOUT = 30.0
+# After a stop, how long past graceful_timeout the workers have for their lifespan shutdown and
+# exit before they are killed.
+WORKER_EXIT_MARGIN = 10.0
+# The signals the parent of N workers acts on (see serve_workers).
+_WORKER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # The worker processes log as `ntonix.cli.main` sets up the parent's logging.
 WORKER_LOGGING = {
@@ -37,25 +54,22 @@ WORKER_LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"level": "INFO", "handlers": ["stderr"]},
+    # httpx logs every request at INFO: a line per health probe.
+    "loggers": {"httpx": {"level": "WARNING"}},
 }
 
 
 class _Settings(hypercorn.config.Config):
     """Hypercorn's settings, plus the two things its own Config cannot express.
 
-    Both Hypercorn paths go through these two methods: `worker_serve` (one worker, in-process)
-    calls `create_sockets` and `create_ssl_context` itself, and `hypercorn.run.run` (N workers)
-    creates the sockets in the parent and each worker builds its SSL context after unpickling
-    this object. Overriding them is smaller than creating the sockets ourselves and handing
-    them over (`worker_serve(sockets=...)` for one worker, `fd://` binds for N), and keeps the
-    rest Hypercorn's: bind parsing (`unix:`, `fd://`, `[::1]:0`), SO_REUSEPORT for workers, the
-    `Running on ...` line with the real port.
+    Overriding `create_sockets` keeps Hypercorn's bind parsing (`unix:`, `fd://`, `[::1]:0`)
+    and adds our send timeout. The SSL context is built in each worker from the file names:
+    an SSLContext cannot be pickled to a spawned worker process, this object can.
     """
 
     send_timeout: float = CLIENT_SEND_TIMEOUT
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
-        # Built here rather than handed in: an SSLContext cannot be pickled to the workers.
         if self.certfile is None or self.keyfile is None:
             return None
         return server_ssl_context(self.certfile, self.keyfile)
@@ -63,15 +77,8 @@ class _Settings(hypercorn.config.Config):
     def create_sockets(self) -> hypercorn.config.Sockets:
         sockets = super().create_sockets()
         for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-            _set_send_timeout(sock, self.send_timeout)
+            set_send_timeout(sock, self.send_timeout)
         return sockets
-
-
-def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
-    """TCP_USER_TIMEOUT on a listening socket; the sockets it accepts inherit it (Linux)."""
-    if sys.platform != "linux" or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return  # a unix socket has no such timeout; other systems lack the option
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(seconds * 1000))
 
 
 def hypercorn_config(
@@ -98,6 +105,19 @@ def hypercorn_config(
     return settings
 
 
+def listening_sockets(settings: hypercorn.config.Config) -> hypercorn.config.Sockets:
+    """Bound and listening: a port in use fails here, before any worker starts."""
+    sockets = settings.create_sockets()
+    for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+        sock.listen(settings.backlog)
+    return sockets
+
+
+def _asgi(gateway: Gateway, settings: hypercorn.config.Config) -> AppWrapper:
+    # Gateway speaks plain-dict ASGI; Hypercorn's TypedDict signature is stricter than needed.
+    return wrap_app(cast("Framework", gateway), settings.wsgi_max_body_size, "asgi")
+
+
 async def serve(
     config: Config,
     binds: Sequence[str] = ("127.0.0.1:8000",),
@@ -117,10 +137,12 @@ async def serve(
     settings = hypercorn_config(
         config, binds, certfile=certfile, keyfile=keyfile, send_timeout=send_timeout
     )
-    await hypercorn.trio.serve(
-        # Gateway speaks plain-dict ASGI; Hypercorn's TypedDict signature is stricter than needed.
-        cast("Framework", Gateway(config, config_file=config_file)),
+    gateway = Gateway(config, config_file=config_file)
+    await serve_worker(
+        _asgi(gateway, settings),
         settings,
+        listening_sockets(settings),
+        ConnectionSlots(config.gateway.max_connections),
         shutdown_trigger=shutdown_trigger or wait_for_stop_signal,
         task_status=task_status,
     )
@@ -141,14 +163,148 @@ def serve_workers(
     certfile: str | None = None,
     keyfile: str | None = None,
 ) -> int:
-    """N worker processes on shared sockets, as the hypercorn command runs them."""
+    """N worker processes on shared sockets, holding max_connections client connections in
+    all. Returns the exit code: 0 after a stop, 1 if a worker failed."""
     settings = hypercorn_config(config, binds, certfile=certfile, keyfile=keyfile)
-    settings.workers = workers
-    settings.application_path = "ntonix:app"
-    # Workers are spawned, not forked: the parent's logging set-up does not reach them, and
-    # without a handler their INFO lines (`Running on ...` among them) would vanish. Hypercorn
-    # applies this in each worker when it creates its logger.
-    settings.logconfig_dict = WORKER_LOGGING
-    if config_path:
-        os.environ["NTONIX_CONFIG"] = os.path.abspath(config_path)
-    return hypercorn.run.run(settings)
+    try:
+        sockets = listening_sockets(settings)
+    except OSError as error:
+        print(f"ntonix: cannot serve on {', '.join(binds)}: {error}", file=sys.stderr)
+        return 1
+    # Spawned, not forked: a fork would copy whatever state and threads the parent holds.
+    spawn = multiprocessing.get_context("spawn")
+    stop_reader, stop_writer = spawn.Pipe(duplex=False)
+    # Each worker's count of open connections, in memory they all see: the cap is the total.
+    counts = spawn.RawArray("q", workers)
+    work = (settings, sockets, config, config_path, counts, stop_reader)
+    processes = [
+        spawn.Process(target=_worker_process, args=(*work, index), name=f"ntonix-worker-{index}")
+        for index in range(workers)
+    ]
+    # Ignored while the workers are spawned: they start with these ignored (an ignored
+    # disposition survives the spawn's exec, a handler would not) until their event loop
+    # handles them, so that a Ctrl-C while one is still importing prints no traceback and a
+    # SIGHUP does not kill it. `_supervise` then handles them here.
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _WORKER_SIGNALS}
+    try:
+        for process in processes:
+            process.start()
+        # The workers hold their own copies now. Once they have all stopped accepting, a client
+        # trying to connect is refused, rather than left in a backlog nobody reads.
+        for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+            sock.close()
+        stop_reader.close()
+        maximum = config.gateway.max_connections
+        log.info("%d workers: %d client connections at most in all", workers, maximum)
+        return _supervise(processes, stop_writer, settings.graceful_timeout)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _supervise(processes: Sequence[BaseProcess], stop: Connection, graceful_timeout: float) -> int:
+    """Wait for the workers: stop them all on SIGINT or SIGTERM, or when one of them exits;
+    pass SIGHUP on. Closing `stop` asks the workers to drain (their parent dying does too)."""
+    # The signal handlers do nothing: the wake-up descriptor carries the signal numbers to
+    # this loop, which acts outside any handler.
+    wakeup, wakeup_writer = socket.socketpair()
+    wakeup.setblocking(False)
+    wakeup_writer.setblocking(False)
+    for signum in _WORKER_SIGNALS:
+        signal.signal(signum, _noted)
+    previous_wakeup = signal.set_wakeup_fd(wakeup_writer.fileno())
+    running = list(processes)
+    failed = False
+    deadline: float | None = None
+
+    def stop_all(reason: str) -> float:
+        log.info("%s: the workers drain for up to %g s", reason, graceful_timeout)
+        stop.close()
+        return time.monotonic() + graceful_timeout + WORKER_EXIT_MARGIN
+
+    try:
+        while running:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            sentinels = [process.sentinel for process in running]
+            if not multiprocessing.connection.wait([wakeup, *sentinels], timeout):
+                log.error("workers still running long after the stop: killing them")
+                for process in running:
+                    process.kill()
+                    process.join()
+                return 1
+            for number in _signals_received(wakeup):
+                if number == signal.SIGHUP:
+                    for process in running:
+                        with suppress(ProcessLookupError):
+                            os.kill(cast(int, process.pid), signal.SIGHUP)
+                elif deadline is None:
+                    deadline = stop_all(signal.Signals(number).name)
+            for process in [process for process in running if process.exitcode is not None]:
+                running.remove(process)
+                process.join()
+                if process.exitcode != 0:
+                    log.error("%s failed (exit code %s)", process.name, process.exitcode)
+                    failed = True
+                if deadline is None:
+                    deadline = stop_all(f"{process.name} exited")
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        wakeup.close()
+        wakeup_writer.close()
+    return 1 if failed else 0
+
+
+def _noted(signum: int, frame: object) -> None:
+    """A handler that does nothing: installing it makes the wake-up descriptor see the signal."""
+
+
+def _signals_received(wakeup: socket.socket) -> list[int]:
+    """The numbers of the signals caught since the last call, one byte each."""
+    received = b""
+    with suppress(BlockingIOError):
+        while data := wakeup.recv(512):
+            received += data
+    return list(received)
+
+
+def _worker_process(
+    settings: hypercorn.config.Config,
+    sockets: hypercorn.config.Sockets,
+    config: Config,
+    config_file: str | None,
+    counts: MutableSequence[int],
+    stop: Connection,
+    index: int,
+) -> None:
+    """One spawned worker. Its SIGINT, SIGTERM and SIGHUP start ignored; it handles them once
+    it serves (SIGHUP through the gateway's reloader)."""
+    # Spawned, so the parent's logging set-up did not come along.
+    logging.config.dictConfig(WORKER_LOGGING)
+    gateway = Gateway(config, config_file=config_file)
+    # The parent closes the pipe to stop every worker (and the kernel does it if the parent
+    # dies); a Ctrl-C in a terminal reaches the workers too.
+    until_stopped = partial(
+        _first_of, partial(trio.lowlevel.wait_readable, stop), wait_for_stop_signal
+    )
+    trio.run(
+        partial(
+            serve_worker,
+            _asgi(gateway, settings),
+            settings,
+            sockets,
+            ConnectionSlots(config.gateway.max_connections, counts=counts, index=index),
+            shutdown_trigger=until_stopped,
+        )
+    )
+
+
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return when the first of `waits` returns."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait_then_stop(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(wait_then_stop, wait)

@@ -1,0 +1,118 @@
+"""One serving worker: Hypercorn's HTTP machinery behind our own listeners.
+
+Hypercorn's `worker_serve` builds its listeners itself and has no connection cap (and ASGI
+never sees connections), so this runs its parts ourselves: the lifespan, Hypercorn's TCPServer
+for each connection, and a `CappedListener` in front of every socket. The lifespan outlives the
+listeners: it starts before the first accept and shuts down after the drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import hypercorn.config
+import trio
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
+from hypercorn.utils import repr_socket_addr
+
+from ntonix.listening import CappedListener, ConnectionSlots
+
+log = logging.getLogger("ntonix.server")  # the `Running on` lines' logger, as it always was
+
+Listener = trio.SSLListener[trio.SocketStream] | CappedListener
+
+
+async def serve_worker(
+    app: AppWrapper,
+    settings: hypercorn.config.Config,
+    sockets: hypercorn.config.Sockets,
+    slots: ConnectionSlots,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]],
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `sockets` (listening already) until `shutdown_trigger` returns, then stop accepting
+    and let open connections finish for up to `settings.graceful_timeout`.
+
+    A connection is accepted only when `slots` has room. Reports the URLs it serves through
+    `task_status`. Closes the sockets.
+    """
+    all_sockets = [*sockets.secure_sockets, *sockets.insecure_sockets]
+    try:
+        state: LifespanState = {}
+        lifespan = Lifespan(app, settings, state)
+        context = WorkerContext(max_requests=None)
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            listeners, urls = _listeners(settings, sockets, slots)
+            tcp_server = partial(_TCPServer, app, settings, context, ConnectionState(state.copy()))
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            slots.holding(tcp_server),
+                            listeners,
+                            handler_nursery=connections,
+                        )
+                    )
+                    for url in urls:
+                        log.info("Running on %s (CTRL + C to quit)", url)
+                    task_status.started(urls)
+                    await shutdown_trigger()
+                    accepting.cancel_scope.cancel()  # closes the listeners
+                # Hypercorn closes idle keep-alive connections, and each busy one after its
+                # current request, once the worker is terminated.
+                await context.terminated.set()
+                connections.cancel_scope.deadline = trio.current_time() + settings.graceful_timeout
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
+    finally:
+        for sock in all_sockets:
+            sock.close()
+
+
+class _TCPServer(TCPServer):
+    """Hypercorn's handler of one connection, ending as soon as the client has closed it.
+
+    Hypercorn 0.18 sees the end of a kept-alive connection that is idle (between requests) but
+    then waits for its keep-alive timer (5 s) before the handler ends: the socket, and its slot
+    of max_connections, would stay taken that long after every such close.
+    """
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The client has closed (or the read failed): there is no next request to wait for.
+        await self.idle_task.stop()
+
+
+def _listeners(
+    settings: hypercorn.config.Config,
+    sockets: hypercorn.config.Sockets,
+    slots: ConnectionSlots,
+) -> tuple[list[Listener], list[str]]:
+    listeners: list[Listener] = []
+    urls = []
+    if sockets.secure_sockets:
+        # The cap sits below TLS: a refused connection costs no handshake.
+        ssl_context = settings.create_ssl_context()
+        assert ssl_context is not None  # Hypercorn makes secure sockets only with a certificate
+        for sock in sockets.secure_sockets:
+            capped = CappedListener(sock, slots)
+            listeners.append(trio.SSLListener(capped, ssl_context, https_compatible=True))
+            urls.append(f"https://{_address(sock)}")
+    for sock in sockets.insecure_sockets:
+        listeners.append(CappedListener(sock, slots))
+        urls.append(f"http://{_address(sock)}")
+    return listeners, urls
+
+
+def _address(sock: socket.socket) -> str:
+    return repr_socket_addr(sock.family, sock.getsockname())
