@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -118,7 +121,12 @@ async def test_stream_snapshots_sends_one_at_once_then_one_per_interval_until_di
     with trio.fail_after(60):  # virtual seconds: a stream that never ends fails, not hangs
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                dashboard.stream_snapshots, socket.receive, socket.send, counting_snapshot(), 2.0
+                dashboard.stream_snapshots,
+                socket.receive,
+                socket.send,
+                counting_snapshot(),
+                trio.Event(),
+                2.0,
             )
             await trio.sleep(5.0)
             await socket.incoming.send({"type": "websocket.receive", "text": "ignored"})
@@ -140,7 +148,12 @@ async def test_stream_snapshots_returns_when_sending_fails(
     with trio.fail_after(60):  # virtual seconds: a stream that never ends fails, not hangs
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
-                dashboard.stream_snapshots, socket.receive, socket.send, counting_snapshot(), 1.0
+                dashboard.stream_snapshots,
+                socket.receive,
+                socket.send,
+                counting_snapshot(),
+                trio.Event(),
+                1.0,
             )
             await trio.sleep(1.5)
             socket.broken = True
@@ -152,8 +165,42 @@ async def test_stream_snapshots_never_accepts_a_client_gone_before_the_handshake
     socket = FakeWebsocket.open()
     await socket.incoming.send({"type": "websocket.disconnect", "code": 1006})
     with trio.fail_after(1):
-        await dashboard.stream_snapshots(socket.receive, socket.send, counting_snapshot())
+        await dashboard.stream_snapshots(
+            socket.receive, socket.send, counting_snapshot(), trio.Event()
+        )
     assert socket.sent == []
+
+
+async def test_stream_snapshots_closes_going_away_when_the_server_stops(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    socket = FakeWebsocket.open()
+    await socket.incoming.send({"type": "websocket.connect"})
+    stopping = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                dashboard.stream_snapshots,
+                socket.receive,
+                socket.send,
+                counting_snapshot(),
+                stopping,
+                1.0,
+            )
+            await trio.sleep(1.5)
+            stopping.set()
+    assert [m["type"] for _, m in socket.sent] == [
+        "websocket.accept",
+        "websocket.send",
+        "websocket.send",
+        "websocket.close",
+    ]
+    assert socket.sent[-1] == (1.5, {"type": "websocket.close", "code": 1001})
+    # A page that reconnects while the server drains is turned away at once.
+    late = FakeWebsocket.open()
+    await late.incoming.send({"type": "websocket.connect"})
+    await dashboard.stream_snapshots(late.receive, late.send, counting_snapshot(), stopping)
+    assert [m for _, m in late.sent] == [{"type": "websocket.close", "code": 1001}]
 
 
 def test_the_page_ships_inside_the_package() -> None:
@@ -384,3 +431,35 @@ async def test_a_killed_backend_turns_open_in_the_browser_within_3_s(
         background.cancel_scope.cancel()
 
     print(f"gamma's row turned {state} {changed_after:.2f} s after the kill; see {SCREENSHOT}")
+
+
+async def test_an_open_dashboard_does_not_hold_up_a_shutdown(
+    tmp_path: Path, start_mock: StartMock, spawn: Spawn
+) -> None:
+    """SIGTERM: the feed closes "going away" at once, so the drain does not wait for the page
+    (graceful_timeout here is 30 s)."""
+    mock = await start_mock()
+    config = tmp_path / "ntonix.toml"
+    config.write_text(f'[[backends]]\nname = "m"\nurl = "{mock.url}"\n')
+    gateway = await spawn(
+        sys.executable,
+        "-m",
+        "ntonix.cli",
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+        "--config",
+        str(config),
+    )
+    url = (await gateway.wait_for(rb"Running on (http://127\.0\.0\.1:\d+)")).group(1).decode()
+    async with open_websocket_url(feed_url(url)) as socket:
+        await socket.get_message()
+        started = time.monotonic()
+        gateway.process.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await socket.get_message()
+    assert closed.value.reason.code == 1001
+    with trio.fail_after(20):
+        assert await gateway.process.wait() == 0
+    assert time.monotonic() - started < 10

@@ -31,6 +31,7 @@ from ntonix.core.requests import is_proxied
 from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
 from ntonix.downstream import new_request_id
 from ntonix.errors import GatewayError, client_error
+from ntonix.listening import set_send_timeout_on_listening_sockets
 from ntonix.metrics import GatewayCollector, Sources, exposition, registry_for
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
@@ -59,6 +60,9 @@ class Gateway:
         self.tallies = Tallies()
         self.recent = RecentWindow()
         self.access_log = AccessLog("off")
+        # Set when the server stops accepting (`ntonix serve` says so; the plain hypercorn
+        # command cannot): open dashboards then close, rather than hold up the drain.
+        self.stopping = trio.Event()
 
     @property
     def config(self) -> Config:
@@ -87,7 +91,7 @@ class Gateway:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif scope["path"] == "/ntonix/dashboard/ws" and self._admin_allowed(scope):
-            await dashboard.stream_snapshots(receive, send, self.live_status)
+            await dashboard.stream_snapshots(receive, send, self.live_status, self.stopping)
         else:
             # Closing before accepting makes the server refuse the handshake (HTTP 403).
             await send({"type": "websocket.close", "code": 1008})
@@ -475,8 +479,6 @@ def config_for_hypercorn_command() -> Config:
     hypercorn.config.Config.graceful_timeout = config.gateway.graceful_timeout
     # Hypercorn bound its listening sockets (in its parent, before spawning this worker)
     # without the send timeout `ntonix serve` sets on its own: set it on them here.
-    from ntonix.listening import set_send_timeout_on_listening_sockets
-
     set_send_timeout_on_listening_sockets()
     return config
 

@@ -7,6 +7,7 @@ anywhere but the gateway that served it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from functools import cache
@@ -27,22 +28,39 @@ async def stream_snapshots(
     receive: Receive,
     send: Send,
     snapshot: Callable[[], dict[str, object]],
+    stopping: trio.Event,
     interval: float = 1.0,
 ) -> None:
     """Serve one ASGI websocket: accept it, then send `snapshot()` as JSON at once and every
-    `interval` seconds until the client goes away.
+    `interval` seconds until the client goes away or `stopping` is set (the server is shutting
+    down: the page is told "going away" and reconnects later, instead of holding up the drain).
 
     Hypercorn reports a departed client only through `receive()` (its `send()` then discards
     quietly), so a watcher task waits there while the sender loops; whichever ends first
-    cancels the other.
+    cancels the others.
     """
     if (await receive())["type"] != "websocket.connect":
         return  # the client left before the handshake reached us
+    if stopping.is_set():
+        await send({"type": "websocket.close", "code": GOING_AWAY})
+        return
     await send({"type": "websocket.accept"})
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_until_disconnect, receive, nursery.cancel_scope)
+        nursery.start_soon(_close_when_stopping, stopping, send, nursery.cancel_scope)
         await _send_every(send, snapshot, interval)
         nursery.cancel_scope.cancel()
+
+
+GOING_AWAY = 1001  # RFC 6455: the server is going down
+
+
+async def _close_when_stopping(stopping: trio.Event, send: Send, done: trio.CancelScope) -> None:
+    await stopping.wait()
+    # Cancel first: a snapshot must not follow the close.
+    done.cancel()
+    with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+        await send({"type": "websocket.close", "code": GOING_AWAY})
 
 
 async def _until_disconnect(receive: Receive, done: trio.CancelScope) -> None:

@@ -143,9 +143,21 @@ async def serve(
         settings,
         listening_sockets(settings),
         ConnectionSlots(config.gateway.max_connections),
-        shutdown_trigger=shutdown_trigger or wait_for_stop_signal,
+        shutdown_trigger=_telling(gateway, shutdown_trigger or wait_for_stop_signal),
         task_status=task_status,
     )
+
+
+def _telling(
+    gateway: Gateway, trigger: Callable[[], Awaitable[object]]
+) -> Callable[[], Awaitable[None]]:
+    """`trigger`, then the gateway is told that the server stops accepting and drains."""
+
+    async def wait() -> None:
+        await trigger()
+        gateway.stopping.set()
+
+    return wait
 
 
 async def wait_for_stop_signal() -> None:
@@ -293,7 +305,7 @@ def _worker_process(
             settings,
             sockets,
             ConnectionSlots(config.gateway.max_connections, counts=counts, index=index),
-            shutdown_trigger=until_stopped,
+            shutdown_trigger=_telling(gateway, until_stopped),
         )
     )
 
