@@ -1,11 +1,11 @@
 """`python -m bench [--quick] [--only a,b,c,d,e,f,g] [--workers 1,2] [--profile]`
 
 Starts lean mocks, then for each worker count a fresh gateway in front of them, runs the
-scenarios (each straight at the mocks, or at the framework floor for (f), and through the
-gateway, alternating), then (g), the response cache, on gateways of its own (cache off, then
-on), and prints the Markdown report, also written to bench/results/latest.md (plus
-latest.json). Progress goes to stderr. Every subprocess is stopped on the way out, whether the
-run ends, fails or is interrupted.
+scenarios (each straight at the mocks and through the gateway, alternating; (b) and (c) at the
+framework floor too, and (f) at the floor instead of the mocks), then (g), the response cache,
+on gateways of its own (cache off, then on), and prints the Markdown report, also written to
+bench/results/latest.md (plus latest.json). Progress goes to stderr. Every subprocess is
+stopped on the way out, whether the run ends, fails or is interrupted.
 """
 
 from __future__ import annotations

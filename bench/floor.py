@@ -1,17 +1,29 @@
-"""The framework floor of scenario (f): `python -m bench.floor --bind HOST:PORT`.
+"""The framework floor of scenarios (f), (b) and (c): `python -m bench.floor --bind HOST:PORT`.
 
-A minimal ASGI app served exactly as `ntonix serve` serves the gateway with one worker (the same
-`hypercorn_config`, `hypercorn.trio.serve` in `trio.run`, one process), so that its CPU per
-request is what Hypercorn and Trio cost before the gateway does anything. It reads each request's
-body, as the gateway must, and answers with a fixed JSON body the size of the mock's non-streaming
-chat completion (8 tokens), so that the bytes on the wire match (a).
+A minimal ASGI app served by Hypercorn's own `hypercorn.trio.serve` in `trio.run`, one process,
+with the gateway's `hypercorn_config`, so that what it costs is what Hypercorn and Trio cost
+before the gateway does anything. (`ntonix serve` runs Hypercorn's TCPServer behind listeners of
+its own, which cap connections: that cap is the gateway's code, so the floor leaves it out.) It
+reads each request's body, as the gateway must, then:
+- a body that says `"stream": true` gets the mock's SSE stream for that request (same headers,
+  events and delays, `x-mock-tokens`, `x-mock-ttft` and `x-mock-token-delay` honoured, the mock's
+  defaults otherwise), so that (b) and (c) can run at the floor in place of gateway and mocks;
+- any other request gets a fixed JSON body the size of the mock's non-streaming chat completion
+  (8 tokens), so that the bytes on the wire match (a).
+
+Invariant: a request costs no JSON and no per-token work; every answer is built before it is
+needed (a stream once per set of timing headers, by the mock's own code), so the floor only
+sleeps and sends. It does not watch for clients that leave: none do in the scenarios it serves.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
@@ -19,6 +31,9 @@ import trio
 from hypercorn.trio import serve
 from hypercorn.typing import Framework
 
+from mocks.answers import answer
+from mocks.options import MockOptions
+from mocks.replies import Request
 from ntonix.config import Config, GatewaySettings
 from ntonix.server import hypercorn_config, wait_for_stop_signal
 
@@ -45,8 +60,64 @@ BODY = json.dumps(
 ).encode()
 HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
 
+# The request headers that shape a stream, as Hypercorn hands them over (lowercase bytes).
+TIMING_HEADERS = frozenset({b"x-mock-tokens", b"x-mock-ttft", b"x-mock-token-delay"})
+# How the bench's bodies (json.dumps) and compact JSON spell a streaming request: a substring
+# test instead of a JSON parse, since parsing is the gateway's own work, not the framework's.
+STREAM_FLAGS = (b'"stream": true', b'"stream":true')
+_STREAM_REQUEST_BODY = json.dumps(
+    {"model": "mock-llm", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+).encode()
+
+Timing = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One SSE answer as ASGI messages, each with the seconds to wait before sending it."""
+
+    start: Message
+    bodies: tuple[tuple[float, Message], ...]
+
+
+def build_stream(options: MockOptions, timing: Timing) -> Stream:
+    """The mock's reply to a streaming chat completion with these timing headers."""
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in timing}
+    request = Request("POST", "/v1/chat/completions", headers, _STREAM_REQUEST_BODY)
+    # Seeded: the words (and so the event sizes) are one of the mock's samples, the same each run.
+    reply = answer(request, options, now=time.time(), rng=random.Random(0))
+    start = {
+        "type": "http.response.start",
+        "status": reply.status,
+        "headers": [(name.encode(), value.encode()) for name, value in reply.headers],
+    }
+    last = len(reply.chunks) - 1
+    bodies = tuple(
+        (
+            chunk.delay,
+            {"type": "http.response.body", "body": chunk.data, "more_body": index < last},
+        )
+        for index, chunk in enumerate(reply.chunks)
+    )
+    return Stream(start, bodies)
+
+
+class Streams:
+    """Every stream the floor has answered, by timing headers: each is built on first use."""
+
+    def __init__(self, options: MockOptions) -> None:
+        self._options = options
+        self._built: dict[Timing, Stream] = {}
+
+    def get(self, timing: Timing) -> Stream:
+        stream = self._built.get(timing)
+        if stream is None:
+            stream = self._built[timing] = build_stream(self._options, timing)
+        return stream
+
 
 async def app(
+    streams: Streams,
     scope: Message,
     receive: Callable[[], Awaitable[Message]],
     send: Callable[[Message], Awaitable[None]],
@@ -62,12 +133,23 @@ async def app(
     if scope["type"] != "http":
         return
     # The whole body first: the gateway reads it before it picks a backend.
+    body = b""
     while True:
         message = await receive()
+        body += message.get("body", b"")
         if message["type"] != "http.request" or not message.get("more_body", False):
             break
-    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-    await send({"type": "http.response.body", "body": BODY})
+    if not any(flag in body for flag in STREAM_FLAGS):
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await send({"type": "http.response.body", "body": BODY})
+        return
+    stream = streams.get(tuple(h for h in scope["headers"] if h[0] in TIMING_HEADERS))
+    # The mock sends its head with the first event, which a chat stream sends at once.
+    await send(stream.start)
+    for delay, message in stream.bodies:
+        if delay:
+            await trio.sleep(delay)
+        await send(message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     # The bench's gateway config has graceful_timeout 5 too; no backends, none are called.
     config = Config(backends=(), gateway=GatewaySettings(graceful_timeout=5.0))
     settings = hypercorn_config(config, [args.bind])
+    # The mock's defaults, as `python -m mocks.llm` has them; the name says who answered.
+    streams = Streams(MockOptions(name="floor"))
     trio.run(
         partial(
             serve,
-            cast("Framework", app),
+            cast("Framework", partial(app, streams)),
             settings,
             shutdown_trigger=wait_for_stop_signal,
+            mode="asgi",  # a partial: say what it is rather than have Hypercorn inspect it
         )
     )
     return 0

@@ -41,7 +41,22 @@ def _cpu(cpu: dict[str, float], roles: Iterable[str] = CPU_ROLES) -> list[str]:
     # people's test runs show up here).
     measured = sum(percent for role, percent in cpu.items() if role != "machine")
     shown = {**cpu, "others": max(cpu.get("machine", math.nan) - measured, 0.0)}
-    return [f"{shown.get(role, math.nan):.0f}%" for role in roles]
+    return ["-" if role not in shown else f"{shown[role]:.0f}%" for role in roles]
+
+
+# Runs at the floor and through the gateway side by side: the server's CPU in one column.
+_SERVER_ROLES = ("server", "mocks", "load", "others", "machine")
+
+
+def _server_cpu(server: str, cpu: dict[str, float]) -> list[str]:
+    """`cpu` with the role named `server` (gateway or floor) shown as "server"; a direct run
+    has none, its servers are the mocks."""
+    renamed = {("server" if role == server else role): percent for role, percent in cpu.items()}
+    return _cpu(renamed, _SERVER_ROLES)
+
+
+def _server_cpu_header() -> list[str]:
+    return [f"CPU {role}" for role in _SERVER_ROLES]
 
 
 def _us(value: float) -> str:
@@ -103,9 +118,6 @@ def _throughput(results: Results) -> list[str]:
     return _table(header, rows)
 
 
-_FLOOR_ROLES = ("server", "mocks", "load", "others", "machine")
-
-
 def _floor(results: Results) -> list[str]:
     summary = []
     rows = []
@@ -140,8 +152,8 @@ def _floor(results: Results) -> list[str]:
     )
     lines += [
         "The floor is a minimal ASGI app (reads the body, answers a fixed 8-token completion) "
-        "served exactly as the gateway is, by Hypercorn's trio worker in one process: its rate "
-        "is the most any Hypercorn app can do per worker on this machine, so the "
+        "served with the gateway's Hypercorn settings by Hypercorn's trio worker in one "
+        "process: its rate is the most any Hypercorn app can do per worker on this machine, so the "
         f">= {TARGET_RATE:,} req/s per worker target cannot be met while the floor itself is "
         "below it, and gateway minus floor CPU per request is the share of the gateway's own "
         "code (the median over the pairs). Medians of "
@@ -150,7 +162,7 @@ def _floor(results: Results) -> list[str]:
         "",
     ]
     header = ["workers", "repeat", "server", "req/s", "p50 ms", "p99 ms", "errors", "CPU µs/req"]
-    lines += _table([*header, *(f"CPU {role}" for role in _FLOOR_ROLES)], rows)
+    lines += _table([*header, *_server_cpu_header()], rows)
     return lines
 
 
@@ -160,8 +172,6 @@ def _latencies(runs: list[Throughput]) -> str:
 
 
 def _floor_run(server: str, run: Throughput) -> list[str]:
-    # The server's CPU sits under its own role name; show it in one "server" column.
-    cpu = {("server" if role == server else role): percent for role, percent in run.cpu.items()}
     return [
         server,
         f"{run.rate:,.0f}",
@@ -169,7 +179,7 @@ def _floor_run(server: str, run: Throughput) -> list[str]:
         _ms(run.p99_ms),
         str(run.errors),
         _us(run.cpu_us(server)),
-        *_cpu(cpu, _FLOOR_ROLES),
+        *_server_cpu(server, run.cpu),
     ]
 
 
@@ -180,55 +190,65 @@ def _cpu_header() -> list[str]:
 def _burst(results: Results) -> list[str]:
     rows = []
     for workers, result in sorted(results.burst.items()):
-        for index, (direct, gateway) in enumerate(result.pairs):
-            rows.append(
-                [
-                    workers,
-                    index + 1,
-                    _ms(direct.ttft_p50_ms),
-                    _ms(direct.ttft_p99_ms),
-                    _ms(gateway.ttft_p50_ms),
-                    _ms(gateway.ttft_p99_ms),
-                    f"{gateway.ttft_p50_ms - direct.ttft_p50_ms:+.1f}",
-                    f"{gateway.ttft_p99_ms - direct.ttft_p99_ms:+.1f}",
-                    direct.total - direct.ok + gateway.total - gateway.ok,
-                    *_cpu(gateway.cpu),
-                ]
-            )
-        rows.append(
-            [
-                workers,
-                "**median**",
-                "",
-                "",
-                "",
-                "",
-                f"**{result.added_p50_ms:+.1f}**",
-                f"**{result.added_p99_ms:+.1f}**",
-                result.errors,
-                *_NO_CPU,
-            ]
+        for index, repeat in enumerate(result.repeats):
+            direct = repeat.direct
+            for path, run in (
+                ("direct", direct),
+                ("floor", repeat.floor),
+                ("gateway", repeat.gateway),
+            ):
+                vs_direct = path != "direct"
+                rows.append(
+                    [
+                        workers,
+                        index + 1,
+                        path,
+                        _ms(run.ttft_p50_ms),
+                        _ms(run.ttft_p99_ms),
+                        f"{run.ttft_p50_ms - direct.ttft_p50_ms:+.1f}" if vs_direct else "",
+                        f"{run.ttft_p99_ms - direct.ttft_p99_ms:+.1f}" if vs_direct else "",
+                        run.total - run.ok,
+                        *_server_cpu(path, run.cpu),
+                    ]
+                )
+        medians = (
+            ("floor - direct", result.floor_added_p50_ms, result.floor_added_p99_ms),
+            ("gateway - direct", result.added_p50_ms, result.added_p99_ms),
+            ("gateway - floor", result.own_p50_ms, result.own_p99_ms),
         )
+        for label, p50, p99 in medians:
+            medians_shown = [f"**{p50:+.1f}**", f"**{p99:+.1f}**"]
+            rows.append([workers, "**median**", label, "", "", *medians_shown, "", *_NO_CPU])
+    lines = [
+        "Each repeat sends the same burst straight at the mocks (*direct*), at the framework "
+        "floor of (f) (*floor*: a bare Hypercorn app, one process, that plays the mock's stream "
+        "itself: same events, sizes and delays) and through the gateway, in turn. *added* is "
+        "the run's TTFT minus the same repeat's direct TTFT: for the floor, what Hypercorn and "
+        "Trio alone add to a burst like this, whatever the app; gateway minus floor is the "
+        "gateway's own share, the part a change to its code can win back. The floor is one "
+        "process: set it against one worker. *CPU server*: the gateway or the floor.",
+        "",
+    ]
     header = [
         "workers",
         "repeat",
-        "direct p50",
-        "direct p99",
-        "gateway p50",
-        "gateway p99",
+        "path",
+        "TTFT p50",
+        "TTFT p99",
         "added p50",
         "added p99",
         "errors",
-        *(f"{h} (gateway run)" for h in _cpu_header()),
+        *_server_cpu_header(),
     ]
-    return _table(header, rows)
+    return lines + _table(header, rows)
 
 
 def _slow(results: Results) -> list[str]:
     rows = []
     memory = []
     for workers, result in sorted(results.slow.items()):
-        for path, run in (("direct", result.direct), ("gateway", result.gateway)):
+        runs = (("direct", result.direct), ("gateway", result.gateway), ("floor", result.floor))
+        for path, run in runs:
             rows.append(
                 [
                     workers,
@@ -237,7 +257,7 @@ def _slow(results: Results) -> list[str]:
                     _errors(run),
                     _ms(run.ttft_p50_ms),
                     _ms(run.ttft_p99_ms),
-                    *_cpu(run.cpu),
+                    *_server_cpu(path, run.cpu),
                 ]
             )
         memory.append(
@@ -250,8 +270,14 @@ def _slow(results: Results) -> list[str]:
                 f"{result.worker_peak_kib / 1024:.1f}",
             ]
         )
+    lines = [
+        "*floor*: the framework floor of (f) playing the mock's slow stream itself, with one "
+        "worker's share of the streams (it is one process): its TTFT is what Hypercorn and Trio "
+        "alone give that many streams opened at once. *CPU server*: the gateway or the floor.",
+        "",
+    ]
     header = ["workers", "path", "complete", "errors", "TTFT p50 ms", "TTFT p99 ms"]
-    lines = _table([*header, *_cpu_header()], rows)
+    lines += _table([*header, *_server_cpu_header()], rows)
     lines += _table(
         [
             "workers",
@@ -526,7 +552,7 @@ def render(results: Results, info: dict[str, str], command: str, workers: list[i
         "",
         "CPU columns: percent of one core over the scenario "
         f"({os.cpu_count()} cores = {100 * (os.cpu_count() or 1)}%). *others* is the machine's "
-        "busy time minus gateway (or the floor of (f)), mocks and load generator: the kernel's "
+        "busy time minus gateway (or the framework floor), mocks and load generator: the kernel's "
         "loopback work and anything else running on this shared machine; a large figure there "
         "means that run was disturbed. CPU µs/req: the server's user plus system CPU time "
         "(/proc/PID/stat) over the measurement window, per request completed in it.",

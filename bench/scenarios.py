@@ -1,5 +1,7 @@
 """Scenarios (a) to (d): each runs the same load straight at the mocks and through the gateway;
-(f) runs (a)'s load at a minimal app on the gateway's Hypercorn setup instead of the mocks.
+(f) runs (a)'s load at the framework floor (a minimal app on the gateway's Hypercorn setup),
+and (b) and (c) run their streams at the floor too, so that each shows what Hypercorn and Trio
+alone cost next to what the gateway costs.
 
 Invariants: a scenario leaves no stream open behind it (the load processes have exited), every
 figure comes with the CPU that gateway, mocks and load generator used meanwhile (percent of one
@@ -17,7 +19,7 @@ from typing import Any
 
 from bench.drive import StreamsLoad, run_requests, run_streams
 from bench.load import LoadSpec
-from bench.procs import CpuMeter, Gateway, Mock, Processes, memory_kib, start_floor
+from bench.procs import CpuMeter, Floor, Gateway, Mock, Processes, memory_kib, start_floor
 from bench.stats import median, percentile
 
 CHAT = {"model": "mock-llm", "messages": [{"role": "user", "content": "Tell me a story"}]}
@@ -36,7 +38,7 @@ class Sizes:
     throughput_repeats: int = 3  # (a) direct/gateway pairs; the median is reported
     request_processes: int = 2  # (a) load processes
     burst: int = 100  # (b) concurrent streams
-    burst_repeats: int = 5  # (b) direct/gateway pairs; the median difference is reported
+    burst_repeats: int = 5  # (b) direct/floor/gateway rounds; median differences are reported
     slow_streams_per_worker: int = 1000  # (c)
     slow_tokens: int = 20  # (c) at 0.5 s each: 2 tokens/s
     stream_processes: int = 2  # (c) load processes
@@ -75,8 +77,15 @@ class Bench:
     def through_gateway(self) -> list[Address]:
         return [("127.0.0.1", self.gateway.port)]
 
+    def at_floor(self, floor: Floor) -> list[Address]:
+        return [("127.0.0.1", floor.port)]
+
     def meter(self) -> CpuMeter:
         return CpuMeter({"gateway": self.gateway.pids(), "mocks": [m.pid for m in self.mocks]})
+
+    def floor_meter(self, floor: Floor) -> CpuMeter:
+        # The mocks stay in the meter: idle here, they show that nothing else was relayed.
+        return CpuMeter({"floor": [floor.process.pid], "mocks": [m.pid for m in self.mocks]})
 
     def reset_mocks(self) -> None:
         for mock in self.mocks:
@@ -248,10 +257,8 @@ def framework_floor(bench: Bench) -> FloorResult:
     try:
         pairs = []
         for repeat in range(bench.sizes.throughput_repeats):
-            # The mocks stay in the meter: idle here, they show that nothing else was relayed.
-            meter = CpuMeter({"floor": [floor.process.pid], "mocks": [m.pid for m in bench.mocks]})
             floored = measure_throughput(
-                bench, [("127.0.0.1", floor.port)], f"f{repeat}-floor", meter
+                bench, bench.at_floor(floor), f"f{repeat}-floor", bench.floor_meter(floor)
             )
             gateway = measure_throughput(bench, bench.through_gateway(), f"f{repeat}-gateway")
             pairs.append((floored, gateway))
@@ -284,7 +291,9 @@ def _streams(
     hangup_after: int = 0,
     timeout: float = 30.0,
     every: Callable[[], None] | None = None,
+    meter: CpuMeter | None = None,
 ) -> tuple[StreamRun, StreamsLoad]:
+    """`count` streams at `targets`; `meter` (default: gateway and mocks) runs meanwhile."""
     spec = LoadSpec(
         mode="streams",
         targets=targets,
@@ -296,7 +305,7 @@ def _streams(
         timeout=timeout,
         id_prefix=f"{label}-{time.time_ns()}",
     )
-    meter = bench.meter()
+    meter = meter or bench.meter()
     load = run_streams(bench.processes, spec, processes, on_start=meter.start, every=every)
     meter.stop()
     ttfts = [s.ttft for s in load.streams if s.ttft is not None]
@@ -317,37 +326,75 @@ BURST_HEADERS = {"x-mock-ttft": "0.05", "x-mock-tokens": "20", "x-mock-token-del
 
 
 @dataclass
-class BurstResult:
-    pairs: list[tuple[StreamRun, StreamRun]]  # (direct, gateway), one per repeat
+class BurstRepeat:
+    """One repeat of (b): the same burst straight at the mocks, at the floor, via the gateway."""
 
-    def _median(self, pick: Callable[[StreamRun, StreamRun], float]) -> float:
-        return median([pick(direct, gateway) for direct, gateway in self.pairs])
+    direct: StreamRun
+    floor: StreamRun
+    gateway: StreamRun
+
+
+@dataclass
+class BurstResult:
+    repeats: list[BurstRepeat]
+
+    def _median(self, pick: Callable[[BurstRepeat], float]) -> float:
+        return median([pick(repeat) for repeat in self.repeats])
 
     @property
     def added_p50_ms(self) -> float:
-        return self._median(lambda d, g: g.ttft_p50_ms - d.ttft_p50_ms)
+        """Median over the repeats of gateway minus direct TTFT p50."""
+        return self._median(lambda r: r.gateway.ttft_p50_ms - r.direct.ttft_p50_ms)
 
     @property
     def added_p99_ms(self) -> float:
-        return self._median(lambda d, g: g.ttft_p99_ms - d.ttft_p99_ms)
+        return self._median(lambda r: r.gateway.ttft_p99_ms - r.direct.ttft_p99_ms)
 
     @property
-    def errors(self) -> int:
-        return sum(d.total - d.ok + g.total - g.ok for d, g in self.pairs)
+    def floor_added_p50_ms(self) -> float:
+        """Median over the repeats of floor minus direct TTFT p50: Hypercorn and Trio alone."""
+        return self._median(lambda r: r.floor.ttft_p50_ms - r.direct.ttft_p50_ms)
+
+    @property
+    def floor_added_p99_ms(self) -> float:
+        return self._median(lambda r: r.floor.ttft_p99_ms - r.direct.ttft_p99_ms)
+
+    @property
+    def own_p50_ms(self) -> float:
+        """Median over the repeats of gateway minus floor TTFT p50: the gateway's own share."""
+        return self._median(lambda r: r.gateway.ttft_p50_ms - r.floor.ttft_p50_ms)
+
+    @property
+    def own_p99_ms(self) -> float:
+        return self._median(lambda r: r.gateway.ttft_p99_ms - r.floor.ttft_p99_ms)
+
+
+def _burst_run(
+    bench: Bench, targets: list[Address], label: str, meter: CpuMeter | None = None
+) -> StreamRun:
+    run, _ = _streams(
+        bench, targets, label, count=bench.sizes.burst, headers=BURST_HEADERS, meter=meter
+    )
+    return run
 
 
 def burst(bench: Bench) -> BurstResult:
-    """(b) 100 streams at once, straight and through the gateway, alternating per repeat."""
-    pairs = []
-    for repeat in range(bench.sizes.burst_repeats):
-        runs = [
-            _streams(
-                bench, targets, f"b{repeat}-{label}", count=bench.sizes.burst, headers=BURST_HEADERS
-            )[0]
-            for label, targets in (("direct", bench.direct()), ("gateway", bench.through_gateway()))
-        ]
-        pairs.append((runs[0], runs[1]))
-    return BurstResult(pairs)
+    """(b) 100 streams at once: straight at the mocks, at the floor (started for the scenario)
+    and through the gateway, in turn per repeat, so that a neighbour's burst of CPU hits all
+    three alike."""
+    floor = start_floor(bench.processes)
+    try:
+        repeats = []
+        for repeat in range(bench.sizes.burst_repeats):
+            direct = _burst_run(bench, bench.direct(), f"b{repeat}-direct")
+            floored = _burst_run(
+                bench, bench.at_floor(floor), f"b{repeat}-floor", bench.floor_meter(floor)
+            )
+            gateway = _burst_run(bench, bench.through_gateway(), f"b{repeat}-gateway")
+            repeats.append(BurstRepeat(direct, floored, gateway))
+    finally:
+        bench.processes.stop(floor.process)
+    return BurstResult(repeats)
 
 
 # --- (c) many slow streams, and the gateway's memory per stream ------------------------------
@@ -358,6 +405,7 @@ class SlowStreamsResult:
     streams: int
     direct: StreamRun
     gateway: StreamRun
+    floor: StreamRun  # the floor is one process: one worker's streams, whatever the count
     idle_rss_kib: int  # the gateway's processes together, warmed up, no streams
     open_rss_kib: int  # the largest sample while every stream was open at the mocks
     all_open_seen: bool  # False: no sample saw every stream open; open_rss_kib is the largest
@@ -373,20 +421,44 @@ def _gateway_rss(gateway: Gateway) -> int:
     return sum(memory_kib(pid)["VmRSS"] for pid in gateway.pids())
 
 
+# Lazily imported modules and first allocations must count neither as per-stream memory nor
+# against the first streams' TTFT.
+SLOW_WARM_UP = {"x-mock-ttft": "0", "x-mock-tokens": "3", "x-mock-token-delay": "0"}
+
+
+def _slow_run(
+    bench: Bench,
+    targets: list[Address],
+    label: str,
+    count: int,
+    *,
+    meter: CpuMeter | None = None,
+    every: Callable[[], None] | None = None,
+) -> StreamRun:
+    """`count` streams of `slow_tokens` tokens at 2 tokens/s, opened at once."""
+    tokens = bench.sizes.slow_tokens
+    headers = {"x-mock-ttft": "0.05", "x-mock-tokens": str(tokens), "x-mock-token-delay": "0.5"}
+    run, _ = _streams(
+        bench,
+        targets,
+        label,
+        count=count,
+        headers=headers,
+        processes=bench.sizes.stream_processes,
+        timeout=0.5 * tokens + 30,
+        every=every,
+        meter=meter,
+    )
+    return run
+
+
 def slow_streams(bench: Bench) -> SlowStreamsResult:
     """(c) 1,000 streams per worker at 2 tokens/s; run first, on a fresh gateway, so that the
-    idle memory is a clean baseline."""
+    idle memory is a clean baseline. Then one worker's share of them at the floor (started for
+    the scenario), then the gateway's count straight at the mocks."""
     sizes = bench.sizes
     count = sizes.slow_streams_per_worker * bench.gateway.workers
-    headers = {
-        "x-mock-ttft": "0.05",
-        "x-mock-tokens": str(sizes.slow_tokens),
-        "x-mock-token-delay": "0.5",
-    }
-    timeout = 0.5 * sizes.slow_tokens + 30
-    # Warm-up: lazily imported modules and first allocations must not count as per-stream cost.
-    warm = {"x-mock-ttft": "0", "x-mock-tokens": "3", "x-mock-token-delay": "0"}
-    _streams(bench, bench.through_gateway(), "c-warm", count=20, headers=warm)
+    _streams(bench, bench.through_gateway(), "c-warm", count=20, headers=SLOW_WARM_UP)
     time.sleep(0.5)
     idle = _gateway_rss(bench.gateway)
 
@@ -395,32 +467,29 @@ def slow_streams(bench: Bench) -> SlowStreamsResult:
     def sample() -> None:
         samples.append((_gateway_rss(bench.gateway), bench.mocks_active()))
 
-    gateway, _ = _streams(
-        bench,
-        bench.through_gateway(),
-        "c-gateway",
-        count=count,
-        headers=headers,
-        processes=sizes.stream_processes,
-        timeout=timeout,
-        every=sample,
-    )
+    gateway = _slow_run(bench, bench.through_gateway(), "c-gateway", count, every=sample)
     full = [rss for rss, active in samples if active >= count]
     pids = bench.gateway.worker_pids() if bench.gateway.workers > 1 else bench.gateway.pids()
     peaks = [memory_kib(pid)["VmHWM"] for pid in pids]
-    direct, _ = _streams(
-        bench,
-        bench.direct(),
-        "c-direct",
-        count=count,
-        headers=headers,
-        processes=sizes.stream_processes,
-        timeout=timeout,
-    )
+    floor = start_floor(bench.processes)
+    try:
+        at_floor = bench.at_floor(floor)
+        _streams(bench, at_floor, "c-floor-warm", count=20, headers=SLOW_WARM_UP)
+        floored = _slow_run(
+            bench,
+            at_floor,
+            "c-floor",
+            sizes.slow_streams_per_worker,
+            meter=bench.floor_meter(floor),
+        )
+    finally:
+        bench.processes.stop(floor.process)
+    direct = _slow_run(bench, bench.direct(), "c-direct", count)
     return SlowStreamsResult(
         streams=count,
         direct=direct,
         gateway=gateway,
+        floor=floored,
         idle_rss_kib=idle,
         open_rss_kib=max(full or [rss for rss, _ in samples] or [idle]),
         all_open_seen=bool(full),
