@@ -11,7 +11,9 @@ from typing import Any
 import httpx
 import trio
 
+from ntonix.accesslog import access_line
 from ntonix.config import AuthSettings, BackendSettings, Config, GatewaySettings, LogSettings
+from ntonix.core.telemetry import RequestRecord
 from ntonix.server import serve
 from tests.conftest import StartGatewayWith, StartMock
 from tests.support import RawClient, Spawn, chat, wait_until
@@ -160,3 +162,23 @@ async def test_the_log_goes_to_stderr_by_default(
     entry = json.loads(line.group(0))
     assert entry["request_id"] == response.headers["x-request-id"]
     assert entry["status"] == 200
+
+
+def test_a_line_is_compact_json_with_a_utc_millisecond_time() -> None:
+    record = RequestRecord(
+        started=100.0,
+        wall_time=1_795_773_249.0423,
+        request_id=b"abc",
+        client="10.0.0.7",
+        method="POST",
+        path='/v1/"odd"\npath',
+        cache="",
+    )
+    record.status, record.first_byte_at = 200, 100.0125
+    line = access_line(record, now=100.5)
+    assert line.endswith(b"}\n") and b" " not in line
+    entry = json.loads(line)
+    assert entry["time"] == "2026-11-27T09:54:09.042Z"
+    assert entry["path"] == '/v1/"odd"\npath'
+    assert (entry["ttfb_ms"], entry["duration_ms"]) == (12.5, 500.0)
+    assert entry["cache"] is None and entry["backend"] is None
