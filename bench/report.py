@@ -532,6 +532,9 @@ def _profiles(profiles: dict[int, Profile]) -> list[str]:
             f"Gateway under the load of (a), {workers} worker(s), {profile.samples:,} samples "
             "(a separate run: py-spy slows the gateway down, the figures above are unprofiled).",
             "",
+            f"Per-request metrics and access log: **{profile.telemetry:.1f}%** of the samples "
+            "(budget: 5%).",
+            "",
         ]
         lines += _table(["own time", "function"], [[f"{p:.1f}%", f] for p, f in profile.own])
         lines += _table(
