@@ -533,7 +533,7 @@ def _profiles(profiles: dict[int, Profile]) -> list[str]:
             "(a separate run: py-spy slows the gateway down, the figures above are unprofiled).",
             "",
             f"Per-request metrics and access log: **{profile.telemetry:.1f}%** of the samples "
-            "(budget: 5%).",
+            "in which the gateway worked (budget: 5%; a thread waiting for work is not work).",
             "",
         ]
         lines += _table(["own time", "function"], [[f"{p:.1f}%", f] for p, f in profile.own])
