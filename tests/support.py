@@ -279,6 +279,19 @@ class MockProcess:
         return result
 
 
+SERVE = (PYTHON, "-m", "ntonix.cli", "serve", "--bind", "127.0.0.1:0")
+RUNNING_ON = rb"Running on (http://127\.0\.0\.1:\d+)"
+
+
+async def spawn_serve(spawn: Spawn, tmp_path: Path, backend_url: str) -> tuple[ChildProcess, str]:
+    """`ntonix serve` in its own process, with one backend and every other key at its default
+    (the access log on stderr, graceful_timeout 30 s); the child and the gateway's URL."""
+    config = tmp_path / "ntonix.toml"
+    config.write_text(f'[[backends]]\nname = "m"\nurl = "{backend_url}"\n')
+    gateway = await spawn(*SERVE, "--config", str(config))
+    return gateway, (await gateway.wait_for(RUNNING_ON)).group(1).decode()
+
+
 async def spawn_mock(spawn: Spawn, name: str, *options: str, port: int = 0) -> MockProcess:
     """A lean mock backend in its own process (so that it can be killed); port 0 picks one."""
     child = await spawn(

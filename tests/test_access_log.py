@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from ntonix.config import AuthSettings, BackendSettings, Config, GatewaySettings
 from ntonix.core.telemetry import RequestRecord
 from ntonix.server import serve
 from tests.conftest import StartGatewayWith, StartMock
-from tests.support import RawClient, Spawn, chat, wait_until
+from tests.support import RawClient, Spawn, chat, spawn_serve, wait_until
 
 FIELDS = {
     "time",
@@ -143,19 +142,7 @@ async def test_the_log_goes_to_stderr_by_default(
     tmp_path: Path, start_mock: StartMock, spawn: Spawn
 ) -> None:
     mock = await start_mock()
-    config = tmp_path / "ntonix.toml"
-    config.write_text(f'[[backends]]\nname = "m"\nurl = "{mock.url}"\n')
-    gateway = await spawn(
-        sys.executable,
-        "-m",
-        "ntonix.cli",
-        "serve",
-        "--bind",
-        "127.0.0.1:0",
-        "--config",
-        str(config),
-    )
-    url = (await gateway.wait_for(rb"Running on (http://127\.0\.0\.1:\d+)")).group(1).decode()
+    gateway, url = await spawn_serve(spawn, tmp_path, mock.url)
     async with httpx.AsyncClient() as client:
         response = await client.post(f"{url}/v1/chat/completions", json=chat())
     line = await gateway.wait_for(rb'\{"time":[^\n]*"path":"/v1/chat/completions"[^\n]*\}\n')

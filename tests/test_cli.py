@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from tests.conftest import RunningMock, StartMock
-from tests.support import Spawn, chat
+from tests.support import RUNNING_ON, SERVE, Spawn, chat
 
 PYTHON = sys.executable
 
@@ -27,9 +27,7 @@ def _config(tmp_path: Path, mock: RunningMock, **gateway: float) -> Path:
     return path
 
 
-SERVE = [PYTHON, "-m", "ntonix.cli", "serve", "--bind", "127.0.0.1:0"]
 HYPERCORN = [PYTHON, "-m", "hypercorn", "--worker-class", "trio", "--bind", "127.0.0.1:0"]
-RUNNING_ON = rb"Running on (http://127\.0\.0\.1:\d+)"
 
 
 @pytest.mark.parametrize("command", ["serve", "hypercorn"])

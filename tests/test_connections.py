@@ -13,12 +13,10 @@ import re
 import signal
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import attrs
 import httpx
@@ -33,7 +31,7 @@ from ntonix.listening import (
 )
 from ntonix.server import serve
 from tests.conftest import RunningMock, StartMock
-from tests.support import PYTHON, REPO_ROOT, ChildProcess, Spawn, backend, chat, gateway_config
+from tests.support import PYTHON, ChildProcess, Spawn, backend, chat, gateway_config
 
 # A refused client must know within this (it takes about a millisecond); a hang would last
 # until the test's end.
@@ -265,30 +263,10 @@ def test_workers_sharing_their_counts_are_capped_together() -> None:
 
 
 @pytest.fixture
-async def spawn_job(nursery: trio.Nursery) -> AsyncIterator[Spawn]:
-    """Like the `spawn` fixture, but each child leads its own process group, as a shell's job
-    does: a signal to the group reaches the workers too, as Ctrl-C in a terminal does. Extra
-    keywords go to `open_process` (pass_fds, say)."""
-    children: list[ChildProcess] = []
-
-    async def start(*args: str, env: dict[str, str] | None = None, **options: Any) -> ChildProcess:
-        process = await trio.lowlevel.open_process(
-            list(args),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            cwd=REPO_ROOT,
-            start_new_session=True,
-            **options,
-        )
-        child = ChildProcess(process)
-        children.append(child)
-        nursery.start_soon(child.collect)
-        return child
-
-    yield start
-    for child in children:
-        await child.stop(signal.SIGTERM, timeout=5)
+def spawn_job(spawn: Spawn) -> Spawn:
+    """Like `spawn`, but each child leads its own process group, as a shell's job does: a
+    signal to the group reaches the workers too, as Ctrl-C in a terminal does."""
+    return partial(spawn, start_new_session=True)
 
 
 def _config_file(tmp_path: Path, mock: RunningMock, **gateway: float) -> Path:

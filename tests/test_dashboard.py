@@ -12,7 +12,6 @@ import contextlib
 import json
 import re
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from tests.support import (
     closed_port_url,
     gateway_config,
     spawn_mock,
+    spawn_serve,
 )
 
 TOKEN = "dashboard-secret"
@@ -439,19 +439,7 @@ async def test_an_open_dashboard_does_not_hold_up_a_shutdown(
     """SIGTERM: the feed closes "going away" at once, so the drain does not wait for the page
     (graceful_timeout here is 30 s)."""
     mock = await start_mock()
-    config = tmp_path / "ntonix.toml"
-    config.write_text(f'[[backends]]\nname = "m"\nurl = "{mock.url}"\n')
-    gateway = await spawn(
-        sys.executable,
-        "-m",
-        "ntonix.cli",
-        "serve",
-        "--bind",
-        "127.0.0.1:0",
-        "--config",
-        str(config),
-    )
-    url = (await gateway.wait_for(rb"Running on (http://127\.0\.0\.1:\d+)")).group(1).decode()
+    gateway, url = await spawn_serve(spawn, tmp_path, mock.url)
     async with open_websocket_url(feed_url(url)) as socket:
         await socket.get_message()
         started = time.monotonic()
