@@ -14,7 +14,7 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,26 +113,36 @@ def counting_snapshot() -> Callable[[], dict[str, object]]:
     return snapshot
 
 
-async def test_stream_snapshots_sends_one_at_once_then_one_per_interval_until_disconnect(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    socket = FakeWebsocket.open()
+@contextlib.asynccontextmanager
+async def feeding(
+    socket: FakeWebsocket, *, interval: float, stopping: trio.Event | None = None
+) -> AsyncIterator[None]:
+    """stream_snapshots serving `socket` (connected) while the with-block runs; the block must
+    make it return. Virtual seconds: a feed that never ends fails the test, not hangs it."""
     await socket.incoming.send({"type": "websocket.connect"})
-    with trio.fail_after(60):  # virtual seconds: a stream that never ends fails, not hangs
+    with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 dashboard.stream_snapshots,
                 socket.receive,
                 socket.send,
                 counting_snapshot(),
-                trio.Event(),
-                2.0,
+                trio.Event() if stopping is None else stopping,
+                interval,
             )
-            await trio.sleep(5.0)
-            await socket.incoming.send({"type": "websocket.receive", "text": "ignored"})
-            await trio.sleep(0.5)
-            await socket.incoming.send({"type": "websocket.disconnect", "code": 1006})
-    # The nursery is done: stream_snapshots returned, and with it every task it started.
+            yield
+
+
+async def test_stream_snapshots_sends_one_at_once_then_one_per_interval_until_disconnect(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    socket = FakeWebsocket.open()
+    async with feeding(socket, interval=2.0):
+        await trio.sleep(5.0)
+        await socket.incoming.send({"type": "websocket.receive", "text": "ignored"})
+        await trio.sleep(0.5)
+        await socket.incoming.send({"type": "websocket.disconnect", "code": 1006})
+    # The block is done: stream_snapshots returned, and with it every task it started.
     assert socket.sent[0] == (0.0, {"type": "websocket.accept"})
     snapshots = socket.sent[1:]
     assert [at for at, _ in snapshots] == [0.0, 2.0, 4.0]
@@ -144,19 +154,9 @@ async def test_stream_snapshots_returns_when_sending_fails(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     socket = FakeWebsocket.open()
-    await socket.incoming.send({"type": "websocket.connect"})
-    with trio.fail_after(60):  # virtual seconds: a stream that never ends fails, not hangs
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                dashboard.stream_snapshots,
-                socket.receive,
-                socket.send,
-                counting_snapshot(),
-                trio.Event(),
-                1.0,
-            )
-            await trio.sleep(1.5)
-            socket.broken = True
+    async with feeding(socket, interval=1.0):
+        await trio.sleep(1.5)
+        socket.broken = True
     assert len(socket.sent) == 3  # accept, then the snapshots at 0 s and 1 s
     assert trio.current_time() == 2.0
 
@@ -175,20 +175,10 @@ async def test_stream_snapshots_closes_going_away_when_the_server_stops(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     socket = FakeWebsocket.open()
-    await socket.incoming.send({"type": "websocket.connect"})
     stopping = trio.Event()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                dashboard.stream_snapshots,
-                socket.receive,
-                socket.send,
-                counting_snapshot(),
-                stopping,
-                1.0,
-            )
-            await trio.sleep(1.5)
-            stopping.set()
+    async with feeding(socket, interval=1.0, stopping=stopping):
+        await trio.sleep(1.5)
+        stopping.set()
     assert [m["type"] for _, m in socket.sent] == [
         "websocket.accept",
         "websocket.send",

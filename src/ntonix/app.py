@@ -503,10 +503,7 @@ def recording(send: Send, record: RequestRecord) -> Send:
         else:
             body = cast(bytes, message.get("body", b""))
             if body:
-                if record.first_byte_at is None:
-                    record.first_byte_at = trio.current_time()
-                record.bytes_out += len(body)
-                record.chunks += 1
+                record.note_body(len(body), trio.current_time)
         await send(message)
 
     return send_and_note

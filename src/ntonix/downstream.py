@@ -32,7 +32,6 @@ class Downstream:
 
     __slots__ = (
         "_send",
-        "cache_label",
         "committed",
         "finished",
         "kind",
@@ -45,15 +44,10 @@ class Downstream:
         self._send = send
         self.record = record
         self.request_id = record.request_id
-        self.cache_label = b""
         self.committed = False
         self.finished = False
         self.kind = StreamKind.OTHER
         self.tail = b""
-
-    def set_cache(self, label: str) -> None:
-        self.cache_label = label.encode()
-        self.record.cache = label
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Commit: status and headers, plus the gateway's own for this request."""
@@ -64,9 +58,7 @@ class Downstream:
             if name == b"x-ntonix-backend":  # also on a response shared with a coalesced flight
                 record.backend = value.decode("latin-1")
         self.kind = stream_kind(headers)
-        headers.append((b"x-request-id", self.request_id))
-        if self.cache_label:
-            headers.append((b"x-ntonix-cache", self.cache_label))
+        headers += self._own_headers()
         if self.kind is StreamKind.SSE:
             # An nginx in front must not buffer the stream either.
             headers.append((b"x-accel-buffering", b"no"))
@@ -76,11 +68,7 @@ class Downstream:
     async def write(self, data: bytes, *, more: bool) -> None:
         if data:
             self.tail = data[-4:]
-            record = self.record
-            if record.first_byte_at is None:
-                record.first_byte_at = trio.current_time()
-            record.bytes_out += len(data)
-            record.chunks += 1
+            self.record.note_body(len(data), trio.current_time)
         # Set before the send: Hypercorn reports the end of a response as a disconnect from
         # inside this very send, and that one must not cancel Hypercorn's own bookkeeping.
         self.finished = not more
@@ -95,13 +83,9 @@ class Downstream:
             self.finished = True  # as in `write`: the end of this send is no disconnect
             record.status = error.status
             record.outcome = "error"
-            headers = [*error.headers(), (b"x-request-id", self.request_id)]
-            if self.cache_label:
-                headers.append((b"x-ntonix-cache", self.cache_label))
             body = error.body()
-            record.bytes_out += len(body)
-            record.chunks += 1
-            await send_body(self._send, error.status, body, headers)
+            record.note_body(len(body), trio.current_time)
+            await send_body(self._send, error.status, body, error.headers() + self._own_headers())
             return
         record.outcome = "stream_error"
         frame = stream_error_frame(self.kind, self.tail, error.payload())
@@ -109,6 +93,13 @@ class Downstream:
             await self.write(frame, more=False)
         # Else return without ending the body: Hypercorn then closes the connection mid-body,
         # which every HTTP client reports as an error.
+
+    def _own_headers(self) -> list[tuple[bytes, bytes]]:
+        """x-request-id, and while the cache is on, what it did for this request."""
+        headers = [(b"x-request-id", self.request_id)]
+        if self.record.cache != "off":
+            headers.append((b"x-ntonix-cache", self.record.cache.encode()))
+        return headers
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:

@@ -137,7 +137,7 @@ class Proxy:
         )
         if plan is None or not (plan.lookup or plan.store):
             cache.bypass += 1
-            downstream.set_cache("bypass")
+            downstream.record.cache = "bypass"
             await self.forward(scope, request, body, downstream, downstream.record)
             return
         assert request.payload is not None
@@ -149,14 +149,14 @@ class Proxy:
         )
         if plan.lookup:
             if (hit := cache.lookup(key)) is not None:
-                downstream.set_cache("hit")
+                downstream.record.cache = "hit"
                 await replay(hit, downstream)
                 return
             if (flight := cache.joinable(key)) is not None:
-                downstream.set_cache("coalesced")
+                downstream.record.cache = "coalesced"
                 await listen(flight, downstream)
                 return
-        downstream.set_cache("miss")
+        downstream.record.cache = "miss"
         # The flight outlives this client if others joined it: what it notes on this record
         # after the client left is never read.
         flight = cache.start_flight(

@@ -12,6 +12,7 @@ import bisect
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 
 import attrs
 
@@ -102,6 +103,13 @@ class RequestRecord:
         self.bytes_out = 0
         self.chunks = 0
 
+    def note_body(self, size: int, clock: Callable[[], float]) -> None:
+        """A body chunk of `size` bytes went to the client; `clock` is read for the first."""
+        if self.first_byte_at is None:
+            self.first_byte_at = clock()
+        self.bytes_out += size
+        self.chunks += 1
+
     def ttft(self) -> float | None:
         """Seconds from arrival to the first body byte sent, for a successful answer."""
         if self.first_byte_at is None or not 200 <= self.status < 400:
@@ -135,17 +143,13 @@ class Histogram:
         return buckets
 
 
-def _histograms() -> dict[str, Histogram]:
-    return {}
-
-
 @attrs.define
 class Tallies:
     """Every counter of /metrics that requests and attempts feed (the rest are snapshots)."""
 
     requests: Counter[tuple[str, str, str, str]] = attrs.field(factory=Counter)
-    durations: dict[str, Histogram] = attrs.field(factory=_histograms)
-    ttfts: dict[str, Histogram] = attrs.field(factory=_histograms)
+    durations: dict[str, Histogram] = attrs.field(factory=dict)
+    ttfts: dict[str, Histogram] = attrs.field(factory=dict)
     chunks: Counter[str] = attrs.field(factory=Counter)
     bytes_out: Counter[str] = attrs.field(factory=Counter)
     bytes_in: int = 0
