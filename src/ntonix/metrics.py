@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,6 +28,9 @@ from ntonix.core.health import BackendSnapshot
 from ntonix.core.telemetry import Histogram, Tallies
 from ntonix.upstream import PoolStatistics
 
+if TYPE_CHECKING:
+    from ntonix.tier import TierStatistics
+
 BREAKER_STATES = ("closed", "open", "half-open")
 
 
@@ -40,6 +44,7 @@ class Sources:
     transitions: Callable[[], Counter[tuple[str, str, str]]]
     access_log_dropped: Callable[[], int]
     tallies: Tallies
+    shared: Callable[[], TierStatistics | None] = lambda: None
 
 
 class GatewayCollector(Collector):
@@ -53,6 +58,7 @@ class GatewayCollector(Collector):
         yield from self._attempt_metrics()
         yield from self._backend_metrics()
         yield from self._cache_metrics()
+        yield from self._shared_metrics()
 
     def _request_metrics(self) -> Iterator[Metric]:
         tallies = self._sources.tallies
@@ -212,6 +218,22 @@ class GatewayCollector(Collector):
             "Backend requests the cache saved (hits plus coalesced followers)",
             value=stats.hits + stats.coalesced,
         )
+
+    def _shared_metrics(self) -> Iterator[Metric]:
+        stats = self._sources.shared()
+        if stats is None:
+            return
+        yield GaugeMetricFamily(
+            "ntonix_shared_tier_up",
+            "1 while the shared tier (Valkey) is used, 0 while its breaker keeps it out",
+            value=1.0 if stats.up else 0.0,
+        )
+        for name, value, help_text in (
+            ("calls", stats.calls, "Calls made to the shared tier"),
+            ("failures", stats.failures, "Shared tier calls that failed or outran the budget"),
+            ("skipped", stats.skipped, "Shared tier calls not made while it was down"),
+        ):
+            yield CounterMetricFamily(f"ntonix_shared_tier_{name}", help_text, value=value)
 
 
 def _counter(

@@ -33,6 +33,7 @@ from hypercorn.utils import wrap_app
 
 from ntonix.app import Gateway
 from ntonix.config import Config
+from ntonix.embedded import EmbeddedValkey, with_tier_url
 from ntonix.listening import CLIENT_SEND_TIMEOUT, ConnectionSlots, set_send_timeout
 from ntonix.tls import server_ssl_context
 from ntonix.worker import serve_worker
@@ -132,20 +133,29 @@ async def serve(
     """Serve until `shutdown_trigger` returns (default: SIGINT or SIGTERM), then drain for up
     to `graceful_timeout`.
 
-    Reports the bound URLs (port 0 becomes the real port) through `task_status`.
+    Reports the bound URLs (port 0 becomes the real port) through `task_status`. With
+    `[shared] url = "embedded"`, a private valkey-server runs until the drain is over.
     """
     settings = hypercorn_config(
         config, binds, certfile=certfile, keyfile=keyfile, send_timeout=send_timeout
     )
-    gateway = Gateway(config, config_file=config_file)
-    await serve_worker(
-        _asgi(gateway, settings),
-        settings,
-        listening_sockets(settings),
-        ConnectionSlots(config.gateway.max_connections),
-        shutdown_trigger=_telling(gateway, shutdown_trigger or wait_for_stop_signal),
-        task_status=task_status,
-    )
+    embedded = None
+    if config.shared.embedded:
+        embedded = await trio.to_thread.run_sync(EmbeddedValkey.start, config.cache.max_bytes)
+        config = with_tier_url(config, embedded.url)
+    try:
+        gateway = Gateway(config, config_file=config_file)
+        await serve_worker(
+            _asgi(gateway, settings),
+            settings,
+            listening_sockets(settings),
+            ConnectionSlots(config.gateway.max_connections),
+            shutdown_trigger=_telling(gateway, shutdown_trigger or wait_for_stop_signal),
+            task_status=task_status,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 def _telling(
@@ -183,6 +193,29 @@ def serve_workers(
     except OSError as error:
         print(f"ntonix: cannot serve on {', '.join(binds)}: {error}", file=sys.stderr)
         return 1
+    embedded = None
+    if config.shared.embedded:
+        # One server for all the workers, started before them and stopped after their drain.
+        try:
+            embedded = EmbeddedValkey.start(config.cache.max_bytes)
+        except OSError as error:
+            print(f"ntonix: {error}", file=sys.stderr)
+            return 1
+        config = with_tier_url(config, embedded.url)
+    try:
+        return _spawn_and_supervise(settings, sockets, config_path, config, workers)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _spawn_and_supervise(
+    settings: hypercorn.config.Config,
+    sockets: hypercorn.config.Sockets,
+    config_path: str | None,
+    config: Config,
+    workers: int,
+) -> int:
     # Spawned, not forked: a fork would copy whatever state and threads the parent holds.
     spawn = multiprocessing.get_context("spawn")
     stop_reader, stop_writer = spawn.Pipe(duplex=False)
