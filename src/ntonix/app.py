@@ -35,6 +35,7 @@ from ntonix.listening import set_send_timeout_on_listening_sockets
 from ntonix.metrics import GatewayCollector, Sources, exposition, registry_for
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
+from ntonix.shared_cache import SharedCache
 from ntonix.tier import SharedTier
 from ntonix.upstream import BackendPool, PoolStatistics, backend_ssl_context
 
@@ -183,7 +184,10 @@ class Gateway:
             if tier is not None:
                 await tier.connect()
                 supervisor.start_soon(tier.probe_forever)
-            cache = ResponseCache(config.cache, supervisor) if config.cache.enabled else None
+            shared = SharedCache(tier, config.cache.ttl) if tier is not None else None
+            cache = (
+                ResponseCache(config.cache, supervisor, shared) if config.cache.enabled else None
+            )
             if cache is not None:
                 supervisor.start_soon(cache.write_forever)
             self.proxy = Proxy(config, pools, health, cache, self.tallies)

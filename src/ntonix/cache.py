@@ -7,10 +7,16 @@ then the rest live. The flight lives while anyone listens (the first client leav
 the others) and is cancelled, closing its upstream, when the last one leaves. A flight that
 ended normally with a complete 200 is offered, as the chunks it was made of, to the writer task
 through a memory channel; a full channel drops the offer and counts it.
+
+With a shared tier, the LRU is level 1 and Valkey level 2 (shared_cache.py): a miss in L1
+asks L2 (within the tier's budget) before it starts a flight; an L2 hit is replayed as an L1
+hit is, and offered to the writer for L1. The writer stores each flight in L1, then in L2:
+the tier is written off the request path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -24,6 +30,7 @@ from ntonix.core.lru import CachedResponse, LruStatistics, ResponseLru
 from ntonix.core.recording import StreamRecorder
 from ntonix.downstream import Downstream
 from ntonix.errors import GatewayError
+from ntonix.shared_cache import SharedCache
 
 log = logging.getLogger("ntonix.cache")
 
@@ -184,21 +191,29 @@ class CacheStatistics:
     flights: int
     max_entries: int
     max_bytes: int
+    l2_hits: int = 0  # hits answered from the shared tier (counted in `hits` too)
+    l2_misses: int = 0
+    l2_rejected: int = 0  # values in the tier that did not decode: a miss
+    l2_stored: int = 0
 
 
 class ResponseCache:
     """Lookups, flights and the writer task's channel, for one gateway process."""
 
-    def __init__(self, settings: CacheSettings, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, settings: CacheSettings, nursery: trio.Nursery, shared: SharedCache | None = None
+    ) -> None:
         self.settings = settings
+        self.shared = shared
         self._nursery = nursery
         self._lru = ResponseLru(
             max_entries=settings.max_entries, max_bytes=settings.max_bytes, ttl=settings.ttl
         )
         self._flights: dict[str, Flight] = {}
-        self._offers, self._to_write = trio.open_memory_channel[tuple[Flight, CachedResponse]](
-            WRITE_QUEUE
-        )
+        # (key, the flight that made it or None for an L2 hit, the response)
+        self._offers, self._to_write = trio.open_memory_channel[
+            tuple[str, Flight | None, CachedResponse]
+        ](WRITE_QUEUE)
         self.hits = self.misses = self.coalesced = self.bypass = 0
         self.stored = self.dropped_offers = 0
 
@@ -206,6 +221,19 @@ class ResponseCache:
         response = self._lru.get(key, trio.current_time())
         if response is not None:
             self.hits += 1
+        return response
+
+    async def lookup_shared(self, key: str) -> CachedResponse | None:
+        """A miss in L1 asks L2; a hit there is offered to the writer for L1 too."""
+        if self.shared is None:
+            return None
+        response = await self.shared.fetch(key)
+        if response is None:
+            return None
+        self.hits += 1
+        # A full channel drops it: the next request asks L2 again.
+        with contextlib.suppress(trio.WouldBlock):
+            self._offers.send_nowait((key, None, response))
         return response
 
     def joinable(self, key: str) -> Flight | None:
@@ -253,7 +281,7 @@ class ResponseCache:
         try:
             # The flight stays joinable (a finished one replays whole) until the writer has
             # put its answer in the LRU: an identical request never finds neither.
-            self._offers.send_nowait((flight, response))
+            self._offers.send_nowait((flight.key, flight, response))
         except trio.WouldBlock:
             self.dropped_offers += 1
             self._land(flight)
@@ -264,17 +292,22 @@ class ResponseCache:
             del self._flights[flight.key]
 
     async def write_forever(self) -> None:
-        """The cache writer: the only task that adds entries to the LRU."""
-        async for flight, response in self._to_write:
-            self._lru.put(flight.key, response, trio.current_time())
+        """The cache writer: the only task that adds entries to the LRU, and to L2."""
+        async for key, flight, response in self._to_write:
+            self._lru.put(key, response, trio.current_time())
+            if flight is None:
+                continue  # from L2: it is there already
             self.stored += 1
             self._land(flight)
+            if self.shared is not None:
+                await self.shared.store(key, response)
 
     def clear(self) -> int:
         return self._lru.clear()
 
     def statistics(self) -> CacheStatistics:
         lru: LruStatistics = self._lru.statistics()
+        shared = self.shared
         return CacheStatistics(
             entries=lru.entries,
             bytes=lru.bytes,
@@ -289,6 +322,10 @@ class ResponseCache:
             flights=len(self._flights),
             max_entries=self.settings.max_entries,
             max_bytes=self.settings.max_bytes,
+            l2_hits=shared.hits if shared else 0,
+            l2_misses=shared.misses if shared else 0,
+            l2_rejected=shared.rejected if shared else 0,
+            l2_stored=shared.stored if shared else 0,
         )
 
 

@@ -203,6 +203,10 @@ class GatewayCollector(Collector):
             ("expirations", stats.expirations, "Entries dropped for their TTL"),
             ("stored", stats.stored, "Responses stored"),
             ("dropped_offers", stats.dropped_offers, "Responses not stored: the writer was behind"),
+            ("l2_hits", stats.l2_hits, "Hits answered from the shared tier (counted in hits)"),
+            ("l2_misses", stats.l2_misses, "Lookups in the shared tier that found nothing"),
+            ("l2_rejected", stats.l2_rejected, "Values in the shared tier that did not decode"),
+            ("l2_stored", stats.l2_stored, "Responses written to the shared tier"),
         ):
             yield CounterMetricFamily(f"ntonix_cache_{name}", help_text, value=value)
         for name, value, help_text in (

@@ -156,6 +156,15 @@ class Proxy:
                 downstream.record.cache = "coalesced"
                 await listen(flight, downstream)
                 return
+            if (hit := await cache.lookup_shared(key)) is not None:
+                downstream.record.cache = "hit"
+                await replay(hit, downstream)
+                return
+            # While L2 was asked, an identical request may have started a flight.
+            if (flight := cache.joinable(key)) is not None:
+                downstream.record.cache = "coalesced"
+                await listen(flight, downstream)
+                return
         downstream.record.cache = "miss"
         # The flight outlives this client if others joined it: what it notes on this record
         # after the client left is never read.
