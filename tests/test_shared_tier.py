@@ -3,6 +3,7 @@ worker and instance, and a tier that fails or comes back costs no request."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import shutil
@@ -118,6 +119,78 @@ async def test_two_workers_share_an_embedded_tier_that_stops_with_them(
 
 async def _any_stored(client: httpx.AsyncClient, url: str) -> bool:
     return (await cache_stats(client, url))["l2_stored"] > 0
+
+
+async def test_requests_per_minute_hold_across_two_instances(
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    mock = await start_mock()
+    config = tier_config(mock.url, valkey.url, auth=AuthSettings(requests_per_minute=10))
+    gateways = [await start_gateway_with(config), await start_gateway_with(config)]
+
+    answers = [await client.get(f"{gateways[i % 2]}/v1/models") for i in range(16)]
+
+    codes = [answer.status_code for answer in answers]
+    assert codes == [200] * 10 + [429] * 6
+    assert all(float(answer.headers["retry-after"]) > 0 for answer in answers[10:])
+
+
+async def test_the_slots_of_a_killed_gateway_are_free_one_lease_later(
+    spawn: Spawn,
+    tmp_path: Path,
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    lease = 1.0
+    mock = await start_mock(tokens=10_000, token_delay=0.05)  # streams that outlive the test
+    config = tmp_path / "ntonix.toml"
+    config.write_text(
+        tier_toml(
+            mock.url,
+            valkey.url,
+            shared=f"lease = {lease}\n",
+            extra="[auth]\nmax_concurrent_per_key = 2\n",
+        )
+    )
+    doomed = await spawn(*SERVE, "--config", str(config))
+    doomed_url = (await doomed.wait_for(RUNNING_ON)).group(1).decode()
+    other = await start_gateway_with(
+        tier_config(mock.url, valkey.url, lease=lease, auth=AuthSettings(max_concurrent_per_key=2))
+    )
+
+    async def hold_a_stream(task_status: trio.TaskStatus[None]) -> None:
+        sampled = chat("hold", temperature=1)  # not cacheable: each its own stream
+        async with client.stream("POST", f"{doomed_url}{CHAT}", json=sampled) as response:
+            assert response.status_code == 200
+            task_status.started()
+            with contextlib.suppress(httpx.RemoteProtocolError):  # its gateway is killed
+                async for _ in response.aiter_raw():
+                    pass
+
+    async def models_status() -> int:
+        return (await client.get(f"{other}/v1/models")).status_code
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            await nursery.start(hold_a_stream)
+        # Renewed, the slots outlive their first lease while their requests run.
+        await trio.sleep(lease * 1.5)
+        assert await models_status() == 429
+        await doomed.kill()
+        killed_at = trio.current_time()
+        assert await models_status() == 429
+        await eventually(lambda: _is(models_status, 200), timeout=lease * 3)
+        assert trio.current_time() - killed_at <= lease + 0.3
+        nursery.cancel_scope.cancel()
+
+
+async def _is(check: Any, expected: int) -> bool:
+    return bool(await check() == expected)
 
 
 async def test_killing_valkey_under_load_fails_no_request(

@@ -36,6 +36,7 @@ from ntonix.metrics import GatewayCollector, Sources, exposition, registry_for
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
 from ntonix.shared_cache import SharedCache
+from ntonix.shared_limits import KeyLimits
 from ntonix.tier import SharedTier
 from ntonix.upstream import BackendPool, PoolStatistics, backend_ssl_context
 
@@ -57,7 +58,7 @@ class Gateway:
         self._probers: Probers | None = None
         self._metrics: CollectorRegistry | None = None
         self._keys = ApiKeys(())
-        self._limits = ClientLimits(per_minute=0, max_concurrent=0)
+        self._limits = KeyLimits(ClientLimits(per_minute=0, max_concurrent=0))
         self.tier: SharedTier | None = None
         self._started_at = time.monotonic()
         self.tallies = Tallies()
@@ -139,7 +140,7 @@ class Gateway:
         limits = self._limits
         client = identity or (scope["client"][0] if scope.get("client") else "unknown")
         if limits.active:
-            verdict = limits.admit(client, trio.current_time())
+            verdict, ticket = await limits.admit(client, trio.current_time())
             if not verdict.allowed:
                 error = GatewayError(
                     429,
@@ -157,7 +158,7 @@ class Gateway:
                 await proxy.handle(scope, receive, send, record)
         finally:
             if limits.active:
-                limits.release(client)
+                limits.release(ticket)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
@@ -192,7 +193,9 @@ class Gateway:
                 supervisor.start_soon(cache.write_forever)
             self.proxy = Proxy(config, pools, health, cache, self.tallies)
             supervisor.start_soon(self.access_log.flush_forever)
-            self._limits = _client_limits(config)
+            self._limits = KeyLimits(_client_limits(config), tier, supervisor, config.shared.lease)
+            if tier is not None:
+                supervisor.start_soon(self._limits.renew_forever)
             self._metrics = registry_for(self._collector(self.proxy))
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
@@ -257,8 +260,8 @@ class Gateway:
         proxy.reconfigure(config, pools)
         probers.reconcile(config.backends, config.health)
         self._keys = keys
-        self._limits.per_minute = config.auth.requests_per_minute
-        self._limits.max_concurrent = config.auth.max_concurrent_per_key
+        self._limits.local.per_minute = config.auth.requests_per_minute
+        self._limits.local.max_concurrent = config.auth.max_concurrent_per_key
         self._config = config
         log.info("config reloaded from %s: %d backends", self._config_file, len(config.backends))
         return []
