@@ -36,6 +36,8 @@ log = logging.getLogger("ntonix.cache")
 
 # Offers waiting for the writer; past this the writer is behind and offers are dropped.
 WRITE_QUEUE = 1024
+# Most entries the writer sends to L2 in one pipeline.
+WRITE_BATCH = 64
 # How far the slowest listener may fall behind before the flight stops reading upstream:
 # back-pressure reaches the backend instead of the gateway buffering without bound.
 MAX_LAG_BYTES = 1024 * 1024
@@ -292,15 +294,22 @@ class ResponseCache:
             del self._flights[flight.key]
 
     async def write_forever(self) -> None:
-        """The cache writer: the only task that adds entries to the LRU, and to L2."""
-        async for key, flight, response in self._to_write:
-            self._lru.put(key, response, trio.current_time())
-            if flight is None:
-                continue  # from L2: it is there already
-            self.stored += 1
-            self._land(flight)
-            if self.shared is not None:
-                await self.shared.store(key, response)
+        """The cache writer: the only task that adds entries to the LRU, and to L2 (the
+        offers waiting, in one pipeline)."""
+        async for offer in self._to_write:
+            offers = [offer]
+            with contextlib.suppress(trio.WouldBlock):
+                while len(offers) < WRITE_BATCH:
+                    offers.append(self._to_write.receive_nowait())
+            now = trio.current_time()
+            for key, flight, response in offers:
+                self._lru.put(key, response, now)
+                if flight is not None:  # else it came from L2, which has it
+                    self.stored += 1
+                    self._land(flight)
+            stored = [(key, response) for key, flight, response in offers if flight is not None]
+            if self.shared is not None and stored:
+                await self.shared.store(stored)
 
     def clear(self) -> int:
         return self._lru.clear()
