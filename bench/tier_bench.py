@@ -16,6 +16,7 @@ CPU is reported apart. Every process started here is stopped on the way out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -174,8 +175,11 @@ def cpu_per_request(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tier_bench")
     parser.add_argument("--quick", action="store_true", help="smaller counts")
+    parser.add_argument("--rounds", type=int, help="CPU runs of each (3; --quick 2)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
+    if args.rounds:
+        sizes = dataclasses.replace(sizes, rounds=args.rounds)
     logs = RESULTS / "logs-tier"
     logs.mkdir(parents=True, exist_ok=True)
     valkey = EmbeddedValkey.start(256 * 1024 * 1024)

@@ -20,7 +20,7 @@ import trio
 from ntonix.config import AuthSettings, CacheSettings, Config, ConfigError, check_config_file
 from tests.conftest import StartGatewayWith, StartMock
 from tests.shared_support import ValkeyServer, tier_config, tier_toml
-from tests.support import RUNNING_ON, SERVE, Spawn, chat, eventually, status
+from tests.support import RUNNING_ON, SERVE, ChildProcess, Spawn, chat, eventually, status
 
 CHAT = "/v1/chat/completions"
 
@@ -305,3 +305,118 @@ def test_a_remote_tier_needs_only_the_client_package(monkeypatch: pytest.MonkeyP
     )
     assert config.shared.url == "valkey://v"
     assert CacheSettings() == config.cache
+
+
+# --- Coalescing across instances -----------------------------------------------------------
+
+
+async def test_identical_streams_on_two_instances_make_one_backend_request(
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    mock = await start_mock(ttft=0.3, tokens=20, token_delay=0.01)
+    config = tier_config(mock.url, valkey.url)
+    gateways = [await start_gateway_with(config), await start_gateway_with(config)]
+    answers: list[httpx.Response] = []
+
+    async def ask(gateway: str) -> None:
+        answers.append(await client.post(f"{gateway}{CHAT}", json=chat("one for all")))
+
+    async with trio.open_nursery() as nursery:
+        for index in range(20):
+            nursery.start_soon(ask, gateways[index % 2])
+
+    assert mock.stats["requests"] == 1
+    assert {answer.status_code for answer in answers} == {200}
+    assert len({answer.content for answer in answers}) == 1
+    assert answers[0].content.endswith(b"data: [DONE]\n\n")
+    labels = sorted(answer.headers["x-ntonix-cache"] for answer in answers)
+    assert labels == ["coalesced"] * 19 + ["miss"]
+
+
+async def spawn_leader(
+    spawn: Spawn, tmp_path: Path, mock_url: str, valkey: ValkeyServer, lease: float
+) -> tuple[ChildProcess, str]:
+    """`ntonix serve` in its own process on the tier, so that it can be killed."""
+    config = tmp_path / "leader.toml"
+    config.write_text(tier_toml(mock_url, valkey.url, shared=f"lease = {lease}\n"))
+    leader = await spawn(*SERVE, "--config", str(config))
+    return leader, (await leader.wait_for(RUNNING_ON)).group(1).decode()
+
+
+async def test_a_follower_that_sent_nothing_takes_over_from_a_dead_leader(
+    spawn: Spawn,
+    tmp_path: Path,
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    lease = 1.0
+    mock = await start_mock(tokens=4)
+    leader, leader_url = await spawn_leader(spawn, tmp_path, mock.url, valkey, lease)
+    follower = await start_gateway_with(tier_config(mock.url, valkey.url, lease=lease))
+    answers: list[httpx.Response] = []
+
+    async def ask(gateway: str, headers: dict[str, str]) -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the leader's own client loses its answer
+            request = chat("orphan")  # the same cache key, whatever the x-mock-* headers
+            answers.append(await client.post(f"{gateway}{CHAT}", json=request, headers=headers))
+
+    async def following() -> bool:
+        return (await cache_stats(client, follower))["coalesced"] == 1
+
+    async with trio.open_nursery() as nursery:
+        # The leader's backend never answers: it dies before its first byte.
+        nursery.start_soon(ask, leader_url, {"x-mock-hang": "1"})
+        await eventually(lambda: _after(lambda: mock.stats["requests"] == 1))
+        nursery.start_soon(ask, follower, {})
+        await eventually(following)
+        await leader.kill()
+
+    (answer,) = answers
+    assert answer.status_code == 200
+    assert answer.content.endswith(b"data: [DONE]\n\n")
+    assert answer.headers["x-ntonix-cache"] == "coalesced"
+    assert mock.stats["requests"] == 2  # the dead leader's, then the follower's own
+    assert (await cache_stats(client, follower))["takeovers"] == 1
+
+
+async def test_followers_that_sent_something_end_with_an_error_frame_when_the_leader_dies(
+    spawn: Spawn,
+    tmp_path: Path,
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    lease = 1.0
+    mock = await start_mock(ttft=0.01, tokens=10_000, token_delay=0.02)
+    leader, leader_url = await spawn_leader(spawn, tmp_path, mock.url, valkey, lease)
+    follower = await start_gateway_with(tier_config(mock.url, valkey.url, lease=lease))
+    body = b""
+
+    async def lead() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            async with client.stream("POST", f"{leader_url}{CHAT}", json=chat("cut")) as response:
+                async for _ in response.aiter_raw():
+                    pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lead)
+        await eventually(lambda: _after(lambda: mock.stats["requests"] == 1))
+        async with client.stream("POST", f"{follower}{CHAT}", json=chat("cut")) as response:
+            assert response.headers["x-ntonix-cache"] == "coalesced"
+            async for data in response.aiter_raw():
+                body += data
+                if body.count(b"data: ") >= 3 and leader.process.returncode is None:
+                    await leader.kill()
+
+    assert body.startswith(b"data: ")
+    assert body.endswith(b"\n\n")
+    assert b"event: error\ndata: " in body
+    assert b"[DONE]" not in body
+    assert mock.stats["requests"] == 1
+    assert (await cache_stats(client, follower))["followers_lost"] == 1

@@ -36,6 +36,7 @@ from ntonix.metrics import GatewayCollector, Sources, exposition, registry_for
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
 from ntonix.shared_cache import SharedCache
+from ntonix.shared_flights import SharedFlights
 from ntonix.shared_limits import KeyLimits
 from ntonix.tier import SharedTier
 from ntonix.upstream import BackendPool, PoolStatistics, backend_ssl_context
@@ -185,7 +186,12 @@ class Gateway:
             if tier is not None:
                 await tier.connect()
                 supervisor.start_soon(tier.probe_forever)
-            shared = SharedCache(tier, config.cache.ttl) if tier is not None else None
+            shared = None
+            if tier is not None and config.cache.enabled:
+                flights = SharedFlights(tier, config.shared.lease)
+                shared = SharedCache(tier, config.cache.ttl, flights)
+                supervisor.start_soon(flights.publish_forever)
+                supervisor.start_soon(flights.read_forever)
             cache = (
                 ResponseCache(config.cache, supervisor, shared) if config.cache.enabled else None
             )

@@ -31,6 +31,7 @@ from ntonix.core.recording import StreamRecorder
 from ntonix.downstream import Downstream
 from ntonix.errors import GatewayError
 from ntonix.shared_cache import SharedCache
+from ntonix.shared_flights import Follow, Lead
 
 log = logging.getLogger("ntonix.cache")
 
@@ -68,6 +69,7 @@ class Flight:
         self.aborted = False  # ended with no frame to tell: listeners abort their clients
         self.listeners = 0
         self.open_to_joiners = True
+        self.follower = False  # fed from another worker's flight, which stores the answer
         self._listener_ids = itertools.count()
         self._positions: dict[int, int] = {}  # listener -> pieces taken
         self._ends: list[int] = []  # bytes produced up to and including each piece
@@ -197,6 +199,10 @@ class CacheStatistics:
     l2_misses: int = 0
     l2_rejected: int = 0  # values in the tier that did not decode: a miss
     l2_stored: int = 0
+    flights_led: int = 0  # flights published for other workers and instances
+    flights_followed: int = 0  # flights fed from another worker's or instance's
+    takeovers: int = 0  # followers that went upstream themselves: their leader was gone
+    followers_lost: int = 0  # followers ended with an error frame: their leader was gone
 
 
 class ResponseCache:
@@ -225,13 +231,14 @@ class ResponseCache:
             self.hits += 1
         return response
 
-    async def lookup_shared(self, key: str) -> CachedResponse | None:
-        """A miss in L1 asks L2; a hit there is offered to the writer for L1 too."""
+    async def lookup_shared(self, key: str) -> CachedResponse | Lead | Follow | None:
+        """A miss in L1 asks L2; a hit there is offered to the writer for L1 too. On a miss,
+        whether this worker leads the key's flight or follows another worker's."""
         if self.shared is None:
             return None
         response = await self.shared.fetch(key)
-        if response is None:
-            return None
+        if not isinstance(response, CachedResponse):
+            return response
         self.hits += 1
         # A full channel drops it: the next request asks L2 again.
         with contextlib.suppress(trio.WouldBlock):
@@ -253,12 +260,23 @@ class ResponseCache:
         coalesce: bool,
         store: bool,
         run: Callable[[Flight], Awaitable[None]],
+        remote: Lead | Follow | None = None,
     ) -> Flight:
-        """A new upstream exchange in the supervisor nursery; `run` drives it (Proxy.forward)."""
-        self.misses += 1
+        """A new upstream exchange in the supervisor nursery; `run` drives it (Proxy.forward).
+        With `remote`, it leads the key's flight for other workers, or follows another's (a
+        follower is counted as coalesced: no backend request of its own)."""
+        if isinstance(remote, Follow):
+            self.coalesced += 1
+        else:
+            self.misses += 1
         flight = Flight(key, request_id, store=store)
         if coalesce:
             self._flights[key] = flight
+        if self.shared is not None and isinstance(remote, Lead):
+            self.shared.flights.lead(flight, key, remote.flight_id)
+        elif self.shared is not None and isinstance(remote, Follow):
+            flight.follower = True
+            run = self.shared.flights.follower(key, remote.flight_id, run)
         self._nursery.start_soon(self._fly, flight, run)
         return flight
 
@@ -307,7 +325,11 @@ class ResponseCache:
                 if flight is not None:  # else it came from L2, which has it
                     self.stored += 1
                     self._land(flight)
-            stored = [(key, response) for key, flight, response in offers if flight is not None]
+            stored = [
+                (key, response)
+                for key, flight, response in offers
+                if flight is not None and not flight.follower
+            ]
             if self.shared is not None and stored:
                 await self.shared.store(stored)
 
@@ -335,6 +357,10 @@ class ResponseCache:
             l2_misses=shared.misses if shared else 0,
             l2_rejected=shared.rejected if shared else 0,
             l2_stored=shared.stored if shared else 0,
+            flights_led=shared.flights.led if shared else 0,
+            flights_followed=shared.flights.followed if shared else 0,
+            takeovers=shared.flights.taken_over if shared else 0,
+            followers_lost=shared.flights.lost if shared else 0,
         )
 
 

@@ -207,6 +207,10 @@ class GatewayCollector(Collector):
             ("l2_misses", stats.l2_misses, "Lookups in the shared tier that found nothing"),
             ("l2_rejected", stats.l2_rejected, "Values in the shared tier that did not decode"),
             ("l2_stored", stats.l2_stored, "Responses written to the shared tier"),
+            ("flights_led", stats.flights_led, "Flights published for other workers"),
+            ("flights_followed", stats.flights_followed, "Flights fed from another worker's"),
+            ("takeovers", stats.takeovers, "Followers that went upstream: their leader was gone"),
+            ("followers_lost", stats.followers_lost, "Followers ended with an error frame"),
         ):
             yield CounterMetricFamily(f"ntonix_cache_{name}", help_text, value=value)
         for name, value, help_text in (

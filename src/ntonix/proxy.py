@@ -31,6 +31,7 @@ from ntonix.core.health import (
     retry_after_of,
 )
 from ntonix.core.keys import cache_key, cacheability, scope_for
+from ntonix.core.lru import CachedResponse
 from ntonix.core.requests import ProxiedRequest, classify
 from ntonix.core.telemetry import RequestRecord, Tallies
 from ntonix.downstream import (
@@ -42,6 +43,7 @@ from ntonix.downstream import (
     too_large,
 )
 from ntonix.errors import GatewayError, client_error, upstream_error
+from ntonix.shared_flights import Follow
 from ntonix.upstream import BackendPool, UpstreamConnection
 
 log = logging.getLogger("ntonix.proxy")
@@ -147,6 +149,7 @@ class Proxy:
             scope_for(_bearer_token(scope), cache.settings.scope),
             request.payload,
         )
+        remote = None
         if plan.lookup:
             if (hit := cache.lookup(key)) is not None:
                 downstream.record.cache = "hit"
@@ -156,16 +159,18 @@ class Proxy:
                 downstream.record.cache = "coalesced"
                 await listen(flight, downstream)
                 return
-            if (hit := await cache.lookup_shared(key)) is not None:
+            found = await cache.lookup_shared(key)
+            if isinstance(found, CachedResponse):
                 downstream.record.cache = "hit"
-                await replay(hit, downstream)
+                await replay(found, downstream)
                 return
+            remote = found
             # While L2 was asked, an identical request may have started a flight.
             if (flight := cache.joinable(key)) is not None:
                 downstream.record.cache = "coalesced"
                 await listen(flight, downstream)
                 return
-        downstream.record.cache = "miss"
+        downstream.record.cache = "coalesced" if isinstance(remote, Follow) else "miss"
         # The flight outlives this client if others joined it: what it notes on this record
         # after the client left is never read.
         flight = cache.start_flight(
@@ -174,6 +179,7 @@ class Proxy:
             coalesce=plan.lookup,
             store=plan.store,
             run=partial(self.forward, scope, request, body, record=downstream.record),
+            remote=remote,
         )
         await listen(flight, downstream)
 

@@ -23,6 +23,7 @@ import trio
 
 from ntonix.core.lru import CachedResponse
 from ntonix.core.shared_entry import UnusableEntry, decode, encode
+from ntonix.shared_flights import Follow, Lead, SharedFlights, lease_name
 from ntonix.tier import SharedTier, TierUnavailable
 
 if TYPE_CHECKING:
@@ -38,12 +39,29 @@ def entry_name(key: str) -> str:
     return KEY_PREFIX + key
 
 
+# KEYS: per key its entry, then its flight's lease. ARGV: the lease in ms, then per key the
+# id to lead under. Per key: {1, the entry}, {2} (the lease is ours: lead) or {3, its holder}.
+_LOOKUP = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local value = redis.call('GET', KEYS[2 * i - 1])
+  if value then
+    out[i] = {1, value}
+  else
+    local holder = redis.call('SET', KEYS[2 * i], ARGV[i + 1], 'NX', 'PX', ARGV[1], 'GET')
+    if holder then out[i] = {3, holder} else out[i] = {2} end
+  end
+end
+return out
+"""
+
+
 class _Lookups:
-    """Names asked for in one scheduling round, answered by one MGET."""
+    """Keys asked for in one scheduling round, answered by one script call."""
 
     def __init__(self) -> None:
-        self.names: list[str] = []
-        self.values: dict[str, bytes | None] = {}
+        self.ids: dict[str, str] = {}  # key -> the flight id it would lead under
+        self.answers: dict[str, list[object]] = {}
         self.failed = False
         self.done = trio.Event()
 
@@ -51,22 +69,30 @@ class _Lookups:
 class SharedCache:
     """Reads and writes of cached responses in the tier, with their counters."""
 
-    def __init__(self, tier: SharedTier, ttl: float) -> None:
+    def __init__(self, tier: SharedTier, ttl: float, flights: SharedFlights) -> None:
         self.tier = tier
         self.ttl = ttl
+        self.flights = flights
         self.hits = self.misses = self.rejected = self.stored = 0
         self._gathering: _Lookups | None = None
+        from glide import Script  # optional: only a gateway with a tier gets here
 
-    async def fetch(self, key: str) -> CachedResponse | None:
-        """The entry for `key`, with `stored_at` on this process's clock; None for a miss."""
+        self._script = Script(_LOOKUP)  # type: ignore[no-untyped-call]
+
+    async def fetch(self, key: str) -> CachedResponse | Lead | Follow | None:
+        """The entry for `key` (with `stored_at` on this process's clock); on a miss, whether
+        this worker leads the key's flight or follows another's; None when the tier cannot
+        tell (a miss, and a flight of this worker alone)."""
         try:
-            value = await self._get(entry_name(key))
+            answer, lead_id = await self._lookup(key)
         except TierUnavailable:
             self.misses += 1
             return None
-        if value is None:
+        if answer[0] != 1:
             self.misses += 1
-            return None
+            return Lead(lead_id) if answer[0] == 2 else Follow(_text(answer[1]))
+        value = answer[1]
+        assert isinstance(value, bytes)
         try:
             entry = decode(key, value)
         except UnusableEntry as unusable:
@@ -102,11 +128,12 @@ class SharedCache:
             return
         self.stored += sum(1 for answer in answers or () if answer == "OK")
 
-    async def _get(self, name: str) -> bytes | None:
-        """The value named `name`, through the MGET of this round's lookups."""
+    async def _lookup(self, key: str) -> tuple[list[object], str]:
+        """The script's answer for `key`, from the call of this round's lookups, and the id
+        it would lead under."""
         lookups = self._gathering
         if lookups is not None:
-            lookups.names.append(name)
+            lookups.ids.setdefault(key, self.flights.new_id())
             # Bounded by the first's budget already; this bound only guards against a bug.
             with trio.move_on_after(self.tier.settings.timeout * 2):
                 await lookups.done.wait()
@@ -114,23 +141,34 @@ class SharedCache:
                 raise TierUnavailable("the lookup did not end")
         else:
             lookups = self._gathering = _Lookups()
-            lookups.names.append(name)
+            lookups.ids[key] = self.flights.new_id()
             # The others of this round are answered with ours: leaving early (the client
             # left) would strand them, and the tier's budget bounds the wait.
             with trio.CancelScope(shield=True):
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 self._gathering = None
-                await self._mget(lookups)
+                await self._run(lookups)
         if lookups.failed:
             raise TierUnavailable("the lookup failed")
-        return lookups.values.get(name)
+        return lookups.answers[key], lookups.ids[key]
 
-    async def _mget(self, lookups: _Lookups) -> None:
-        names = list(dict.fromkeys(lookups.names))
+    async def _run(self, lookups: _Lookups) -> None:
+        keys = list(lookups.ids)
+        names = [name for key in keys for name in (entry_name(key), lease_name(key))]
+        args = [str(self.flights.lease_ms), *lookups.ids.values()]
+        script = self._script
         try:
-            values = await self.tier.call(lambda client: client.mget(list(names)))
-            lookups.values = dict(zip(names, values, strict=True))
+            answers = await self.tier.call(
+                lambda client: client.invoke_script(script, keys=names, args=args)
+            )
+            if not isinstance(answers, list) or len(answers) != len(keys):
+                raise TierUnavailable(f"unexpected answer from the lookup script: {answers!r}")
+            lookups.answers = dict(zip(keys, answers, strict=True))
         except TierUnavailable:
             lookups.failed = True
         finally:
             lookups.done.set()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,430 @@
+"""Coalescing across workers and instances: identical requests in flight anywhere on the shared
+tier make one backend request.
+
+A request that misses both cache levels, with no flight of its own worker to join, takes the
+key's lease in Valkey (`ntonix:flight:<key>`, holding the flight's id and expiring `[shared]
+lease` seconds after its last renewal) in the same call that looked for the entry. Its worker
+leads. A worker that finds the lease held follows: it marks the flight watched, and runs a
+local flight, which its own identical requests join as usual (back-pressure and "the last
+listener leaving cancels" keep their meaning per worker), fed from the leader's stream
+(`ntonix:stream:<id>`: the head, the pieces, then how it ended; capped and expiring): what
+was published so far, then the rest as it comes. The leader publishes a flight once it sees
+it watched (it looks every WATCH_EVERY), so a flight nobody follows costs no stream.
+
+One task per worker publishes every leading flight (one pipeline per TICK) and one reads every
+following flight (one XREAD per TICK), so the calls grow with time, not with pieces or flights.
+
+A leader that dies stops renewing: once its lease is gone (or the tier stays unreadable for a
+lease), a following flight that has sent nothing to any client takes the lease and goes
+upstream itself (or, with the tier gone, goes upstream alone); one that has sent something ends
+with an error frame. A leader whose flight failed releases the lease so the next request tries
+again; one that succeeded leaves it to expire, while its answer is in the cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import math
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from ntonix.core.lru import CachedResponse
+from ntonix.core.shared_entry import UnusableEntry, decode, encode
+from ntonix.errors import GatewayError
+from ntonix.tier import SharedTier, TierUnavailable
+
+if TYPE_CHECKING:
+    from ntonix.cache import Flight
+
+log = logging.getLogger("ntonix.shared")
+
+TICK = 0.01  # seconds between the publisher's pipelines and the reader's XREADs
+WATCH_EVERY = 0.05  # seconds between looks for new followers of the flights led
+STREAM_CAP = 100_000  # entries a stream keeps (a flight stops at 8 MiB long before)
+READ_COUNT = 256  # entries read per stream and tick
+QUEUED = 1024  # entries a following flight may hold unapplied before reading pauses for it
+# How a published flight ended: answered, failed (its error frame or error came before), or
+# abandoned (its last local listener left): its followers go on without it.
+_END_OK, _END_FAILED, _END_ABANDONED = b"ok", b"failed", b"abandoned"
+
+# KEYS: the lease of the flight. ARGV: the flight id that must hold it.
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+
+
+def lease_name(key: str) -> str:
+    return f"ntonix:flight:{key}"
+
+
+def stream_name(flight_id: str) -> str:
+    return f"ntonix:stream:{flight_id}"
+
+
+def watch_name(flight_id: str) -> str:
+    """Set by the first follower of a flight: only watched flights are published."""
+    return f"ntonix:watch:{flight_id}"
+
+
+@attrs.frozen
+class Lead:
+    """This worker holds the key's lease: its flight is published under `flight_id`."""
+
+    flight_id: str
+
+
+@attrs.frozen
+class Follow:
+    """Another flight holds the key's lease: follow its stream."""
+
+    flight_id: str
+
+
+class LeaderLost(Exception):
+    """The flight followed stopped: its leader died, or the tier is gone."""
+
+
+@attrs.define
+class _Leading:
+    flight: Flight
+    key: str
+    flight_id: str
+    sequence: int = 0  # entries published
+    head_sent: bool = False
+    pieces_sent: int = 0
+    renewed_at: float = 0.0
+    watched: bool = False  # someone follows: publish (all of it so far, then the rest)
+
+
+@attrs.define
+class _Following:
+    key: str
+    flight_id: str
+    last_id: str = "0-0"
+    sequence: int = 0  # the next entry expected
+    heard_at: float = 0.0  # last entry, or the lease seen held
+    entries: collections.deque[dict[bytes, bytes]] = attrs.Factory(collections.deque)
+    lost: bool = False
+    changed: trio.Event = attrs.Factory(trio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class SharedFlights:
+    """The leading and following flights of one worker, and the two tasks that serve them."""
+
+    def __init__(self, tier: SharedTier, lease: float) -> None:
+        self.tier = tier
+        self.lease = lease
+        self.lease_ms = math.ceil(lease * 1000)
+        self._worker = secrets.token_hex(8)
+        self._ids = itertools.count()
+        self._leading: list[_Leading] = []
+        self._following: dict[str, _Following] = {}
+        self._watch_checked_at = -math.inf
+        self._leaders_added = trio.Event()
+        self._followers_added = trio.Event()
+        self.led = self.followed = self.taken_over = self.lost = 0
+
+    def new_id(self) -> str:
+        return f"{self._worker}-{next(self._ids)}"
+
+    def lead(self, flight: Flight, key: str, flight_id: str) -> None:
+        """Publish `flight` until it ends (the lease is held already)."""
+        self.led += 1
+        self._leading.append(_Leading(flight, key, flight_id, renewed_at=trio.current_time()))
+        self._leaders_added.set()
+
+    def follower(
+        self, key: str, flight_id: str, upstream: Callable[[Flight], Awaitable[None]]
+    ) -> Callable[[Flight], Awaitable[None]]:
+        """The `run` of a following flight; `upstream` is what it runs if it takes over."""
+
+        async def run(flight: Flight) -> None:
+            self.followed += 1
+            await self._follow(flight, key, flight_id, upstream)
+
+        return run
+
+    async def _follow(
+        self,
+        flight: Flight,
+        key: str,
+        flight_id: str,
+        upstream: Callable[[Flight], Awaitable[None]],
+    ) -> None:
+        while True:
+            await self._watch(flight_id)
+            following = _Following(key, flight_id, heard_at=trio.current_time())
+            self._following[flight_id] = following
+            self._followers_added.set()
+            try:
+                if await self._replay(flight, following):
+                    return
+            finally:
+                self._following.pop(flight_id, None)
+            # The leader is gone.
+            if flight.committed:
+                self.lost += 1
+                raise GatewayError(
+                    502, "backend_failed", "The shared upstream request was lost", source="gateway"
+                )
+            new_id = self.new_id()
+            try:
+                owner = await self._take_lease(key, new_id)
+            except TierUnavailable:
+                self.taken_over += 1
+                await upstream(flight)  # the tier is gone: on our own
+                return
+            if owner is None:
+                self.taken_over += 1
+                self.lead(flight, key, new_id)
+                await upstream(flight)
+                return
+            if owner == flight_id:
+                await trio.sleep(TICK)  # its lease is not released yet: ask again
+            flight_id = owner  # else another follower took over first: follow it
+
+    async def _replay(self, flight: Flight, following: _Following) -> bool:
+        """Apply the stream's entries to `flight` until it ends (True) or is lost (False)."""
+        while True:
+            while following.entries:
+                entry = following.entries.popleft()
+                try:
+                    if await self._apply(flight, following.key, entry):
+                        return True
+                except LeaderLost:
+                    return False
+            if following.lost:
+                return False
+            await following.changed.wait()
+
+    async def _apply(self, flight: Flight, key: str, entry: dict[bytes, bytes]) -> bool:
+        """One published entry into the local flight; True once the flight has ended."""
+        try:
+            if b"h" in entry:
+                head = decode(key, entry[b"h"])
+                await flight.start(head.status, list(head.headers))
+            if b"c" in entry:
+                for piece in decode(key, entry[b"c"]).chunks:
+                    await flight.write(piece, more=True)
+        except UnusableEntry:
+            raise GatewayError(
+                502, "backend_failed", "The shared upstream request was garbled", source="gateway"
+            ) from None
+        if b"x" in entry:  # failed before its head: the leader's error, as JSON
+            error = json.loads(entry[b"x"])
+            raise GatewayError(error["status"], error["code"], error["message"], source="gateway")
+        end = entry.get(b"e")
+        if end is None:
+            return False
+        if end == _END_ABANDONED:
+            raise LeaderLost
+        if end != _END_OK:
+            flight.failed = True  # its error frame, if any, came as its last piece
+            if not flight.pieces or not flight.committed:
+                raise GatewayError(
+                    502, "backend_failed", "The shared upstream request failed", source="gateway"
+                )
+        await flight.write(b"", more=False)
+        return True
+
+    async def _watch(self, flight_id: str) -> None:
+        """Tell the leader someone follows (unheard, its lease lapses and we take over)."""
+        command = ["SET", watch_name(flight_id), "1", "PX", str(2 * self.lease_ms)]
+        with contextlib.suppress(TierUnavailable):
+            await self.tier.call(lambda client: client.custom_command(command))
+
+    async def _take_lease(self, key: str, flight_id: str) -> str | None:
+        """Take the key's lease for `flight_id`: None if taken, else the id that holds it."""
+        lease_ms = str(self.lease_ms)
+        command = ["SET", lease_name(key), flight_id, "NX", "PX", lease_ms, "GET"]
+        owner = await self.tier.call(lambda client: client.custom_command(command))
+        return None if owner is None else _text(owner)
+
+    # --- the two tasks ---------------------------------------------------------------------
+
+    async def publish_forever(self) -> None:
+        """Every TICK, one pipeline: new entries of every leading flight, lease renewals."""
+        while True:
+            if not self._leading:
+                await self._leaders_added.wait()
+                self._leaders_added = trio.Event()
+            await trio.sleep(TICK)
+            await self._publish()
+
+    async def read_forever(self) -> None:
+        """Every TICK, one XREAD over every following flight; leases checked when silent."""
+        while True:
+            if not self._following:
+                await self._followers_added.wait()
+                self._followers_added = trio.Event()
+            await trio.sleep(TICK)
+            await self._read()
+
+    async def _publish(self) -> None:
+        import glide  # optional: only a gateway with a tier gets here
+
+        now = trio.current_time()
+        await self._find_watched(now)
+        batch = glide.Batch(is_atomic=False)
+        ended: list[tuple[_Leading, bytes]] = []
+        commands = 0
+        for leading in self._leading:
+            end = _end_of(leading.flight)
+            if leading.watched and (fields := self._news(leading, end)):
+                leading.sequence += 1
+                fields.insert(0, (b"n", str(leading.sequence).encode()))
+                stream = stream_name(leading.flight_id)
+                batch.custom_command(
+                    ["XADD", stream, "MAXLEN", "~", str(STREAM_CAP), "*"]
+                    + [part for pair in fields for part in pair]
+                )
+                batch.pexpire(stream, 2 * self.lease_ms)
+                commands += 2
+            if end is not None:
+                ended.append((leading, end))
+            elif now - leading.renewed_at >= self.lease / 3:
+                leading.renewed_at = now
+                batch.pexpire(lease_name(leading.key), self.lease_ms)
+                commands += 1
+        if commands:
+            with contextlib.suppress(TierUnavailable):  # followers notice the silence
+                await self.tier.call(lambda client: client.exec(batch, raise_on_error=False))
+        for leading, end in ended:
+            self._leading.remove(leading)
+            if end != _END_OK:  # the next request tries again (or a follower takes over)
+                await self._release(leading)
+
+    async def _find_watched(self, now: float) -> None:
+        """Which leading flights have followers now: one MGET every WATCH_EVERY."""
+        unwatched = [leading for leading in self._leading if not leading.watched]
+        if not unwatched or now - self._watch_checked_at < WATCH_EVERY:
+            return
+        self._watch_checked_at = now
+        names = [watch_name(leading.flight_id) for leading in unwatched]
+        try:
+            marks = await self.tier.call(lambda client: client.mget(list(names)))
+        except TierUnavailable:
+            return
+        for leading, mark in zip(unwatched, marks, strict=True):
+            leading.watched = mark is not None
+
+    def _news(self, leading: _Leading, end: bytes | None) -> list[tuple[bytes, bytes]]:
+        """What the flight produced since the last entry, as stream fields."""
+        flight = leading.flight
+        key = leading.key
+        fields: list[tuple[bytes, bytes]] = []
+        if flight.committed and not leading.head_sent:
+            head = CachedResponse(flight.status, tuple(flight.headers), (), 0.0)
+            fields.append((b"h", encode(key, head, 0.0)))
+            leading.head_sent = True
+        if flight.open_to_joiners:  # else too large to share: its pieces were let go
+            pieces = flight.pieces[leading.pieces_sent :]
+            if pieces:
+                leading.pieces_sent += len(pieces)
+                chunks = CachedResponse(0, (), tuple(pieces), 0.0)
+                fields.append((b"c", encode(key, chunks, 0.0)))
+        if flight.error is not None:
+            fields.append((b"x", _error_json(flight.error)))
+        if end is not None:
+            fields.append((b"e", end))
+        return fields
+
+    async def _release(self, leading: _Leading) -> None:
+        from glide import Script  # optional: only a gateway with a tier gets here
+
+        script = Script(_RELEASE)  # type: ignore[no-untyped-call]
+        with contextlib.suppress(TierUnavailable):
+            await self.tier.call(
+                lambda client: client.invoke_script(
+                    script, keys=[lease_name(leading.key)], args=[leading.flight_id]
+                )
+            )
+
+    async def _read(self) -> None:
+        import glide  # optional: only a gateway with a tier gets here
+
+        now = trio.current_time()
+        wanted = {
+            stream_name(flight_id): following.last_id
+            for flight_id, following in self._following.items()
+            if len(following.entries) < QUEUED and not following.lost
+        }
+        if not wanted:
+            return
+        options = glide.StreamReadOptions(count=READ_COUNT)
+        try:
+            answer = await self.tier.call(lambda client: client.xread(wanted, options))
+        except TierUnavailable:
+            for following in self._following.values():
+                if now - following.heard_at > self.lease:
+                    self._lose(following)
+            return
+        for stream, entries in (answer or {}).items():
+            reading = self._following.get(_text(stream).removeprefix("ntonix:stream:"))
+            if reading is None:
+                continue
+            self._take(reading, entries, now)
+        silent = [f for f in self._following.values() if now - f.heard_at > self.lease / 2]
+        for following in silent:
+            await self._check_lease(following, now)
+
+    def _take(
+        self, following: _Following, entries: Mapping[bytes, list[list[bytes]]], now: float
+    ) -> None:
+        """Queue a stream's new entries for its following flight, in order, gaps refused."""
+        for entry_id, pairs in entries.items():
+            fields = {pair[0]: pair[1] for pair in pairs}
+            following.last_id = _text(entry_id)
+            following.heard_at = now
+            if int(fields.get(b"n", b"0")) != following.sequence + 1:
+                self._lose(following)  # a gap: the stream was trimmed or replaced
+                break
+            following.sequence += 1
+            following.entries.append(fields)
+        following.notify()
+
+    async def _check_lease(self, following: _Following, now: float) -> None:
+        name = lease_name(following.key)
+        try:
+            owner = await self.tier.call(lambda client: client.get(name))
+        except TierUnavailable:
+            return  # counted as silence: lost after a lease
+        if owner is not None and _text(owner) == following.flight_id:
+            following.heard_at = now
+        else:
+            self._lose(following)
+
+    def _lose(self, following: _Following) -> None:
+        following.lost = True
+        following.notify()
+
+
+def _end_of(flight: Flight) -> bytes | None:
+    """How a flight ended, for its followers; None while it runs and can be followed."""
+    if not flight.open_to_joiners:
+        return _END_ABANDONED  # too large to share: followers that sent nothing take over
+    if not flight.finished:
+        return None
+    if flight.aborted and not flight.failed:
+        return _END_ABANDONED
+    return _END_FAILED if flight.failed or flight.error else _END_OK
+
+
+def _error_json(error: GatewayError) -> bytes:
+    return json.dumps(
+        {"status": error.status, "code": error.code, "message": error.message}
+    ).encode()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
