@@ -14,11 +14,12 @@ it watched (it looks every WATCH_EVERY), so a flight nobody follows costs no str
 One task per worker publishes every leading flight (one pipeline per TICK) and one reads every
 following flight (one XREAD per TICK), so the calls grow with time, not with pieces or flights.
 
-A leader that dies stops renewing: once its lease is gone (or the tier stays unreadable for a
-lease), a following flight that has sent nothing to any client takes the lease and goes
-upstream itself (or, with the tier gone, goes upstream alone); one that has sent something ends
-with an error frame. A leader whose flight failed releases the lease so the next request tries
-again; one that succeeded leaves it to expire, while its answer is in the cache.
+A leader that dies stops renewing: once its lease is gone (or the tier's breaker is open, or
+its stream was unreadable for a lease), a following flight that has sent nothing to any client
+takes the lease and goes upstream itself (or, with the tier gone, goes upstream alone); one
+that has sent something ends with an error frame. A leader whose flight failed releases the
+lease so the next request tries again; one that succeeded leaves it to expire, while its
+answer is in the cache.
 """
 
 from __future__ import annotations
@@ -365,8 +366,9 @@ class SharedFlights:
         try:
             answer = await self.tier.call(lambda client: client.xread(wanted, options))
         except TierUnavailable:
+            # With the tier's breaker open nothing more will come: go on without it now.
             for following in self._following.values():
-                if now - following.heard_at > self.lease:
+                if now - following.heard_at > self.lease or not self.tier.up:
                     self._lose(following)
             return
         for stream, entries in (answer or {}).items():
