@@ -420,3 +420,46 @@ async def test_followers_that_sent_something_end_with_an_error_frame_when_the_le
     assert b"[DONE]" not in body
     assert mock.stats["requests"] == 1
     assert (await cache_stats(client, follower))["followers_lost"] == 1
+
+
+async def test_a_follower_whose_leader_ended_unseen_is_answered_from_the_cache(
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    mock = await start_mock()
+    config = tier_config(mock.url, valkey.url)
+    first_gateway = await start_gateway_with(config)
+    first = await client.post(f"{first_gateway}{CHAT}", json=chat("ended unseen"))
+    await stored_in_tier(client, first_gateway)
+    async with valkey.client() as raw:
+        (name,) = await raw.custom_command(["KEYS", "ntonix:cache:*"])
+        assert isinstance(name, bytes)
+        entry = await raw.get(name)
+        assert entry is not None
+        # As if a leader had finished just before a follower came, never publishing: its
+        # lease still held, its answer not yet in the cache.
+        lease = name.replace(b"ntonix:cache:", b"ntonix:flight:")
+        await raw.custom_command(["SET", lease, "ghost-1", "PX", "30000"])
+        await raw.delete([name])
+        follower = await start_gateway_with(config)
+        answers: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answers.append(await client.post(f"{follower}{CHAT}", json=chat("ended unseen")))
+
+        async def following() -> bool:
+            return (await cache_stats(client, follower))["flights_followed"] == 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await eventually(following)
+            await raw.set(name, entry)  # the leader's writer stores its answer
+            started = trio.current_time()
+        assert trio.current_time() - started < 2  # not the lease's 30 s
+
+    (answer,) = answers
+    assert answer.content == first.content
+    assert answer.headers["x-ntonix-cache"] == "coalesced"
+    assert mock.stats["requests"] == 1

@@ -218,6 +218,7 @@ class ResponseCache:
             max_entries=settings.max_entries, max_bytes=settings.max_bytes, ttl=settings.ttl
         )
         self._flights: dict[str, Flight] = {}
+        self._looking: dict[str, trio.Event] = {}  # keys being looked up in L2
         # (key, the flight that made it or None for an L2 hit, the response)
         self._offers, self._to_write = trio.open_memory_channel[
             tuple[str, Flight | None, CachedResponse]
@@ -236,7 +237,18 @@ class ResponseCache:
         whether this worker leads the key's flight or follows another worker's."""
         if self.shared is None:
             return None
-        response = await self.shared.fetch(key)
+        # One lookup per key at a time: the first one's answer (a lease, say) is acted on
+        # before the others look, so they join its flight rather than follow its lease.
+        while (pending := self._looking.get(key)) is not None:
+            await pending.wait()
+            if key in self._flights:
+                return None  # joinable, unless it cannot take joiners: then one of our own
+        looked = self._looking[key] = trio.Event()
+        try:
+            response = await self.shared.fetch(key)
+        finally:
+            del self._looking[key]
+            looked.set()
         if not isinstance(response, CachedResponse):
             return response
         self.hits += 1

@@ -23,37 +23,14 @@ import trio
 
 from ntonix.core.lru import CachedResponse
 from ntonix.core.shared_entry import UnusableEntry, decode, encode
-from ntonix.shared_flights import Follow, Lead, SharedFlights, lease_name
+from ntonix.shared_flights import LOOKUP, Follow, Lead, SharedFlights
+from ntonix.shared_keys import entry_name, lease_name
 from ntonix.tier import SharedTier, TierUnavailable
 
 if TYPE_CHECKING:
     import glide
 
 log = logging.getLogger("ntonix.shared")
-
-KEY_PREFIX = "ntonix:cache:"
-
-
-def entry_name(key: str) -> str:
-    """The Valkey key of the cache entry for `key`."""
-    return KEY_PREFIX + key
-
-
-# KEYS: per key its entry, then its flight's lease. ARGV: the lease in ms, then per key the
-# id to lead under. Per key: {1, the entry}, {2} (the lease is ours: lead) or {3, its holder}.
-_LOOKUP = """
-local out = {}
-for i = 1, #KEYS / 2 do
-  local value = redis.call('GET', KEYS[2 * i - 1])
-  if value then
-    out[i] = {1, value}
-  else
-    local holder = redis.call('SET', KEYS[2 * i], ARGV[i + 1], 'NX', 'PX', ARGV[1], 'GET')
-    if holder then out[i] = {3, holder} else out[i] = {2} end
-  end
-end
-return out
-"""
 
 
 class _Lookups:
@@ -77,7 +54,7 @@ class SharedCache:
         self._gathering: _Lookups | None = None
         from glide import Script  # optional: only a gateway with a tier gets here
 
-        self._script = Script(_LOOKUP)  # type: ignore[no-untyped-call]
+        self._script = Script(LOOKUP)  # type: ignore[no-untyped-call]
 
     async def fetch(self, key: str) -> CachedResponse | Lead | Follow | None:
         """The entry for `key` (with `stored_at` on this process's clock); on a miss, whether

@@ -40,6 +40,7 @@ import trio
 from ntonix.core.lru import CachedResponse
 from ntonix.core.shared_entry import UnusableEntry, decode, encode
 from ntonix.errors import GatewayError
+from ntonix.shared_keys import entry_name, lease_name, stream_name, watch_name
 from ntonix.tier import SharedTier, TierUnavailable
 
 if TYPE_CHECKING:
@@ -51,26 +52,31 @@ TICK = 0.01  # seconds between the publisher's pipelines and the reader's XREADs
 WATCH_EVERY = 0.05  # seconds between looks for new followers of the flights led
 STREAM_CAP = 100_000  # entries a stream keeps (a flight stops at 8 MiB long before)
 READ_COUNT = 256  # entries read per stream and tick
+# A followed stream silent this long has its lease and its cache entry looked at (a leader can
+# end, its answer stored, before it saw its follower), then again every SILENT_CHECK.
+SILENT_CHECK = 0.25
 QUEUED = 1024  # entries a following flight may hold unapplied before reading pauses for it
 # How a published flight ended: answered, failed (its error frame or error came before), or
 # abandoned (its last local listener left): its followers go on without it.
 _END_OK, _END_FAILED, _END_ABANDONED = b"ok", b"failed", b"abandoned"
 
+# KEYS: per key its entry, then its flight's lease. ARGV: the lease in ms, then per key the
+# id to lead under. Per key: {1, the entry}, {2} (the lease is ours: lead) or {3, its holder}.
+LOOKUP = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local value = redis.call('GET', KEYS[2 * i - 1])
+  if value then
+    out[i] = {1, value}
+  else
+    local holder = redis.call('SET', KEYS[2 * i], ARGV[i + 1], 'NX', 'PX', ARGV[1], 'GET')
+    if holder then out[i] = {3, holder} else out[i] = {2} end
+  end
+end
+return out
+"""
 # KEYS: the lease of the flight. ARGV: the flight id that must hold it.
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
-
-
-def lease_name(key: str) -> str:
-    return f"ntonix:flight:{key}"
-
-
-def stream_name(flight_id: str) -> str:
-    return f"ntonix:stream:{flight_id}"
-
-
-def watch_name(flight_id: str) -> str:
-    """Set by the first follower of a flight: only watched flights are published."""
-    return f"ntonix:watch:{flight_id}"
 
 
 @attrs.frozen
@@ -109,7 +115,8 @@ class _Following:
     flight_id: str
     last_id: str = "0-0"
     sequence: int = 0  # the next entry expected
-    heard_at: float = 0.0  # last entry, or the lease seen held
+    heard_at: float = 0.0  # last entry
+    checked_at: float = 0.0  # lease and entry last looked at
     entries: collections.deque[dict[bytes, bytes]] = attrs.Factory(collections.deque)
     lost: bool = False
     changed: trio.Event = attrs.Factory(trio.Event)
@@ -180,16 +187,25 @@ class SharedFlights:
                 )
             new_id = self.new_id()
             try:
-                owner = await self._take_lease(key, new_id)
+                answer = await self._take_over(key, new_id)
             except TierUnavailable:
                 self.taken_over += 1
                 await upstream(flight)  # the tier is gone: on our own
                 return
-            if owner is None:
+            if answer[0] == 1:  # its answer is in the cache after all
+                entry = _as_entry(key, answer[1])
+                if entry is None:  # an unusable entry is a miss: on our own
+                    self.taken_over += 1
+                    await upstream(flight)
+                else:
+                    await self._apply(flight, key, entry)
+                return
+            if answer[0] == 2:
                 self.taken_over += 1
                 self.lead(flight, key, new_id)
                 await upstream(flight)
                 return
+            owner = _text(answer[1])
             if owner == flight_id:
                 await trio.sleep(TICK)  # its lease is not released yet: ask again
             flight_id = owner  # else another follower took over first: follow it
@@ -244,12 +260,20 @@ class SharedFlights:
         with contextlib.suppress(TierUnavailable):
             await self.tier.call(lambda client: client.custom_command(command))
 
-    async def _take_lease(self, key: str, flight_id: str) -> str | None:
-        """Take the key's lease for `flight_id`: None if taken, else the id that holds it."""
-        lease_ms = str(self.lease_ms)
-        command = ["SET", lease_name(key), flight_id, "NX", "PX", lease_ms, "GET"]
-        owner = await self.tier.call(lambda client: client.custom_command(command))
-        return None if owner is None else _text(owner)
+    async def _take_over(self, key: str, flight_id: str) -> list[object]:
+        """The key's entry, else its lease for `flight_id`: the lookup script's answer."""
+        from glide import Script  # optional: only a gateway with a tier gets here
+
+        script = Script(LOOKUP)  # type: ignore[no-untyped-call]
+        names = [entry_name(key), lease_name(key)]
+        args = [str(self.lease_ms), flight_id]
+        answers = await self.tier.call(
+            lambda client: client.invoke_script(script, keys=names, args=args)
+        )
+        if not isinstance(answers, list) or len(answers) != 1:
+            raise TierUnavailable(f"unexpected answer from the lookup script: {answers!r}")
+        answer: list[object] = answers[0]
+        return answer
 
     # --- the two tasks ---------------------------------------------------------------------
 
@@ -368,7 +392,8 @@ class SharedFlights:
         except TierUnavailable:
             # With the tier's breaker open nothing more will come: go on without it now.
             for following in self._following.values():
-                if now - following.heard_at > self.lease or not self.tier.up:
+                heard = max(following.heard_at, following.checked_at)
+                if now - heard > self.lease or not self.tier.up:
                     self._lose(following)
             return
         for stream, entries in (answer or {}).items():
@@ -376,9 +401,14 @@ class SharedFlights:
             if reading is None:
                 continue
             self._take(reading, entries, now)
-        silent = [f for f in self._following.values() if now - f.heard_at > self.lease / 2]
-        for following in silent:
-            await self._check_lease(following, now)
+        silent = [
+            following
+            for following in self._following.values()
+            if now - max(following.heard_at, following.checked_at) > SILENT_CHECK
+            and not following.lost
+        ]
+        if silent:
+            await self._check_silent(silent, now)
 
     def _take(
         self, following: _Following, entries: Mapping[bytes, list[list[bytes]]], now: float
@@ -395,20 +425,41 @@ class SharedFlights:
             following.entries.append(fields)
         following.notify()
 
-    async def _check_lease(self, following: _Following, now: float) -> None:
-        name = lease_name(following.key)
+    async def _check_silent(self, silent: list[_Following], now: float) -> None:
+        """For each silent stream, its lease and its cache entry in one MGET: an entry is the
+        answer (its leader ended before it saw us); a lease gone or changed hands is a loss."""
+        names = [name for f in silent for name in (lease_name(f.key), entry_name(f.key))]
         try:
-            owner = await self.tier.call(lambda client: client.get(name))
+            values = await self.tier.call(lambda client: client.mget(list(names)))
         except TierUnavailable:
             return  # counted as silence: lost after a lease
-        if owner is not None and _text(owner) == following.flight_id:
-            following.heard_at = now
-        else:
-            self._lose(following)
+        for index, following in enumerate(silent):
+            following.checked_at = now
+            holder, value = values[2 * index], values[2 * index + 1]
+            entry = _as_entry(following.key, value) if following.sequence == 0 else None
+            if entry is not None:
+                following.entries.append(entry)
+                following.notify()
+            elif holder is None or _text(holder) != following.flight_id:
+                self._lose(following)
 
     def _lose(self, following: _Following) -> None:
         following.lost = True
         following.notify()
+
+
+def _as_entry(key: str, value: object) -> dict[bytes, bytes] | None:
+    """A cache entry as one stream entry (the head, every chunk and a normal end); None for
+    a value that is not a usable entry."""
+    if not isinstance(value, bytes):
+        return None
+    try:
+        stored = decode(key, value)
+    except UnusableEntry:
+        return None
+    head = CachedResponse(stored.status, stored.headers, (), 0.0)
+    chunks = CachedResponse(0, (), stored.chunks, 0.0)
+    return {b"h": encode(key, head, 0.0), b"c": encode(key, chunks, 0.0), b"e": _END_OK}
 
 
 def _end_of(flight: Flight) -> bytes | None:

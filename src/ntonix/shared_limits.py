@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from ntonix.core.limits import ClientLimits, Verdict
+from ntonix.shared_keys import limit_names
 from ntonix.tier import SharedTier, TierUnavailable
 
 log = logging.getLogger("ntonix.shared")
@@ -137,8 +138,7 @@ class KeyLimits:
     async def _admit_shared(self, tier: SharedTier, client: str) -> tuple[Verdict, Ticket]:
         local = self.local
         name = hashlib.sha256(client.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        # One hash tag: both keys of a client live on the same node of a cluster.
-        rate, slots = f"ntonix:limits:{{{name}}}:rate", f"ntonix:limits:{{{name}}}:slots"
+        rate, slots = limit_names(name)
         lease = f"{self._worker}:{next(self._ids)}"
         args = [str(local.per_minute), str(local.max_concurrent), str(self._lease_ms), lease]
         script = self._admit_script
