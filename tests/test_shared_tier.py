@@ -382,6 +382,7 @@ async def test_a_follower_that_sent_nothing_takes_over_from_a_dead_leader(
     assert answer.headers["x-ntonix-cache"] == "coalesced"
     assert mock.stats["requests"] == 2  # the dead leader's, then the follower's own
     assert (await cache_stats(client, follower))["takeovers"] == 1
+    await stored_in_tier(client, follower)  # having asked the backend, it stores the answer
 
 
 async def test_followers_that_sent_something_end_with_an_error_frame_when_the_leader_dies(

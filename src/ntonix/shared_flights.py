@@ -189,26 +189,31 @@ class SharedFlights:
             try:
                 answer = await self._take_over(key, new_id)
             except TierUnavailable:
-                self.taken_over += 1
-                await upstream(flight)  # the tier is gone: on our own
+                await self._go_upstream(flight, upstream)  # the tier is gone: on our own
                 return
             if answer[0] == 1:  # its answer is in the cache after all
                 entry = _as_entry(key, answer[1])
                 if entry is None:  # an unusable entry is a miss: on our own
-                    self.taken_over += 1
-                    await upstream(flight)
+                    await self._go_upstream(flight, upstream)
                 else:
                     await self._apply(flight, key, entry)
                 return
             if answer[0] == 2:
-                self.taken_over += 1
                 self.lead(flight, key, new_id)
-                await upstream(flight)
+                await self._go_upstream(flight, upstream)
                 return
             owner = _text(answer[1])
             if owner == flight_id:
                 await trio.sleep(TICK)  # its lease is not released yet: ask again
             flight_id = owner  # else another follower took over first: follow it
+
+    async def _go_upstream(
+        self, flight: Flight, upstream: Callable[[Flight], Awaitable[None]]
+    ) -> None:
+        """Take over: the flight asks the backend itself, and stores what it gets."""
+        self.taken_over += 1
+        flight.follower = False
+        await upstream(flight)
 
     async def _replay(self, flight: Flight, following: _Following) -> bool:
         """Apply the stream's entries to `flight` until it ends (True) or is lost (False)."""
