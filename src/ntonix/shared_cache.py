@@ -7,8 +7,9 @@ foreign) is a miss, counted as `rejected`. Every call is a tier call: within the
 failed or skipped one is a miss too; the request goes on with L1 alone.
 
 A call to Valkey costs the gateway about as much CPU as a tenth of a request, so calls are
-shared: the lookups that arrive within one scheduling round go out as one MGET, and the writer
-sends the entries waiting for it as one pipeline of SETs.
+shared: the lookups that arrive within one scheduling round go out as one script call (per
+key: the entry, or else the key's flight lease, shared_flights.py), and the writer sends the
+entries waiting for it as one pipeline of SETs.
 """
 
 from __future__ import annotations
