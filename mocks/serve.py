@@ -6,8 +6,8 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config
 
-from mocks.backend import MockLLM
-from mocks.lean import serve_lean
+from .backend import MockLLM
+from .lean import serve_lean
 
 
 def _hypercorn_config(host: str, port: int) -> Config:
