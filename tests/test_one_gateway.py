@@ -1,5 +1,5 @@
-"""`ntonix serve --workers 2` observed as one gateway: /metrics and /ntonix/status, whichever
-worker answers, equal the sum of what both workers did.
+"""`ntonix serve --workers 2` observed as one gateway: /metrics, /ntonix/status and the
+dashboard's feed, whichever worker answers, equal the sum of what both workers did.
 
 Which worker holds a connection is read from the kernel (/proc): the worker process whose
 descriptors include the gateway's end of that TCP connection.
@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import open_websocket_url
 
 from tests.conftest import StartMock
 from tests.support import Spawn, chat, serve_two_workers, workers_of
@@ -188,6 +189,7 @@ async def test_two_workers_report_the_sum_of_what_both_did_whichever_answers(
                 holding[await nursery.start(hold_stream, len(holding))] += 1
         asked = await _until_both_answered(url, "/ntonix/status", workers, port)
         scraped = await _until_both_answered(url, "/metrics", workers, port)
+        fed = await _until_both_fed(port, workers)
         release.set()
     streams = holding.total()
     for status in map(json.loads, asked):
@@ -198,6 +200,13 @@ async def test_two_workers_report_the_sum_of_what_both_did_whichever_answers(
     for samples in map(_samples, scraped):
         assert samples[("ntonix_active_requests", ())] == streams
         assert samples[("ntonix_backend_in_flight_requests", (("backend", "m"),))] == streams
+    for snapshot in fed:
+        assert snapshot["workers"] == 2
+        assert snapshot["backends"][0]["active_requests"] == streams
+        assert snapshot["rates"]["active_requests"] == streams
+        assert snapshot["cache"]["hits"] == count
+        # The last minute's finished requests, second by second, from both workers' windows.
+        assert sum(second["requests"] for second in snapshot["series"]) == 4 * count
     assert await gateway.stop() == 0
     assert b"Traceback" not in gateway.output
 
@@ -212,3 +221,15 @@ async def _until_both_answered(url: str, path: str, workers: list[int], port: in
             answered[pid] += 1
             bodies.append(text)
     return bodies
+
+
+async def _until_both_fed(port: int, workers: list[int]) -> list[dict[str, Any]]:
+    """The dashboard's first snapshot, on new connections until each worker has sent two."""
+    snapshots: list[dict[str, Any]] = []
+    answered: Counter[int] = Counter()
+    with trio.fail_after(60):
+        while min(answered[pid] for pid in workers) < 2:
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/ntonix/dashboard/ws") as feed:
+                snapshots.append(json.loads(await feed.get_message()))
+                answered[worker_holding(workers, port, feed.local.port)] += 1
+    return snapshots
