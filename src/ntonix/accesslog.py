@@ -122,6 +122,9 @@ class AccessLog:
                 log.error("access log %s: cannot write: %s", self.target, error)
 
     async def close(self) -> None:
+        """The last flush, once no request can end any more (after the drain): what is pending
+        goes to the file first, and only then is the file let go."""
+        await self.flush()
         self.replace("off", None)
         await self.flush()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -60,6 +61,8 @@ class Gateway:
         self._config = config
         self._config_file = config_file
         self._workers = workers
+        # Built without a config: `ntonix:app` under the plain hypercorn command.
+        self._hypercorn_command = config is None
         self.proxy: Proxy | None = None
         self._probers: Probers | None = None
         self._keys = ApiKeys(())
@@ -195,6 +198,8 @@ class Gateway:
             supervisor.start_soon(self._reload_on_sighup)
             if self._workers is not None:
                 await supervisor.start(self._workers.serve, self._own_figures)
+            if self._hypercorn_command:
+                supervisor.start_soon(_drain_hypercorn_on_sigterm)
             self._started_at = time.monotonic()
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown
@@ -443,6 +448,25 @@ def config_for_hypercorn_command() -> Config:
     # without the send timeout `ntonix serve` sets on its own: set it on them here.
     set_send_timeout_on_listening_sockets()
     return config
+
+
+async def _drain_hypercorn_on_sigterm() -> None:
+    """A worker of the plain hypercorn command passes SIGTERM on to Hypercorn's parent process.
+
+    Hypercorn's workers keep SIGTERM's default action, so a SIGTERM to the whole process group
+    (systemd's default, `kill 0`) would end them at once: streams cut, access-log lines lost.
+    The parent drains every worker when it gets SIGTERM; telling it again is harmless. A single
+    process (`--workers 0`), or one whose parent is gone, ends on SIGTERM as it always did.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    with trio.open_signal_receiver(signal.SIGTERM) as received:
+        async for _ in received:
+            if not parent.is_alive():
+                break
+            os.kill(cast(int, parent.pid), signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)
 
 
 async def refuse(
