@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import attrs
 import httpx
 import pytest
 import trio
 
+from mocks.llm import MockLLM, MockOptions, serve_mock
 from tests.conftest import RunningMock, StartGatewayWith, StartMock
 from tests.support import (
     FAST_HEALTH,
@@ -426,7 +428,7 @@ async def test_ready_is_200_while_a_backend_is_healthy_and_503_once_all_are_open
     a, b = await start_steerable_mock("a"), await start_steerable_mock("b")
     gateway = await start_gateway_with(gateway_config(backend(a.url, "a"), backend(b.url, "b")))
     ready = f"{gateway}/ntonix/ready"
-    assert (await client.get(ready)).status_code == 200
+    await eventually(lambda: _is_ready(client, ready))  # once the first probes have answered
     await eject(client, gateway, a, "a")
     assert (await client.get(ready)).status_code == 200
     await eject(client, gateway, b, "b")
@@ -435,6 +437,28 @@ async def test_ready_is_200_while_a_backend_is_healthy_and_503_once_all_are_open
     assert response.json() == {"ready": False}
     # Liveness is another matter: the gateway itself is fine.
     assert (await client.get(f"{gateway}/ntonix/health")).status_code == 200
+
+
+async def test_not_ready_from_the_start_until_the_only_backend_has_answered(
+    nursery: trio.Nursery, start_gateway_with: StartGatewayWith, client: httpx.AsyncClient
+) -> None:
+    url = closed_port_url()
+    gateway = await start_gateway_with(gateway_config(backend(url, "only"), health=FAST_HEALTH))
+    ready = f"{gateway}/ntonix/ready"
+    response = await client.get(ready)
+    assert (response.status_code, response.json()) == (503, {"ready": False})
+    # One probe refused: the circuit is still closed, and nothing has ever answered.
+    found = await wait_for_backend(client, gateway, "only", lambda b: b["probe"] == "failing")
+    assert found["state"] == "closed"
+    assert (await client.get(ready)).status_code == 503
+    port = int(url.rsplit(":", 1)[1])
+    await nursery.start(partial(serve_mock, MockLLM(MockOptions(name="only")), port=port))
+    await eventually(lambda: _is_ready(client, ready))
+    assert (await record(client, gateway, "only"))["probe"] == "ok"
+
+
+async def _is_ready(client: httpx.AsyncClient, url: str) -> bool:
+    return (await client.get(url)).status_code == 200
 
 
 async def test_all_backends_open_answers_503_with_retry_after_at_once(

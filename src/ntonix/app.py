@@ -335,13 +335,9 @@ class Gateway:
             await send_json(send, 200, {"models": [{"name": m, "model": m} for m in models]})
 
     def ready(self) -> bool:
-        """At least one backend is healthy: its circuit is not open and it is not draining.
-        (A 429 back-off is not ill health: it keeps the backend's place.)"""
+        """Some backend has answered since start and is healthy now (`HealthTable.ready`)."""
         proxy = self.proxy
-        if proxy is None:
-            return False
-        snapshots = proxy.health.snapshot(trio.current_time())
-        return any(s.state != "open" and not s.draining for s in snapshots)
+        return proxy is not None and proxy.health.ready(trio.current_time())
 
     def _own_figures(self, window: bool) -> Figures:
         assert self.proxy is not None

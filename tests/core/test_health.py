@@ -217,6 +217,40 @@ def test_failing_probes_take_a_backend_out_even_with_live_successes_between() ->
     assert table.snapshot(0)[0].probe == "ok"
 
 
+def test_not_ready_until_a_backend_has_answered() -> None:
+    table = _table()
+    assert not table.ready(0)  # closed circuits, but nothing has answered yet
+    _probe(table, "a", Outcome.CONNECT_FAILED)
+    _request(table, "b", Outcome.TIMED_OUT)
+    _request(table, "b", Outcome.CLIENT_DISCONNECTED)  # proves nothing
+    _probe(table, "b", Outcome.UPSTREAM_5XX)
+    assert not table.ready(0)
+    _probe(table, "a", Outcome.COMPLETED)
+    assert table.ready(0)
+
+
+@pytest.mark.parametrize("outcome", [Outcome.COMPLETED, Outcome.UPSTREAM_4XX, Outcome.UPSTREAM_429])
+def test_a_request_answered_by_a_backend_makes_the_table_ready(outcome: Outcome) -> None:
+    table = _table()
+    _request(table, "a", outcome)
+    assert table.ready(0)  # a 429's back-off is a moment, not ill health
+
+
+def test_not_ready_once_every_backend_that_answered_is_out() -> None:
+    table = _table()
+    _probe(table, "a", Outcome.COMPLETED)
+    for _ in range(3):
+        _request(table, "a", Outcome.UPSTREAM_5XX)
+    assert _state(table, "a") == "open"
+    assert not table.ready(1)  # b never answered: it does not count
+    trial = table.begin("a", 10)  # half-open, its trial in flight: not ejected any more
+    assert trial is not None and trial.trial and table.ready(10)
+    table.end(trial, Outcome.COMPLETED, 10)
+    for _ in range(3):
+        _probe(table, "a", Outcome.TIMED_OUT, 11)
+    assert not table.ready(11)
+
+
 def test_in_flight_counts_requests_not_probes() -> None:
     table = _table()
     one, two = table.begin("a", 0), table.begin("a", 0)

@@ -134,6 +134,7 @@ class _Record:
     probe_error: str = ""
     backoff_until: float | None = None
     draining: bool = False
+    answered: bool = False  # a probe or a request has had a live answer from it since start
 
     @property
     def in_flight(self) -> int:
@@ -285,6 +286,8 @@ class HealthTable:
             self.transitions[(record.name, transition.before.value, transition.after.value)] += 1
         if verdict is Verdict.FAILED:
             record.last_error = error or outcome.value
+        elif verdict is Verdict.ALIVE:
+            record.answered = True
         if outcome is Outcome.UPSTREAM_429:
             record.backoff_until = max(
                 record.backoff_until or now, now + self._backoff(retry_after)
@@ -323,6 +326,21 @@ class HealthTable:
             if ready_at > now:
                 waits.append(ready_at - now)
         return max(1, math.ceil(min(waits, default=DEFAULT_RETRY_AFTER)))
+
+    def ready(self, now: float) -> bool:
+        """Some backend has answered (a probe or a request) since start and is well now: its
+        circuit is not open, its probes pass, it is not draining.
+
+        Until a first answer, nothing says a backend is there at all. A 429 back-off or a
+        half-open trial in flight keeps the backend's place: they are moments, not ill health.
+        """
+        return any(
+            record.answered
+            and not record.draining
+            and record.breaker.statistics(now).state is not State.OPEN
+            and record.probe_failures < self._settings.failure_threshold
+            for record in self._records.values()
+        )
 
     def served_models(self, now: float) -> list[str]:
         """The union of known models over eligible backends, for /v1/models and /api/tags."""
