@@ -138,7 +138,11 @@ async def test_no_first_byte_in_time_is_504_and_closes_upstream(
         f"{gateway}/v1/chat/completions", json=chat(), headers={"x-mock-hang": "1"}
     )
     assert response.status_code == 504
-    assert _error(response)["code"] == "backend_timeout"
+    error = _error(response)
+    assert error["code"] == "backend_timeout"
+    assert error["message"] == "Backend backend-0 sent no response: timed out after 0.3 s"
+    last_error = (await status(client, gateway))["backends"][0]["last_error"]
+    assert last_error == error["message"]
     # The gateway gave up on the backend, so it closed the upstream: generation stops.
     await wait_until(lambda: mock.stats["client_disconnects"] == 1, timeout=2)
 

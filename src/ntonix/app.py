@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ntonix import dashboard, overview
 from ntonix.accesslog import AccessLog, open_target
+from ntonix.announce import log_circuit_change, log_start
 from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
 from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
@@ -54,13 +55,16 @@ class Gateway:
         *,
         config_file: str | None = None,
         workers: WorkerGroup | None = None,
+        announce: bool = True,
     ) -> None:
         """With no config, it is loaded when the server starts (see `load_config`);
         `config_file` is what SIGHUP and POST /ntonix/reload re-read; `workers` makes this
-        one of N worker processes that show one gateway (ntonix.gathering)."""
+        one of N worker processes that show one gateway (ntonix.gathering). `announce` logs the
+        setup at start (one worker of N says it for all)."""
         self._config = config
         self._config_file = config_file
         self._workers = workers
+        self._announce = announce
         # Built without a config: `ntonix:app` under the plain hypercorn command.
         self._hypercorn_command = config is None
         self.proxy: Proxy | None = None
@@ -183,7 +187,11 @@ class Gateway:
         except (OSError, ValueError) as error:
             await send({"type": "lifespan.startup.failed", "message": f"Cannot start: {error}"})
             return
-        health = HealthTable(config.backends, _breaker_settings(config))
+        health = HealthTable(
+            config.backends, _breaker_settings(config), on_change=log_circuit_change
+        )
+        if self._announce:
+            log_start(config, self._config_file)
         # The supervisor: long-lived tasks live here, and it outlives every request, because
         # Hypercorn drains requests before it sends lifespan.shutdown.
         async with trio.open_nursery() as supervisor:

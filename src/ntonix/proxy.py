@@ -204,6 +204,9 @@ class Proxy:
                 if failed:
                     tallies.failovers[ticket.name] += 1
                 return
+            # Logged even when another backend then answers: a refused connection, a timeout
+            # or a TLS certificate that does not verify must not pass unnoticed behind a retry.
+            log.warning("request %s: %s", downstream.request_id.decode(), last_error.message)
             failed = ticket.name
         assert last_error is not None
         raise last_error
@@ -282,11 +285,14 @@ class Proxy:
                     connection = await pool.connect()
                 if connection is None:
                     report.outcome = Outcome.TIMED_OUT
-                    return upstream_error(
+                    timeout = settings.upstream_connect_timeout
+                    error = upstream_error(
                         504,
                         "backend_connect_timeout",
-                        f"Connecting to backend {ticket.name} timed out",
+                        f"Connecting to backend {ticket.name} timed out after {timeout} s",
                     )
+                    report.error = error.message
+                    return error
             sent_at = trio.current_time()
             with trio.move_on_after(settings.first_byte_timeout) as waiting:
                 await connection.send_request(
@@ -298,9 +304,14 @@ class Proxy:
                 response = await connection.receive_response()
             if waiting.cancelled_caught:
                 report.outcome = Outcome.TIMED_OUT
-                return upstream_error(
-                    504, "backend_timeout", f"Backend {ticket.name} sent no response in time"
+                timeout = settings.first_byte_timeout
+                error = upstream_error(
+                    504,
+                    "backend_timeout",
+                    f"Backend {ticket.name} sent no response: timed out after {timeout} s",
                 )
+                report.error = error.message
+                return error
             report.ttfb = trio.current_time() - sent_at
             status = response.status_code
             answered = outcome_of_status(status)
@@ -332,9 +343,6 @@ class Proxy:
         except GatewayError as error:
             report.outcome = Outcome.CONNECT_FAILED
             report.error = error.message
-            # Logged even when another backend then answers: a refused connection or a TLS
-            # certificate that does not verify must not pass unnoticed behind a retry.
-            log.warning("request %s: %s", exchange.downstream.request_id.decode(), error.message)
             return error
         finally:
             if connection is not None:

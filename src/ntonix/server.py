@@ -300,7 +300,9 @@ def _worker_process(
     it serves (SIGHUP through the gateway's reloader)."""
     # Spawned, so the parent's logging set-up did not come along.
     logging.config.dictConfig(WORKER_LOGGING)
-    gateway = Gateway(config, config_file=config_file, workers=WorkerGroup(figures))
+    gateway = Gateway(
+        config, config_file=config_file, workers=WorkerGroup(figures), announce=index == 0
+    )
     # The parent closes the pipe to stop every worker (and the kernel does it if the parent
     # dies); a Ctrl-C in a terminal reaches the workers too.
     until_stopped = partial(

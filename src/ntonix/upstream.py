@@ -5,12 +5,16 @@ pool slots when requests were cancelled while waiting (docs/BENCHMARKS.md). Why 
 the connection is the one cancel signal every LLM server understands, so a cancelled request
 closes its socket at once and the backend stops generating.
 
-This is the one place where socket, TLS and h11 errors become `GatewayError`s. Callers own the
-timeouts (`trio.fail_after` around each phase); nothing here waits on a clock.
+This is the one place where socket, TLS and h11 errors become `GatewayError`s, and where any
+failed connection (the probers' too) is put in plain words: "connection refused by
+127.0.0.1:11434", never the text of the exception groups that Trio raises for a connect.
+Callers own the timeouts (`trio.fail_after` around each phase); nothing here waits on a clock.
 """
 
 from __future__ import annotations
 
+import errno
+import socket
 import ssl
 from typing import cast
 
@@ -50,13 +54,55 @@ def _gateway_error(
     return upstream_error(
         502,
         "backend_unreachable" if doing == "connecting" else "backend_connection_broken",
-        f"Backend {backend.name} failed while {doing}: {_describe(error.__cause__ or error)}",
+        f"Backend {backend.name} failed while {doing}: {describe_failure(error, backend)}",
     )
 
 
-def _describe(error: BaseException) -> str:
+def describe_failure(error: BaseException, backend: BackendSettings) -> str:
+    """What went wrong with a connection to `backend`, in plain words: "connection refused by
+    127.0.0.1:11434". Each distinct root cause once (a host name may have several addresses)."""
+    host = f"[{backend.host}]" if ":" in backend.host else backend.host
+    address = f"{host}:{backend.port}"
+    words = (_in_words(cause, backend.host, address) for cause in _root_causes(error))
+    return "; ".join(dict.fromkeys(words))
+
+
+def _root_causes(error: BaseException) -> list[BaseException]:
+    """The errors at the bottom of `error`'s chain: Trio raises an OSError from an exception
+    group of one error per address tried; httpx wraps httpcore's error, which holds the
+    original as its argument."""
+    if isinstance(error, BaseExceptionGroup):
+        return [cause for inner in error.exceptions for cause in _root_causes(inner)]
+    inner = error.__cause__
+    if inner is None and error.args and isinstance(error.args[0], BaseException):
+        inner = error.args[0]
+    return [error] if inner is None else _root_causes(inner)
+
+
+_ERRNO_WORDS = {
+    errno.ECONNREFUSED: "connection refused by {}",
+    errno.ECONNRESET: "connection reset by {}",
+    errno.ECONNABORTED: "connection aborted by {}",
+    errno.EPIPE: "connection closed by {}",
+    errno.EHOSTUNREACH: "no route to host {}",
+    errno.ENETUNREACH: "network unreachable for {}",
+    errno.ETIMEDOUT: "connection to {} timed out",
+}
+
+
+def _in_words(error: BaseException, host: str, address: str) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed ({error.verify_message})"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake with {address} failed ({error.reason or error})"
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve {host} ({error.strerror})"
+    if isinstance(error, OSError) and error.errno in _ERRNO_WORDS:
+        return _ERRNO_WORDS[error.errno].format(address)
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror.lower()} ({address})"
+    if isinstance(error, trio.BrokenResourceError | trio.ClosedResourceError):
+        return f"connection to {address} broken"
     return str(error) or type(error).__name__
 
 

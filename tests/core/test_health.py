@@ -251,6 +251,31 @@ def test_not_ready_once_every_backend_that_answered_is_out() -> None:
     assert not table.ready(11)
 
 
+def test_every_circuit_change_is_told_once_with_its_reason() -> None:
+    changes: list[str] = []
+    table = HealthTable([Backend("a")], SETTINGS, on_change=lambda c: changes.append(str(c)))
+    stale = table.begin("a", 0)
+    assert stale is not None
+    _request(table, "a", Outcome.CONNECT_FAILED, 0)
+    _probe(table, "a", Outcome.CONNECT_FAILED, 0, error="connection refused by h:1")
+    _request(table, "a", Outcome.TIMED_OUT, 0)
+    table.end(stale, Outcome.COMPLETED, 0)  # began before the opening: changes nothing
+    abandoned = table.begin("a", 10)  # the open period is over: a request is the trial
+    assert abandoned is not None
+    table.end(abandoned, Outcome.CLIENT_DISCONNECTED, 10)  # no verdict: still half-open
+    _probe(table, "a", Outcome.TIMED_OUT, 10, error="health probe timed out after 2.0 s")
+    _probe(table, "a", Outcome.COMPLETED, 30)
+    assert changes == [
+        "backend a: circuit closed -> open: 3 failures in a row, the last: timed_out; "
+        "open for 10 s",
+        "backend a: circuit open -> half-open: open for 10 s; a request is the trial",
+        "backend a: circuit half-open -> open: the trial health probe failed: "
+        "health probe timed out after 2.0 s; open for 20 s",
+        "backend a: circuit open -> half-open: open for 20 s; a health probe is the trial",
+        "backend a: circuit half-open -> closed: the trial health probe succeeded",
+    ]
+
+
 def test_in_flight_counts_requests_not_probes() -> None:
     table = _table()
     one, two = table.begin("a", 0), table.begin("a", 0)
