@@ -362,16 +362,19 @@ class BrokenStream:
     path: str
     payload: dict[str, object]
 
-    def error_of(self, body: bytes) -> dict[str, str]:
-        """The error that ends the stream (an SSE `error` event or a final NDJSON line)."""
+    def message_of(self, body: bytes) -> str:
+        """The message of the error that ends the stream: an SSE `error` event in OpenAI's
+        shape, or a final NDJSON line in Ollama's (`{"error": "message"}`)."""
         if self.path == CHAT:
             last = sse_events(body)[-1]
             assert last.startswith(b"event: error\ndata: ")
-            payload = json.loads(last.split(b"data: ", 1)[1])
-        else:
-            payload = json.loads(body.splitlines()[-1])
-        error: dict[str, str] = payload["error"]
-        return error
+            error = json.loads(last.split(b"data: ", 1)[1])["error"]
+            assert error["code"] == "backend_connection_broken"
+            message: str = error["message"]
+            return message
+        payload = json.loads(body.splitlines()[-1])
+        assert set(payload) == {"error"} and isinstance(payload["error"], str)
+        return str(payload["error"])
 
 
 BROKEN_STREAMS = [
@@ -395,7 +398,8 @@ async def test_a_failure_after_the_first_byte_is_never_retried_and_ends_the_stre
         f"{gateway}{broken.path}", json=broken.payload, headers={"x-mock-drop-after": "3"}
     )
     assert response.status_code == 200  # committed before the backend broke
-    assert broken.error_of(response.content)["code"] == "backend_connection_broken"
+    message = broken.message_of(response.content)
+    assert message.endswith("closed the connection while streaming the response")
     assert b"[DONE]" not in response.content
     assert b'"done":true' not in response.content
     answered = response.headers["x-ntonix-backend"]

@@ -427,7 +427,18 @@ CASES = [
     Case("encoded_slash", raw(_head("GET", "/v1/chat%2fcompletions")), 400, b"invalid_path"),
     Case("double_slash", raw(_head("GET", "/v1//169.254.169.254/x")), 400, b"invalid_path"),
     Case("backslash", raw(_head("GET", "/v1/..\\..\\x")), 400, b"invalid_path"),
-    Case("leading_double_slash", raw(_head("GET", "//evil.example/v1/models")), 404),
+    Case(
+        "leading_double_slash",
+        raw(_head("GET", "//evil.example/v1/models")),
+        400,
+        b"invalid_path",
+    ),
+    # An encoded separator is refused wherever it stands, with the same message.
+    Case("encoded_slash_in_prefix", raw(_head("GET", "/v1%2Fmodels")), 400, b"invalid_path"),
+    Case("encoded_slash_in_own_route", raw(_head("GET", "/ntonix%2fstatus")), 400, b"invalid_path"),
+    # A known route asked with the wrong method is the gateway's own 405, never forwarded.
+    Case("get_on_a_post_route", raw(_head("GET", CHAT)), 405, b"method_not_allowed"),
+    Case("delete_on_ollama_chat", raw(_head("DELETE", "/api/chat")), 405, b"POST"),
     Case(
         # `@` is legal in a path; the request still goes only to the configured backend (whose
         # 404 the client gets), never to evil.example.

@@ -29,10 +29,10 @@ from ntonix.core.headers import request_id_of
 from ntonix.core.health import HealthTable
 from ntonix.core.hygiene import check_request
 from ntonix.core.limits import ClientLimits
-from ntonix.core.requests import is_proxied
+from ntonix.core.requests import is_proxied, method_error, path_error
 from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
 from ntonix.downstream import new_request_id
-from ntonix.errors import GatewayError, client_error
+from ntonix.errors import Dialect, GatewayError, client_error, dialect_of
 from ntonix.gathering import WorkerGroup
 from ntonix.listening import set_send_timeout_on_listening_sockets
 from ntonix.metrics import exposition
@@ -97,6 +97,8 @@ class Gateway:
                 if refused is not None:
                     close = scope["http_version"].startswith("1")
                     await refuse(send, record, refused, close=close)
+                elif (bad_path := path_error(scope["raw_path"])) is not None:
+                    await refuse(send, record, bad_path)  # the same 400 for every route
                 elif proxy is not None and api:
                     await self._client_request(scope, receive, send, proxy, record)
                 else:
@@ -163,7 +165,9 @@ class Gateway:
                 await refuse(send, record, error)
                 return
         try:
-            if scope["method"] == "GET" and scope["raw_path"] in _MODEL_LISTS:
+            if (wrong := method_error(scope["method"], scope["raw_path"])) is not None:
+                await refuse(send, record, wrong)
+            elif scope["method"] in ("GET", "HEAD") and scope["raw_path"] in _MODEL_LISTS:
                 await self._list_models(scope["raw_path"], recording(send, record))
             else:
                 await proxy.handle(scope, receive, send, record)
@@ -480,7 +484,7 @@ async def refuse(
     record.status = error.status
     record.outcome = "error"
     record.error = error.code
-    await send_error(send, error, close=close)
+    await send_error(send, error, dialect_of(record.path), close=close)
 
 
 def recording(send: Send, record: RequestRecord) -> Send:
@@ -499,11 +503,15 @@ def recording(send: Send, record: RequestRecord) -> Send:
     return send_and_note
 
 
-async def send_error(send: Send, error: GatewayError, *, close: bool = False) -> None:
-    """`close` asks Hypercorn (h11) to close the connection after this response: for a request
+async def send_error(
+    send: Send, error: GatewayError, dialect: Dialect, *, close: bool = False
+) -> None:
+    """The error in the client's dialect (OpenAI's or Ollama's shape).
+
+    `close` asks Hypercorn (h11) to close the connection after this response: for a request
     whose framing is in doubt, what follows it on the connection cannot be trusted. HTTP/1
     only: HTTP/2 forbids the header and its streams are framed by the protocol."""
     headers = error.headers()[1:]
     if close:
         headers.append((b"connection", b"close"))
-    await send_json(send, error.status, error.payload(), headers)
+    await send_json(send, error.status, error.payload(dialect), headers)

@@ -13,7 +13,7 @@ import trio
 from ntonix.asgi import Receive, Send, send_body
 from ntonix.core.framing import StreamKind, stream_error_frame, stream_kind
 from ntonix.core.telemetry import RequestRecord
-from ntonix.errors import GatewayError, client_error
+from ntonix.errors import GatewayError, client_error, dialect_of
 
 
 class ClientGone(Exception):
@@ -33,6 +33,7 @@ class Downstream:
     __slots__ = (
         "_send",
         "committed",
+        "dialect",
         "finished",
         "kind",
         "record",
@@ -44,6 +45,7 @@ class Downstream:
         self._send = send
         self.record = record
         self.request_id = record.request_id
+        self.dialect = dialect_of(record.path)  # the shape of its errors: OpenAI's or Ollama's
         self.committed = False
         self.finished = False
         self.kind = StreamKind.OTHER
@@ -83,12 +85,12 @@ class Downstream:
             self.finished = True  # as in `write`: the end of this send is no disconnect
             record.status = error.status
             record.outcome = "error"
-            body = error.body()
+            body = error.body(self.dialect)
             record.note_body(len(body), trio.current_time)
             await send_body(self._send, error.status, body, error.headers() + self._own_headers())
             return
         record.outcome = "stream_error"
-        frame = stream_error_frame(self.kind, self.tail, error.payload())
+        frame = stream_error_frame(self.kind, self.tail, error.payload(self.dialect))
         if frame is not None:
             await self.write(frame, more=False)
         # Else return without ending the body: Hypercorn then closes the connection mid-body,

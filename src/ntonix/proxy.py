@@ -164,6 +164,7 @@ class Proxy:
             downstream.request_id,
             coalesce=plan.lookup,
             store=plan.store,
+            dialect=downstream.dialect,
             run=partial(self.forward, scope, request, body, record=downstream.record),
         )
         await listen(flight, downstream)
