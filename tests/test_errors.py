@@ -15,7 +15,16 @@ import pytest
 import trio
 
 from tests.conftest import StartGateway, StartMock
-from tests.support import RawClient, chat, pool_totals, sse_events, status, wait_until
+from tests.support import (
+    RawClient,
+    answers_200,
+    chat,
+    eventually,
+    pool_totals,
+    sse_events,
+    status,
+    wait_until,
+)
 
 
 def _closed_port() -> int:
@@ -308,7 +317,8 @@ async def test_gateway_routes(
 ) -> None:
     gateway = await start_gateway(await start_mock())
     assert (await client.get(f"{gateway}/ntonix/health")).status_code == 200
-    assert (await client.get(f"{gateway}/ntonix/ready")).status_code == 200
+    # Ready once the backend has answered its first probe.
+    await eventually(lambda: answers_200(client, f"{gateway}/ntonix/ready"))
     snapshot = await status(client, gateway)
     assert snapshot["backends"][0]["name"] == "backend-0"
     assert snapshot["backends"][0]["state"] == "closed"

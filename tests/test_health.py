@@ -26,6 +26,7 @@ from tests.support import (
     RawClient,
     Spawn,
     SteerableMock,
+    answers_200,
     backend,
     backend_status,
     chat,
@@ -432,7 +433,7 @@ async def test_ready_is_200_while_a_backend_is_healthy_and_503_once_all_are_open
     a, b = await start_steerable_mock("a"), await start_steerable_mock("b")
     gateway = await start_gateway_with(gateway_config(backend(a.url, "a"), backend(b.url, "b")))
     ready = f"{gateway}/ntonix/ready"
-    await eventually(lambda: _is_ready(client, ready))  # once the first probes have answered
+    await eventually(lambda: answers_200(client, ready))  # once the first probes have answered
     await eject(client, gateway, a, "a")
     assert (await client.get(ready)).status_code == 200
     await eject(client, gateway, b, "b")
@@ -457,12 +458,8 @@ async def test_not_ready_from_the_start_until_the_only_backend_has_answered(
     assert (await client.get(ready)).status_code == 503
     port = int(url.rsplit(":", 1)[1])
     await nursery.start(partial(serve_mock, MockLLM(MockOptions(name="only")), port=port))
-    await eventually(lambda: _is_ready(client, ready))
+    await eventually(lambda: answers_200(client, ready))
     assert (await record(client, gateway, "only"))["probe"] == "ok"
-
-
-async def _is_ready(client: httpx.AsyncClient, url: str) -> bool:
-    return (await client.get(url)).status_code == 200
 
 
 async def test_all_backends_open_answers_503_with_retry_after_at_once(
