@@ -83,15 +83,17 @@ async def test_every_circuit_change_is_one_line_with_its_reason_in_plain_words(
         f"backend m: circuit closed -> open: 3 failures in a row, the last: {refused}; "
         "open for 0.5 s",
         "backend m: circuit open -> half-open: open for 0.5 s; a health probe is the trial",
-        f"backend m: circuit half-open -> open: the trial health probe failed: {refused}; "
-        "open for 1 s",
+        f"backend m: circuit half-open -> open: the trial failed: {refused}; open for 1 s",
     ]
     # Then, while the mock starts, perhaps more failed trials; at last one that succeeds.
     moves = [change.split(": ")[1] for change in changes[3:]]
     retries = (len(moves) - 2) // 2
     back = ["circuit open -> half-open", "circuit half-open -> open"] * retries
     assert moves == [*back, "circuit open -> half-open", "circuit half-open -> closed"]
-    assert changes[-1] == "backend m: circuit half-open -> closed: the trial health probe succeeded"
+    assert (
+        changes[-1]
+        == "backend m: circuit half-open -> closed: the trial (a health probe) succeeded"
+    )
     assert b"WARNING ntonix: backend m: circuit closed -> open" in gateway.output
     assert b"sub-exception" not in gateway.output
 

@@ -25,7 +25,7 @@ def start_lines(config: Config, config_file: str | None) -> list[str]:
             f"the built-in default, a local Ollama at {DEFAULT_BACKEND_URL.split('//')[1]}"
         )
     else:
-        origin = "config: given by the program that started the gateway, not read from a file"
+        origin = "config: built in code (ntonix demo, or a program that embeds the gateway)"
     lines = [origin]
     for backend in config.backends:
         models = ", ".join(backend.models) or "any"

@@ -269,10 +269,10 @@ def test_every_circuit_change_is_told_once_with_its_reason() -> None:
         "backend a: circuit closed -> open: 3 failures in a row, the last: timed_out; "
         "open for 10 s",
         "backend a: circuit open -> half-open: open for 10 s; a request is the trial",
-        "backend a: circuit half-open -> open: the trial health probe failed: "
+        "backend a: circuit half-open -> open: the trial failed: "
         "health probe timed out after 2.0 s; open for 20 s",
         "backend a: circuit open -> half-open: open for 20 s; a health probe is the trial",
-        "backend a: circuit half-open -> closed: the trial health probe succeeded",
+        "backend a: circuit half-open -> closed: the trial (a health probe) succeeded",
     ]
 
 

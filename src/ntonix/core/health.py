@@ -407,7 +407,6 @@ class HealthTable:
     def _announce(
         self, record: _Record, transition: Transition, error: str, ticket: Ticket, now: float
     ) -> None:
-        kind = "health probe" if ticket.probe else "request"
         stats = record.breaker.statistics(now)
         if transition.event is Event.FAILURE:
             reason = (
@@ -415,9 +414,9 @@ class HealthTable:
                 f"open for {stats.open_for:g} s"
             )
         elif transition.event is Event.TRIAL_FAILED:
-            reason = f"the trial {kind} failed: {error}; open for {stats.open_for:g} s"
+            reason = f"the trial failed: {error}; open for {stats.open_for:g} s"
         else:
-            reason = f"the trial {kind} succeeded"
+            reason = f"the trial ({'a health probe' if ticket.probe else 'a request'}) succeeded"
         self._tell(record, transition.after, reason)
 
     def _tell(self, record: _Record, state: State, reason: str) -> None:
