@@ -44,6 +44,25 @@ async def test_the_setup_is_logged_at_start(tmp_path: Path, spawn: Spawn) -> Non
     assert _messages(gateway.output, "ntonix.server") == [f"Running on {url} (CTRL + C to quit)"]
 
 
+async def test_the_plain_hypercorn_command_logs_the_setup_too(tmp_path: Path, spawn: Spawn) -> None:
+    config = tmp_path / "ntonix.toml"
+    config.write_text(
+        '[cache]\nenabled = false\n[[backends]]\nname = "m"\nurl = "http://10.0.0.9"\n'
+    )
+    gateway = await spawn(
+        PYTHON, "-m", "hypercorn", "--worker-class", "trio", "--bind", "127.0.0.1:0",
+        "ntonix:app", env={"NTONIX_CONFIG": str(config)},
+    )  # fmt: skip
+    await gateway.wait_for(RUNNING_ON)
+    assert _messages(gateway.output, "ntonix") == [
+        f"config: read from {config}",
+        "backend m: http://10.0.0.9, models any, weight 1, max_concurrent unlimited",
+        "balancer: least-connections",
+        "cache: off",
+        "access log: stderr",
+    ]
+
+
 async def test_without_a_config_file_the_log_says_the_built_in_default_is_used(
     tmp_path: Path, spawn: Spawn
 ) -> None:

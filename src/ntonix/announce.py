@@ -14,6 +14,19 @@ from ntonix.core.breaker import State
 from ntonix.core.health import CircuitChange
 
 log = logging.getLogger("ntonix")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_to_stderr_unless_configured() -> None:
+    """Under the plain hypercorn command: Hypercorn sets up only its own loggers, so without a
+    handler the gateway's INFO lines (its setup, a backend coming back) would go nowhere and
+    its warnings would lose their time and level. A logging config of the user's wins."""
+    if logging.getLogger().handlers or log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def start_lines(config: Config, config_file: str | None) -> list[str]:

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ntonix import dashboard, overview
 from ntonix.accesslog import AccessLog, open_target
-from ntonix.announce import log_circuit_change, log_start
+from ntonix.announce import log_circuit_change, log_start, log_to_stderr_unless_configured
 from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
 from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
@@ -443,6 +443,7 @@ def config_for_hypercorn_command() -> Config:
     A bad config ends the worker process with one line per problem and exit code 1. Any
     exception would be printed as a traceback instead.
     """
+    log_to_stderr_unless_configured()
     try:
         config = load_config()
     except ConfigError as error:
