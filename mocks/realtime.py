@@ -9,6 +9,7 @@ Handshake headers steer a session, like `x-mock-*` on HTTP:
 - `x-mock-status: 503` refuses the handshake with that status (an HTTP answer, no session);
 - `x-mock-close: 4001` (and `x-mock-close-reason`) closes right after `session.created`;
 - `x-mock-stall: 1` accepts, then never sends anything (what it is sent is read and dropped).
+`refuse_with` makes one backend refuse every handshake (a test sets it).
 A backend that vanishes without a close frame is a killed mock process (`python -m mocks.llm`):
 an ASGI app cannot drop its TCP connection.
 
@@ -52,7 +53,8 @@ class Realtime:
         self.refused = 0
         self.closes: deque[Closed] = deque(maxlen=MAX_CLOSES)
         self.last_headers: dict[str, str] = {}
-        self.changed = trio.Event()  # set (and replaced) whenever a session starts or ends
+        # Tests make one backend refuse every handshake with this status (0: accept).
+        self.refuse_with = 0
 
     def stats(self) -> RealtimeStats:
         return {
@@ -63,10 +65,6 @@ class Realtime:
             "last_headers": dict(self.last_headers),
         }
 
-    def _changed(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
     async def serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """One ASGI websocket connection."""
         if (await receive())["type"] != "websocket.connect":
@@ -76,7 +74,7 @@ class Realtime:
             for name, value in scope["headers"]
         }
         self.last_headers = headers
-        status = int(headers.get("x-mock-status", "0") or 0)
+        status = int(headers.get("x-mock-status", "0") or 0) or self.refuse_with
         if scope["path"] != PATH or status:
             self.refused += 1
             await _refuse(send, status or 404, f"no websocket at {scope['path']}")
@@ -85,12 +83,10 @@ class Realtime:
         await send({"type": "websocket.accept", "subprotocol": offered[0] if offered else None})
         self.sessions += 1
         self.active += 1
-        self._changed()
         try:
             await self._session(scope, receive, send, headers)
         finally:
             self.active -= 1
-            self._changed()
 
     async def _session(
         self, scope: dict[str, Any], receive: Any, send: Any, headers: dict[str, str]

@@ -124,6 +124,7 @@ class AccessLog:
                 log.error("access log %s: cannot write: %s", self.target, error)
 
     async def close(self) -> None:
+        await self.flush()  # the lines still pending go to the file they were written for
         self.replace("off", None)
         await self.flush()
 
