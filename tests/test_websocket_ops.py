@@ -3,6 +3,7 @@ what /metrics and the access log say about sessions."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from functools import partial
@@ -156,3 +157,30 @@ async def test_shutdown_gives_sessions_graceful_timeout_then_closes_them_with_10
     assert line["websocket"]["closed_by"] == "gateway"
     assert line["websocket"]["client_close"] == line["websocket"]["backend_close"] == 1001
     assert line["websocket"]["messages_in"] == 1 and line["websocket"]["messages_out"] >= 2
+
+
+async def test_the_openai_sdk_realtime_client_works_through_the_gateway(
+    start_mock: StartMock, start_gateway_with: StartGatewayWith
+) -> None:
+    pytest.importorskip("websockets", reason="pip install 'openai[realtime]'")
+    mock = await start_mock("a", tokens=3, ttft=0, token_delay=0)
+    gateway = await start_gateway_with(ws_config(backend(mock.url, "a")))
+
+    async def converse() -> list[str]:
+        from openai import AsyncOpenAI
+
+        client = AsyncOpenAI(base_url=f"{gateway}/v1", api_key="sk-client")
+        async with client.realtime.connect(model="mock-llm") as connection:
+            seen = [(await connection.recv()).type]
+            await connection.send({"type": "response.create"})
+            while seen[-1] != "response.text.done":
+                seen.append((await connection.recv()).type)
+            await connection.close(code=4002, reason="sdk done")
+        return seen
+
+    # The SDK speaks asyncio: it runs in a thread of its own.
+    seen = await trio.to_thread.run_sync(asyncio.run, converse())
+    assert seen == ["session.created", *["response.text.delta"] * 3, "response.text.done"]
+    await wait_until(lambda: mock.stats["realtime"]["active"] == 0)
+    assert mock.stats["realtime"]["closes"] == [{"code": 4002, "reason": "sdk done"}]
+    assert "authorization" not in mock.stats["realtime"]["last_headers"]
