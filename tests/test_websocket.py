@@ -138,6 +138,9 @@ async def test_refusals_are_http_statuses_read_before_the_handshake_completes(
     assert escaping[0] in (400, 404)
     forbidden = await refusal(ws_url(gateway), [*key, (b"x-mock-status", b"403")])
     assert forbidden[0] == 403  # the backend's own refusal, passed on
+    elsewhere = await refusal(ws_url(gateway, path="/api/realtime"), key)
+    assert elsewhere[0] == 404  # /api/* is proxied too: this mock serves only /v1/realtime
+    assert mock.stats["realtime"]["refused"] == 2
     async with open_websocket_url(ws_url(gateway), extra_headers=key) as ws:
         await ws.get_message()
         over = await refusal(ws_url(gateway), key)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mocks.llm import MockLLM, MockOptions
 from ntonix.config import LogSettings
 from ntonix.server import serve
 from tests.conftest import StartGatewayWith, StartMock
-from tests.support import PYTHON, Spawn, backend, status, wait_until
+from tests.support import PYTHON, RUNNING_ON, SERVE, Spawn, backend, status, wait_until
 from tests.websockets import answer_of, event, refusal, ws_config, ws_url
 
 
@@ -184,3 +185,26 @@ async def test_the_openai_sdk_realtime_client_works_through_the_gateway(
     await wait_until(lambda: mock.stats["realtime"]["active"] == 0)
     assert mock.stats["realtime"]["closes"] == [{"code": 4002, "reason": "sdk done"}]
     assert "authorization" not in mock.stats["realtime"]["last_headers"]
+
+
+async def test_sigterm_closes_open_sessions_with_1001_and_the_gateway_exits(
+    spawn: Spawn, start_mock: StartMock, tmp_path: Path
+) -> None:
+    mock = await start_mock("a")
+    config = tmp_path / "ntonix.toml"
+    config.write_text(
+        f'[gateway]\ngraceful_timeout = 1.0\n[[backends]]\nname = "a"\nurl = "{mock.url}"\n'
+    )
+    gateway = await spawn(*SERVE, "--config", str(config))
+    url = (await gateway.wait_for(RUNNING_ON)).group(1).decode()
+    async with open_websocket_url(ws_url(url)) as ws:
+        await ws.get_message()
+        gateway.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(3), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+    assert closed.value.reason is not None and closed.value.reason.code == 1001
+    with trio.fail_after(5):
+        assert await gateway.process.wait() == 0
+    await wait_until(lambda: mock.stats["realtime"]["active"] == 0)
+    assert mock.stats["realtime"]["closes"] == [{"code": 1001, "reason": "gateway shutting down"}]
