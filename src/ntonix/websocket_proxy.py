@@ -15,21 +15,18 @@ cancels its own nursery, which closes the upstream socket. A cancellation from o
 client's connection cancelled at the end of the drain) takes the same exits: the socket is
 closed and the outcome is still reported.
 
-Every `ConnectionClosed` is caught in the pump that sees it and turned into an `Ending`: none
-escapes into a nursery (where it would become an ExceptionGroup and a 1011).
+The relay itself (the pumps and watchers, the closes) is `websocket_relay.py`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from functools import partial
 
 import trio
 from trio_websocket import (
-    ConnectionClosed,
     ConnectionRejected,
     WebSocketConnection,
     wrap_client_stream,
@@ -43,28 +40,21 @@ from ntonix.core.requests import validate_target
 from ntonix.core.sessions import SessionCounts, SessionTallies
 from ntonix.core.telemetry import RequestRecord
 from ntonix.core.websocket import (
-    SHUTDOWN,
+    ABNORMAL,
     Ending,
-    backend_closed,
     client_accept_headers,
     client_closed,
-    idle_ending,
     session_model,
-    too_big,
     upstream_handshake_headers,
 )
 from ntonix.downstream import new_request_id
 from ntonix.errors import GatewayError, client_error, upstream_error
-from ntonix.hypercorn_ws import PINGS_EXTENSION, ClientPings
 from ntonix.proxy import Proxy, Report
 from ntonix.upstream import BackendPool
+from ntonix.websocket_relay import Relay, close_session, scope_pings
 
 log = logging.getLogger("ntonix.websocket")
 
-CLOSE_TIMEOUT = 1.0  # seconds the backend gets to answer our close frame
-# Sessions are closed this long before graceful_timeout runs out, so that the close frames go
-# out before the server cancels the connections.
-SHUTDOWN_MARGIN = 0.5
 # Messages trio-websocket queues from the backend before it stops reading (back-pressure).
 UPSTREAM_QUEUE = 1
 
@@ -197,7 +187,12 @@ class Sessions:
                 session.cancel_scope.cancel()
                 return
             try:
-                ending = await self._relay(scope, receive, send, record, upstream)
+                if waiting.cancel_called:  # the client left just as the backend accepted
+                    ending = client_closed(ABNORMAL, "")
+                    assert record.session is not None
+                    await close_session(ending, send, upstream, record.session)
+                else:
+                    ending = await self._relay(scope, receive, send, record, upstream)
                 report.outcome = ending.outcome
                 if ending.backend_failed:
                     report.error = f"the session's backend closed it with {ending.code}"
@@ -324,149 +319,10 @@ class Sessions:
                 pumps.start_soon(relay.close_on_shutdown, self._stopping, graceful)
             ending = relay.ending
             assert ending is not None
-            await _close(ending, send, upstream, counts)
+            await close_session(ending, send, upstream, counts)
             return ending
         finally:
             self.tallies.active -= 1
-
-
-class Relay:
-    """The two pumps of one accepted session and the watchers that may end it."""
-
-    def __init__(
-        self,
-        record: RequestRecord,
-        counts: SessionCounts,
-        max_message_size: int,
-        idle_timeout: float,
-        pings: ClientPings,
-    ) -> None:
-        self.record = record
-        self.counts = counts
-        self.max_message_size = max_message_size
-        self.idle_timeout = idle_timeout
-        self.pings = pings
-        # When each side last showed it is there: a message, a ping (client), a pong (backend).
-        self.client_seen = self.backend_seen = trio.current_time()
-        self.ending: Ending | None = None
-        self.nursery: trio.Nursery | None = None
-
-    def end(self, ending: Ending) -> None:
-        """The first ending wins; the relay's tasks are cancelled."""
-        if self.ending is None:
-            self.ending = ending
-        assert self.nursery is not None
-        self.nursery.cancel_scope.cancel()
-
-    async def client_to_backend(self, receive: Receive, upstream: WebSocketConnection) -> None:
-        record, counts = self.record, self.counts
-        while True:
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                self.end(client_closed(message.get("code", 1005), message.get("reason") or ""))
-                return
-            data: str | bytes | None = message.get("bytes")
-            if data is None:
-                data = message.get("text") or ""
-            size = _size(data)
-            if size > self.max_message_size:
-                self.end(too_big(self.max_message_size))
-                return
-            try:
-                await upstream.send_message(data)
-            except ConnectionClosed as closed:
-                self.end(_backend_ending(closed))
-                return
-            counts.messages_in += 1
-            record.bytes_in += size
-            self.client_seen = trio.current_time()
-
-    async def backend_to_client(self, upstream: WebSocketConnection, send: Send) -> None:
-        record, counts = self.record, self.counts
-        while True:
-            try:
-                data = await upstream.get_message()
-            except ConnectionClosed as closed:
-                self.end(_backend_ending(closed))
-                return
-            if isinstance(data, str):
-                await send({"type": "websocket.send", "text": data})
-            else:
-                await send({"type": "websocket.send", "bytes": data})
-            counts.messages_out += 1
-            record.bytes_out += _size(data)
-            self.backend_seen = trio.current_time()
-
-    async def watch_idle(self) -> None:
-        """A side silent for `idle_timeout` (no message, and no ping from the client or pong
-        from the backend) is taken for gone: the session is closed."""
-        while True:
-            client = max(self.client_seen, self.pings.last or -math.inf)
-            quiet = "client" if client <= self.backend_seen else "backend"
-            deadline = min(client, self.backend_seen) + self.idle_timeout
-            if trio.current_time() >= deadline:
-                self.end(idle_ending(quiet, self.idle_timeout))
-                return
-            await trio.sleep_until(deadline)
-
-    async def ping(self, upstream: WebSocketConnection, interval: float) -> None:
-        """Ping the backend every `interval`; its pong shows it is there. A backend that stops
-        answering is left to the idle watchdog."""
-        while True:
-            await trio.sleep(interval)
-            try:
-                await upstream.ping()
-            except ConnectionClosed:
-                return  # the backend pump reports it
-            self.backend_seen = trio.current_time()
-
-    async def close_on_shutdown(self, stopping: trio.Event, graceful_timeout: float) -> None:
-        await stopping.wait()
-        await trio.sleep(max(0.0, graceful_timeout - SHUTDOWN_MARGIN))
-        self.end(SHUTDOWN)
-
-
-def scope_pings(scope: Scope) -> ClientPings:
-    """The client's pings as Hypercorn (with `hypercorn_ws` installed) notes them; under
-    another server they are unseen, and only messages show the client is there."""
-    pings = scope.get("extensions", {}).get(PINGS_EXTENSION)
-    return pings if isinstance(pings, ClientPings) else ClientPings()
-
-
-def _backend_ending(closed: ConnectionClosed) -> Ending:
-    reason = closed.reason
-    if reason is None:
-        return backend_closed(1006, "")
-    return backend_closed(reason.code, reason.reason or "")
-
-
-def _size(data: str | bytes) -> int:
-    if isinstance(data, str) and not data.isascii():
-        return len(data.encode())
-    return len(data)
-
-
-async def _close(
-    ending: Ending, send: Send, upstream: WebSocketConnection, counts: SessionCounts
-) -> None:
-    """Phase close: each side still there gets the close the ending names."""
-    counts.closed_by = ending.closer.value
-    if ending.to_client is None:
-        counts.client_code = ending.code
-    else:
-        counts.client_code = ending.to_client.code
-        message = {
-            "type": "websocket.close",
-            "code": ending.to_client.code,
-            "reason": ending.to_client.reason,
-        }
-        await send(message)
-    if ending.to_backend is None:
-        counts.backend_code = ending.code
-    else:
-        counts.backend_code = ending.to_backend.code
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            await upstream.aclose(ending.to_backend.code, ending.to_backend.reason or None)
 
 
 async def _hold_upstream(
