@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -14,7 +15,15 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 from ntonix.config import AuthSettings, WebSocketSettings
 from tests.conftest import StartGatewayWith, StartMock
-from tests.support import backend, closed_port_url, status, wait_until
+from tests.support import (
+    RawClient,
+    backend,
+    closed_port_url,
+    status,
+    wait_for_backend,
+    wait_for_queued,
+    wait_until,
+)
 from tests.websockets import (
     MODEL,
     VanishingClient,
@@ -26,6 +35,11 @@ from tests.websockets import (
 )
 
 CLOSE_BOUND = 0.1  # seconds: a close reaches the other side within this
+
+
+def idle(record: dict[str, Any]) -> bool:
+    """A backend with no session or request in flight."""
+    return record["active_requests"] == 0
 
 
 async def test_text_and_binary_cross_unchanged_and_in_order(
@@ -65,8 +79,7 @@ async def test_the_client_close_reaches_the_backend_with_its_code_and_reason(
     took = await wait_until(lambda: mock.stats["realtime"]["active"] == 0)
     assert time.monotonic() - closed_at < CLOSE_BOUND, took
     assert mock.stats["realtime"]["closes"] == [{"code": 4005, "reason": "user hung up"}]
-    snapshot = await status(client, gateway)
-    assert snapshot["backends"][0]["active_requests"] == 0
+    await wait_for_backend(client, gateway, "a", idle, timeout=CLOSE_BOUND)
 
 
 @pytest.mark.parametrize(("code", "reason"), [(1000, "done"), (1008, "policy"), (4001, "quota")])
@@ -98,8 +111,7 @@ async def test_a_client_that_vanishes_closes_its_upstream_within_100ms(
     took = await wait_until(lambda: mock.stats["realtime"]["active"] == 0)
     assert took < CLOSE_BOUND
     assert mock.stats["realtime"]["closes"] == [{"code": 1001, "reason": "client gone"}]
-    snapshot = await status(client, gateway)
-    assert snapshot["backends"][0]["active_requests"] == 0
+    await wait_for_backend(client, gateway, "a", idle, timeout=CLOSE_BOUND)
 
 
 @pytest.mark.parametrize("direction", ["to_backend", "to_client"])
@@ -183,7 +195,7 @@ async def test_a_backend_down_or_refusing_at_handshake_time_is_skipped(
     by_name = {b["name"]: b for b in (await status(client, gateway))["backends"]}
     assert by_name["down"]["consecutive_failures"] >= 1
     assert "refused the WebSocket handshake with 503" in by_name["refusing"]["last_error"]
-    assert by_name["good"]["active_requests"] == 0
+    await wait_for_backend(client, gateway, "good", idle)
 
 
 async def test_an_idle_session_is_closed_and_pings_keep_one_alive(
@@ -230,3 +242,30 @@ async def test_a_client_that_stops_reading_gets_back_pressure_not_a_growing_buff
         assert 0 < sent < 50, sent
         for blob in blobs:  # reading lets the rest through: nothing lost or reordered
             assert await ws.get_message() == blob
+
+
+UPGRADE = (
+    b"GET /v1/realtime?model=mock-llm HTTP/1.1\r\nhost: gateway\r\nupgrade: websocket\r\n"
+    b"connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"sec-websocket-version: 13\r\n\r\n"
+)
+
+
+async def test_a_client_that_leaves_while_its_handshake_waits_leaves_nothing_behind(
+    start_mock: StartMock, start_gateway_with: StartGatewayWith, client: httpx.AsyncClient
+) -> None:
+    mock = await start_mock("a")
+    config = ws_config(backend(mock.url, "a", max_concurrent=1), queue_timeout=10)
+    gateway = await start_gateway_with(config)
+    async with open_websocket_url(ws_url(gateway)) as ws:
+        await ws.get_message()
+        waiting = await RawClient.connect(gateway)
+        await waiting.stream.send_all(UPGRADE)
+        await wait_for_queued(client, gateway, 1)
+        await waiting.hang_up()
+        await wait_for_queued(client, gateway, 0, timeout=CLOSE_BOUND)
+    await wait_until(lambda: mock.stats["realtime"]["active"] == 0)
+    async with open_websocket_url(ws_url(gateway)) as ws:  # no slot was lost
+        await ws.get_message()
+    assert mock.stats["realtime"]["sessions"] == 2
+    await wait_for_backend(client, gateway, "a", idle)

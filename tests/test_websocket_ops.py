@@ -23,7 +23,15 @@ from mocks.llm import MockLLM, MockOptions
 from ntonix.config import LogSettings
 from ntonix.server import serve
 from tests.conftest import StartGatewayWith, StartMock
-from tests.support import PYTHON, RUNNING_ON, SERVE, Spawn, backend, status, wait_until
+from tests.support import (
+    PYTHON,
+    RUNNING_ON,
+    SERVE,
+    Spawn,
+    backend,
+    wait_for_backend,
+    wait_until,
+)
 from tests.websockets import answer_of, event, refusal, ws_config, ws_url
 
 
@@ -96,7 +104,8 @@ async def test_a_hundred_sessions_spread_over_two_backends(
     counts = [m.stats["realtime"]["sessions"] for m in mocks]
     assert sum(counts) == 100 and min(counts) >= 40, counts
     await wait_until(lambda: all(m.stats["realtime"]["active"] == 0 for m in mocks))
-    assert all(b["active_requests"] == 0 for b in (await status(client, gateway))["backends"])
+    for name in "ab":
+        await wait_for_backend(client, gateway, name, lambda b: b["active_requests"] == 0)
     metrics = (await client.get(f"{gateway}/metrics")).text
     assert "ntonix_websocket_sessions_active 0.0" in metrics
     total = sum(
@@ -121,8 +130,7 @@ async def test_a_killed_backend_closes_its_sessions_with_1011(
             await ws.get_message()
     assert closed.value.reason is not None
     assert (closed.value.reason.code, closed.value.reason.reason) == (1011, "backend gone")
-    record = (await status(client, gateway))["backends"][0]
-    assert record["active_requests"] == 0
+    record = await wait_for_backend(client, gateway, "doomed", lambda b: b["active_requests"] == 0)
     assert record["consecutive_failures"] >= 1
 
 

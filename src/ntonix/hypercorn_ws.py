@@ -13,7 +13,7 @@
 `install()` swaps this stream in for Hypercorn's in its HTTP/1.1 and HTTP/2 protocols, which
 look the class up at each upgrade. Invariant: at most one `websocket.disconnect` reaches the app
 per connection, as before. Hypercorn internals: pyproject.toml pins hypercorn < 0.19, and
-tests/test_websocket_close.py covers both behaviours.
+tests/test_websocket.py covers both behaviours.
 """
 
 from __future__ import annotations
