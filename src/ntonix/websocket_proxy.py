@@ -55,6 +55,7 @@ from ntonix.websocket_relay import Relay, close_session, scope_pings
 
 log = logging.getLogger("ntonix.websocket")
 
+CLIENT_LEFT = 499  # the access log's status for a client gone before its answer (nginx's code)
 # Messages trio-websocket queues from the backend before it stops reading (back-pressure).
 UPSTREAM_QUEUE = 1
 
@@ -139,7 +140,7 @@ class Sessions:
     ) -> None:
         """Phase gate: the same key and limits as HTTP, then the route and the model."""
         if (await receive())["type"] != "websocket.connect":
-            record.outcome = "client_disconnected"
+            record.outcome, record.status = "client_disconnected", CLIENT_LEFT
             return
         admitted = self._admit_client(scope)
         if isinstance(admitted, GatewayError):
@@ -372,7 +373,7 @@ async def _cancel_if_client_leaves(
     `watch` is cancelled once the wait is over (the client pump then takes `receive`)."""
     with watch:
         if (await receive())["type"] == "websocket.disconnect":
-            record.outcome = "client_disconnected"
+            record.outcome, record.status = "client_disconnected", CLIENT_LEFT
             waiting.cancel()
 
 
