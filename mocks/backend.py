@@ -23,11 +23,11 @@ from hypercorn.typing import (
     Scope,
 )
 
-from mocks.answers import answer, is_generation
-from mocks.options import MockOptions
-from mocks.playback import Connection, Outcome, play
-from mocks.realtime import Realtime, RealtimeStats
-from mocks.replies import Reply, Request, error_reply, json_reply
+from .answers import answer, is_generation
+from .options import MockOptions
+from .playback import Connection, Outcome, play
+from .realtime import Realtime, RealtimeStats
+from .replies import Reply, Request, error_reply, json_reply
 
 STATS_PATH = "/mock/stats"
 MAX_DISCONNECTS = 10_000  # the most recent disconnects kept for benchmarks to read

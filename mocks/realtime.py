@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl
 
 import trio
 
-from mocks.options import MockOptions
+from .options import MockOptions
 
 PATH = "/v1/realtime"
 MAX_CLOSES = 1000

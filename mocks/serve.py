@@ -6,9 +6,10 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config
 
-from mocks.backend import MockLLM
-from mocks.lean import serve_lean
 from ntonix import hypercorn_ws
+
+from .backend import MockLLM
+from .lean import serve_lean
 
 
 def _hypercorn_config(host: str, port: int) -> Config:

@@ -122,3 +122,10 @@ async def spawn(nursery: trio.Nursery) -> AsyncIterator[Spawn]:
     yield start
     for child in children:
         await child.stop(signal.SIGTERM, timeout=5)
+
+
+@pytest.fixture
+def spawn_job(spawn: Spawn) -> Spawn:
+    """Like `spawn`, but each child leads its own process group, as a shell's job does: a
+    signal to the group reaches the workers too, as Ctrl-C in a terminal does."""
+    return partial(spawn, start_new_session=True)

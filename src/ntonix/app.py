@@ -14,15 +14,16 @@ from typing import cast
 import attrs
 import hypercorn.config
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from ntonix import __version__, dashboard, hypercorn_ws
+from ntonix import dashboard, hypercorn_ws, overview
 from ntonix.accesslog import AccessLog, open_target
 from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
 from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
 from ntonix.core.auth import ApiKeys, keys_from_file
 from ntonix.core.breaker import BreakerSettings
+from ntonix.core.figures import Figures, merge
 from ntonix.core.headers import request_id_of
 from ntonix.core.health import HealthTable
 from ntonix.core.hygiene import check_request
@@ -32,11 +33,12 @@ from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
 from ntonix.downstream import new_request_id
 from ntonix.errors import GatewayError, client_error
+from ntonix.gathering import WorkerGroup
 from ntonix.listening import set_send_timeout_on_listening_sockets
-from ntonix.metrics import GatewayCollector, Sources, exposition, registry_for
+from ntonix.metrics import exposition
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
-from ntonix.upstream import BackendPool, PoolStatistics, backend_ssl_context
+from ntonix.upstream import BackendPool, backend_ssl_context
 from ntonix.websocket_proxy import Sessions
 
 log = logging.getLogger("ntonix")
@@ -48,18 +50,25 @@ _OPEN_ROUTES = frozenset({b"/ntonix/health", b"/ntonix/ready"})
 class Gateway:
     """NTONIX as an ASGI app. Serve it with Hypercorn's trio worker."""
 
-    def __init__(self, config: Config | None = None, *, config_file: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        config_file: str | None = None,
+        workers: WorkerGroup | None = None,
+    ) -> None:
         """With no config, it is loaded when the server starts (see `load_config`);
-        `config_file` is what SIGHUP and POST /ntonix/reload re-read."""
+        `config_file` is what SIGHUP and POST /ntonix/reload re-read; `workers` makes this
+        one of N worker processes that show one gateway (ntonix.gathering)."""
         self._config = config
         self._config_file = config_file
+        self._workers = workers
         self.proxy: Proxy | None = None
         self.sessions: Sessions | None = None
         self.session_tallies = SessionTallies()
         # A proxied session passes on the code and reason of the client's close frame.
         hypercorn_ws.install()
         self._probers: Probers | None = None
-        self._metrics: CollectorRegistry | None = None
         self._keys = ApiKeys(())
         self._limits = ClientLimits(per_minute=0, max_concurrent=0)
         self._started_at = time.monotonic()
@@ -205,14 +214,18 @@ class Gateway:
             )
             supervisor.start_soon(self.access_log.flush_forever)
             self._limits = _client_limits(config)
-            self._metrics = registry_for(self._collector(self.proxy))
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
             supervisor.start_soon(self._reload_on_sighup)
+            if self._workers is not None:
+                await supervisor.start(self._workers.serve, self._own_figures)
             self._started_at = time.monotonic()
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown
             supervisor.cancel_scope.cancel()
+        if self._workers is not None:
+            # Every request has ended: the other workers keep these counts in their sums.
+            self._workers.publish(self._own_figures(False))
         for pool in self.proxy.pools.values():
             pool.retire()
         await self.access_log.close()
@@ -284,11 +297,11 @@ class Gateway:
         elif path == b"/ntonix/ready" and method == "GET":
             ready = self.ready()
             await send_json(send, 200 if ready else 503, {"ready": ready})
-        elif path == b"/metrics" and method == "GET" and self._metrics is not None:
-            body = exposition(self._metrics)
+        elif path == b"/metrics" and method == "GET" and (figures := await self.figures()):
+            body = exposition(figures)
             await send_body(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
         elif path == b"/ntonix/status" and method == "GET":
-            await send_json(send, 200, self.status())
+            await send_json(send, 200, await self.status())
         elif path == b"/ntonix/dashboard" and method == "GET":
             headers = [
                 (b"content-type", b"text/html; charset=utf-8"),
@@ -340,22 +353,6 @@ class Gateway:
         else:
             await send_json(send, 200, {"models": [{"name": m, "model": m} for m in models]})
 
-    def _collector(self, proxy: Proxy) -> GatewayCollector:
-        def pools() -> dict[str, PoolStatistics]:
-            return {name: pool.statistics() for name, pool in proxy.pools.items()}
-
-        return GatewayCollector(
-            Sources(
-                backends=lambda: proxy.health.snapshot(trio.current_time()),
-                pools=pools,
-                cache=lambda: proxy.cache.statistics() if proxy.cache else None,
-                transitions=lambda: proxy.health.transitions,
-                access_log_dropped=lambda: self.access_log.dropped,
-                tallies=self.tallies,
-                sessions=self.session_tallies,
-            )
-        )
-
     def ready(self) -> bool:
         """At least one backend is healthy: its circuit is not open and it is not draining.
         (A 429 back-off is not ill health: it keeps the backend's place.)"""
@@ -365,75 +362,41 @@ class Gateway:
         snapshots = proxy.health.snapshot(trio.current_time())
         return any(s.state != "open" and not s.draining for s in snapshots)
 
-    def status(self) -> dict[str, object]:
-        proxy = self.proxy
-        backends: list[dict[str, object]] = []
-        if proxy is not None:
-            urls = {b.name: b.url for b in proxy.config.backends}
-            for snapshot in proxy.health.snapshot(trio.current_time()):
-                pool = proxy.pools.get(snapshot.name)
-                backends.append(
-                    {
-                        "name": snapshot.name,
-                        "url": urls.get(snapshot.name),
-                        "weight": snapshot.weight,
-                        "state": snapshot.state,
-                        "consecutive_failures": snapshot.consecutive_failures,
-                        "active_requests": snapshot.in_flight,
-                        "latency_ms": snapshot.latency_ms,
-                        "last_error": snapshot.last_error,
-                        "models": snapshot.models,
-                        "probe": snapshot.probe,
-                        "draining": snapshot.draining,
-                        "not_eligible_because": list(snapshot.reasons),
-                        "pool": attrs.asdict(pool.statistics()) if pool else None,
-                    }
-                )
-        cache = proxy.cache if proxy else None
-        return {
-            "version": __version__,
-            "cache": attrs.asdict(cache.statistics()) if cache else None,
-            "uptime_seconds": round(time.monotonic() - self._started_at, 3),
-            "strategy": self.config.balancer.strategy,
-            "queued": proxy.admission.waiting if proxy else 0,
-            "backends": backends,
-        }
-
-    def live_status(self) -> dict[str, object]:
-        """What the dashboard shows each second: `status()` plus the last minute's rates."""
-        status = self.status()
+    def _own_figures(self, window: bool) -> Figures:
+        assert self.proxy is not None
         now = trio.current_time()
-        recent = self.recent.summary(now)
-        for backend in cast(list[dict[str, object]], status["backends"]):
-            backend["ttft_p50_ms"] = _ms(recent.backend_ttft_p50.get(cast(str, backend["name"])))
-        cache = self.proxy.cache.statistics() if self.proxy and self.proxy.cache else None
-        saved = cache.hits + cache.coalesced if cache else 0
-        lookups = saved + cache.misses if cache else 0
-        # Series times are on Trio's clock; the page wants wall-clock seconds.
-        offset = time.time() - now
-        status["rates"] = {
-            "window_seconds": self.recent.seconds,
-            "requests_per_second": recent.requests_per_second,
-            "ttft_p50_ms": _ms(recent.ttft_p50),
-            "ttft_p99_ms": _ms(recent.ttft_p99),
-            "cache_hit_ratio": saved / lookups if lookups else None,
-            "backend_requests_saved": saved,
-            "active_requests": self.tallies.active,
-        }
-        status["series"] = [
-            {
-                "t": round(second.at + offset, 3),
-                "requests": second.requests,
-                "ttft_p50_ms": _ms(second.ttft_p50),
-                "ttft_p99_ms": _ms(second.ttft_p99),
-            }
-            for second in recent.series
-        ]
-        return status
+        dropped = self.access_log.dropped
+        figures = overview.own_figures(
+            self.proxy, self.tallies, dropped, self.recent, now, window=window
+        )
+        return attrs.evolve(figures, sessions=self.session_tallies)
 
+    async def figures(self, *, window: bool = False) -> Figures | None:
+        """The gateway's figures: this worker's, or with N workers all of theirs, summed.
+        None before the gateway started."""
+        if self.proxy is None:
+            return None
+        own = self._own_figures(window)
+        if self._workers is None:
+            return merge([own])
+        return await self._workers.gather(own, window=window)
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
+    async def status(self, figures: Figures | None = None) -> dict[str, object]:
+        """/ntonix/status: the whole gateway's backends, cache and queue."""
+        if figures is None:
+            figures = await self.figures()
+        proxy = self.proxy
+        urls = {b.name: b.url for b in proxy.config.backends} if proxy else {}
+        uptime = time.monotonic() - self._started_at
+        return overview.status(figures, urls, self.config.balancer.strategy, uptime)
+
+    async def live_status(self) -> dict[str, object]:
+        """What the dashboard shows each second: the status plus the last minute's rates."""
+        figures = await self.figures(window=True)
+        base = await self.status(figures)
+        if figures is None:
+            return base
+        return overview.live_status(figures, base, self.recent.seconds)
 
 
 _MODEL_LISTS = frozenset({b"/v1/models", b"/api/tags"})

@@ -14,10 +14,12 @@ import logging.config
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
 import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, MutableSequence, Sequence
 from contextlib import suppress
@@ -33,6 +35,7 @@ from hypercorn.utils import wrap_app
 
 from ntonix.app import Gateway, websocket_settings
 from ntonix.config import Config
+from ntonix.gathering import WorkerGroup
 from ntonix.listening import CLIENT_SEND_TIMEOUT, ConnectionSlots, set_send_timeout
 from ntonix.tls import server_ssl_context
 from ntonix.worker import serve_worker
@@ -189,7 +192,10 @@ def serve_workers(
     stop_reader, stop_writer = spawn.Pipe(duplex=False)
     # Each worker's count of open connections, in memory they all see: the cap is the total.
     counts = spawn.RawArray("q", workers)
-    work = (settings, sockets, config, config_path, counts, stop_reader)
+    # Where the workers' figures meet, so that each answers for the whole gateway: private to
+    # this run (mode 0700), removed after it.
+    figures = tempfile.mkdtemp(prefix="ntonix-workers-")
+    work = (settings, sockets, config, config_path, counts, stop_reader, figures)
     processes = [
         spawn.Process(target=_worker_process, args=(*work, index), name=f"ntonix-worker-{index}")
         for index in range(workers)
@@ -213,6 +219,7 @@ def serve_workers(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        shutil.rmtree(figures, ignore_errors=True)
 
 
 def _supervise(processes: Sequence[BaseProcess], stop: Connection, graceful_timeout: float) -> int:
@@ -287,13 +294,14 @@ def _worker_process(
     config_file: str | None,
     counts: MutableSequence[int],
     stop: Connection,
+    figures: str,
     index: int,
 ) -> None:
     """One spawned worker. Its SIGINT, SIGTERM and SIGHUP start ignored; it handles them once
     it serves (SIGHUP through the gateway's reloader)."""
     # Spawned, so the parent's logging set-up did not come along.
     logging.config.dictConfig(WORKER_LOGGING)
-    gateway = Gateway(config, config_file=config_file)
+    gateway = Gateway(config, config_file=config_file, workers=WorkerGroup(figures))
     # The parent closes the pipe to stop every worker (and the kernel does it if the parent
     # dies); a Ctrl-C in a terminal reaches the workers too.
     until_stopped = partial(
