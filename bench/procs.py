@@ -228,9 +228,13 @@ class Mock:
         http_json(f"{self.url}/mock/stats", method="DELETE")
 
 
-def start_mock(processes: Processes, name: str, options: list[str], timeout: float = 15.0) -> Mock:
-    """A lean mock on a free port; returns once it has printed the port it bound."""
-    argv = python_argv("mocks.llm", "--port", "0", "--lean", "--name", name, *options)
+def start_mock(
+    processes: Processes, name: str, options: list[str], timeout: float = 15.0, lean: bool = True
+) -> Mock:
+    """A mock on a free port (lean unless told: Hypercorn's serves WebSockets too); returns
+    once it has printed the port it bound."""
+    server = ["--lean"] if lean else []
+    argv = python_argv("mocks.llm", "--port", "0", *server, "--name", name, *options)
     process = processes.start(name, argv, stdout=subprocess.PIPE)
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)

@@ -12,11 +12,12 @@ import time
 import urllib.parse
 from typing import cast
 
+import attrs
 import hypercorn.config
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ntonix import dashboard, overview
+from ntonix import dashboard, hypercorn_ws, overview
 from ntonix.accesslog import AccessLog, open_target
 from ntonix.announce import log_circuit_change, log_start, log_to_stderr_unless_configured
 from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
@@ -30,6 +31,7 @@ from ntonix.core.health import HealthTable
 from ntonix.core.hygiene import check_request
 from ntonix.core.limits import ClientLimits
 from ntonix.core.requests import is_proxied, method_error, path_error
+from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
 from ntonix.downstream import new_request_id
 from ntonix.errors import Dialect, GatewayError, client_error, dialect_of
@@ -39,6 +41,7 @@ from ntonix.metrics import exposition
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
 from ntonix.upstream import BackendPool, backend_ssl_context
+from ntonix.websocket_proxy import Sessions
 
 log = logging.getLogger("ntonix")
 
@@ -68,6 +71,10 @@ class Gateway:
         # Built without a config: `ntonix:app` under the plain hypercorn command.
         self._hypercorn_command = config is None
         self.proxy: Proxy | None = None
+        self.sessions: Sessions | None = None
+        self.session_tallies = SessionTallies()
+        # A proxied session passes on the code and reason of the client's close frame.
+        hypercorn_ws.install()
         self._probers: Probers | None = None
         self._keys = ApiKeys(())
         self._limits = ClientLimits(per_minute=0, max_concurrent=0)
@@ -107,6 +114,8 @@ class Gateway:
                 self._finish(record, api=api)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+        elif self.sessions is not None and is_proxied(scope["raw_path"]):
+            await self.sessions.serve(scope, receive, send)
         elif scope["path"] == "/ntonix/dashboard/ws" and self._admin_allowed(scope):
             await dashboard.stream_snapshots(receive, send, self.live_status, self.stopping)
         else:
@@ -143,27 +152,10 @@ class Gateway:
         self, scope: Scope, receive: Receive, send: Send, proxy: Proxy, record: RequestRecord
     ) -> None:
         """Who is asking (API key), within their limits, then the model list or the proxy."""
-        identity = None
-        if self._keys.required:
-            identity = self._keys.identify(header(scope, b"authorization"))
-            if identity is None:
-                error = client_error(401, "invalid_api_key", "Missing or invalid API key")
-                await refuse(send, record, error)
-                return
-        limits = self._limits
-        client = identity or (scope["client"][0] if scope.get("client") else "unknown")
-        if limits.active:
-            verdict = limits.admit(client, trio.current_time())
-            if not verdict.allowed:
-                error = GatewayError(
-                    429,
-                    "rate_limit_exceeded",
-                    f"Too many requests: {verdict.reason}",
-                    source="client",
-                    retry_after=verdict.retry_after,
-                )
-                await refuse(send, record, error)
-                return
+        client = self._admit_client(scope)
+        if isinstance(client, GatewayError):
+            await refuse(send, record, client)
+            return
         try:
             if (wrong := method_error(scope["method"], scope["raw_path"])) is not None:
                 await refuse(send, record, wrong)
@@ -172,8 +164,32 @@ class Gateway:
             else:
                 await proxy.handle(scope, receive, send, record)
         finally:
-            if limits.active:
-                limits.release(client)
+            self._release_client(client)
+
+    def _admit_client(self, scope: Scope) -> str | GatewayError:
+        """Who is asking (an API key's digest, else the client's address), or the 401 or 429
+        that refuses them. Whoever is admitted is released when their request or session ends."""
+        identity = None
+        if self._keys.required:
+            identity = self._keys.identify(header(scope, b"authorization"))
+            if identity is None:
+                return client_error(401, "invalid_api_key", "Missing or invalid API key")
+        client = identity or (scope["client"][0] if scope.get("client") else "unknown")
+        if self._limits.active:
+            verdict = self._limits.admit(client, trio.current_time())
+            if not verdict.allowed:
+                return GatewayError(
+                    429,
+                    "rate_limit_exceeded",
+                    f"Too many requests: {verdict.reason}",
+                    source="client",
+                    retry_after=verdict.retry_after,
+                )
+        return client
+
+    def _release_client(self, client: str) -> None:
+        if self._limits.active:
+            self._limits.release(client)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
@@ -203,6 +219,14 @@ class Gateway:
             if cache is not None:
                 supervisor.start_soon(cache.write_forever)
             self.proxy = Proxy(config, pools, health, cache, self.tallies)
+            self.sessions = Sessions(
+                self.proxy,
+                admit_client=self._admit_client,
+                release_client=self._release_client,
+                tallies=self.session_tallies,
+                access_log=self.access_log,
+                stopping=self.stopping,
+            )
             supervisor.start_soon(self.access_log.flush_forever)
             self._limits = _client_limits(config)
             self._probers = Probers(supervisor, health, config.health)
@@ -355,9 +379,10 @@ class Gateway:
         assert self.proxy is not None
         now = trio.current_time()
         dropped = self.access_log.dropped
-        return overview.own_figures(
+        figures = overview.own_figures(
             self.proxy, self.tallies, dropped, self.recent, now, window=window
         )
+        return attrs.evolve(figures, sessions=self.session_tallies)
 
     async def figures(self, *, window: bool = False) -> Figures | None:
         """The gateway's figures: this worker's, or with N workers all of theirs, summed.
@@ -453,6 +478,7 @@ def config_for_hypercorn_command() -> Config:
     # The hypercorn command reads this default when it shuts down, so that without an explicit
     # --graceful-timeout it drains for our graceful_timeout rather than cutting streams at 3 s.
     hypercorn.config.Config.graceful_timeout = config.gateway.graceful_timeout
+    websocket_settings(hypercorn.config.Config, config)
     # Hypercorn bound its listening sockets (in its parent, before spawning this worker)
     # without the send timeout `ntonix serve` sets on its own: set it on them here.
     set_send_timeout_on_listening_sockets()
@@ -476,6 +502,14 @@ async def _drain_hypercorn_on_sigterm() -> None:
                 break
             os.kill(cast(int, parent.pid), signal.SIGTERM)
     signal.raise_signal(signal.SIGTERM)
+
+
+def websocket_settings(
+    settings: type[hypercorn.config.Config] | hypercorn.config.Config, config: Config
+) -> None:
+    """Hypercorn reads each client message whole before the app sees it: its limit is ours.
+    (Its own pings stay off: their task outlives the connection by up to one interval.)"""
+    settings.websocket_max_message_size = config.websocket.max_message_size
 
 
 async def refuse(

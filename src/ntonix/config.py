@@ -147,6 +147,15 @@ class LogSettings:
 
 
 @attrs.frozen
+class WebSocketSettings:
+    """[websocket]: sessions proxied on /v1/* and /api/* (the Realtime API). Bytes and seconds."""
+
+    max_message_size: int = 16 * 1024 * 1024
+    idle_timeout: float = 60.0
+    ping_interval: float = 20.0  # 0: no pings
+
+
+@attrs.frozen
 class Config:
     """The whole config file: one record per table."""
 
@@ -157,6 +166,7 @@ class Config:
     cache: CacheSettings = attrs.field(factory=CacheSettings)
     auth: AuthSettings = attrs.field(factory=AuthSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
+    websocket: WebSocketSettings = attrs.field(factory=WebSocketSettings)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> Self:
@@ -328,6 +338,11 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
     },
     LogSettings: {
         "access_log": _Rule('"stderr", "off" or a file path', bool),
+    },
+    WebSocketSettings: {
+        "max_message_size": _BYTES_POSITIVE,
+        "idle_timeout": _SECONDS_POSITIVE,
+        "ping_interval": _SECONDS,
     },
 }
 

@@ -212,7 +212,7 @@ class Proxy:
         assert last_error is not None
         raise last_error
 
-    async def admit(self, exchange: Exchange, *, first: bool) -> Ticket | None:
+    async def admit(self, exchange: Placement, *, first: bool) -> Ticket | None:
         """Phases pick upstream and admission: the best eligible backend with a free slot.
 
         Waits up to `queue_timeout`, first come first served, when every eligible backend is at
@@ -224,7 +224,7 @@ class Proxy:
         ticket = try_admit()
         if ticket is not None:
             return ticket
-        model = exchange.request.model
+        model = exchange.model
         now = trio.current_time()
         if not any(n not in exchange.tried for n in self.health.eligible(model, now)):
             if not first:
@@ -245,12 +245,10 @@ class Proxy:
             )
         return ticket
 
-    def _try_admit(self, exchange: Exchange) -> Ticket | None:
+    def _try_admit(self, exchange: Placement) -> Ticket | None:
         """The strategy's first choice among untried eligible backends below their limit."""
         now = trio.current_time()
-        names = [
-            n for n in self.health.eligible(exchange.request.model, now) if n not in exchange.tried
-        ]
+        names = [n for n in self.health.eligible(exchange.model, now) if n not in exchange.tried]
         candidates = self.health.candidates(names)
         in_flight = {c.name: c.in_flight for c in candidates}
         for name in self.strategy.order(candidates, affinity_key=exchange.affinity):
@@ -348,19 +346,24 @@ class Proxy:
         finally:
             if connection is not None:
                 pool.checkin(connection)
-            tallies = self.tallies
-            tallies.attempts[(ticket.name, report.outcome.value)] += 1
-            if report.outcome is Outcome.CLIENT_DISCONNECTED:
-                tallies.cancellations[ticket.name] += 1
-            self.health.end(
-                ticket,
-                report.outcome,
-                trio.current_time(),
-                ttfb=report.ttfb,
-                retry_after=report.retry_after,
-                error=report.error,
-            )
-            self.admission.admit_waiting()
+            self.release(ticket, report)
+
+    def release(self, ticket: Ticket, report: Report) -> None:
+        """An attempt (or a WebSocket session) on a backend ended: count it, report its outcome
+        to the health table and offer its slot to the requests waiting for one."""
+        tallies = self.tallies
+        tallies.attempts[(ticket.name, report.outcome.value)] += 1
+        if report.outcome is Outcome.CLIENT_DISCONNECTED:
+            tallies.cancellations[ticket.name] += 1
+        self.health.end(
+            ticket,
+            report.outcome,
+            trio.current_time(),
+            ttfb=report.ttfb,
+            retry_after=report.retry_after,
+            error=report.error,
+        )
+        self.admission.admit_waiting()
 
     def _has_alternative(self, exchange: Exchange) -> bool:
         now = trio.current_time()
@@ -393,6 +396,17 @@ class Proxy:
             source="gateway",
             retry_after=self.health.retry_after(model, now),
         )
+
+
+class Placement(Protocol):
+    """What picking a backend needs to know of a request or a WebSocket session."""
+
+    tried: set[str]  # backends already tried: never the same one twice
+    affinity: str | None
+    record: RequestRecord  # its phase shows "queue" while it waits for a slot
+
+    @property
+    def model(self) -> str | None: ...
 
 
 class ResponseSink(Protocol):
@@ -436,6 +450,10 @@ class Exchange:
         self.method = scope["method"].encode()
         self.tried: set[str] = set()
         self.affinity: str | None = None
+
+    @property
+    def model(self) -> str | None:
+        return self.request.model
 
 
 class Report:

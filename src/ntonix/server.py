@@ -33,7 +33,7 @@ import trio
 from hypercorn.typing import AppWrapper, Framework
 from hypercorn.utils import wrap_app
 
-from ntonix.app import Gateway
+from ntonix.app import Gateway, websocket_settings
 from ntonix.config import Config
 from ntonix.gathering import WorkerGroup
 from ntonix.listening import CLIENT_SEND_TIMEOUT, ConnectionSlots, set_send_timeout
@@ -99,6 +99,7 @@ def hypercorn_config(
     settings.backlog = LISTEN_BACKLOG
     # Hypercorn's default of 3 s would cut LLM streams in the middle on every restart.
     settings.graceful_timeout = config.gateway.graceful_timeout
+    websocket_settings(settings, config)
     settings.accesslog = None
     # Hypercorn's own stderr handler would print every line twice next to ours.
     settings.errorlog = logging.getLogger("ntonix.server")

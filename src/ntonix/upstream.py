@@ -32,6 +32,8 @@ MAX_RESPONSE_HEAD = 64 * 1024
 MAX_IDLE_PER_BACKEND = 512
 
 
+BackendStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
 # What a socket, TLS or HTTP/1.1 failure can raise; translated in one place, below.
 _FOREIGN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError)
 
@@ -270,14 +272,23 @@ class BackendPool:
         connection.close()
         self._closed += 1
 
+    async def open_stream(self) -> BackendStream:
+        """A new connection of its own (TLS done), outside the pool's keep-alive accounting:
+        a WebSocket session holds its connection until the session ends."""
+        return (await self._open())[1]
+
     async def _connect(self) -> UpstreamConnection:
+        socket_stream, stream = await self._open()
+        return UpstreamConnection(self.backend, socket_stream, stream)
+
+    async def _open(self) -> tuple[trio.SocketStream, BackendStream]:
         backend = self.backend
         try:
             socket_stream = await trio.open_tcp_stream(backend.host, backend.port)
         except _FOREIGN_ERRORS as error:
             raise _gateway_error(error, backend, "connecting") from error
         if self._ssl_context is None:
-            return UpstreamConnection(backend, socket_stream, socket_stream)
+            return socket_stream, socket_stream
         try:
             tls = trio.SSLStream(socket_stream, self._ssl_context, server_hostname=backend.host)
             await tls.do_handshake()
@@ -286,7 +297,7 @@ class BackendPool:
             if isinstance(error, _FOREIGN_ERRORS):
                 raise _gateway_error(error, backend, "connecting") from error
             raise
-        return UpstreamConnection(backend, socket_stream, tls)
+        return socket_stream, tls
 
 
 def backend_ssl_context(backend: BackendSettings) -> ssl.SSLContext | None:

@@ -10,6 +10,7 @@ import attrs
 
 from ntonix.core.figures import Figures, decode, encode, merge
 from ntonix.core.health import BackendSnapshot
+from ntonix.core.sessions import SessionCounts, SessionTallies
 from ntonix.core.telemetry import RequestRecord, SecondSummary, Tallies, WindowSummary
 
 
@@ -174,3 +175,28 @@ def test_a_worker_without_a_cache_adds_nothing_to_it() -> None:
     assert merge([_figures(1, cache=None), _figures(1, cache=None)]).cache is None
     merged = merge([_figures(2), _figures(1, cache=None)])
     assert merged.cache is not None and merged.cache["hits"] == 2
+
+
+def _sessions(ended: int, *, active: int) -> SessionTallies:
+    sessions = SessionTallies(active=active)
+    counts = SessionCounts()
+    counts.messages_in, counts.messages_out, counts.closed_by = 2, 5, "client"
+    for _ in range(ended):
+        sessions.finish(
+            backend="a", status=101, counts=counts, bytes_in=10, bytes_out=50, duration=3.0
+        )
+    return sessions
+
+
+def test_websocket_sessions_add_up_and_travel_as_json() -> None:
+    live = _figures(1, sessions=_sessions(2, active=1))
+    gone = _figures(1, sessions=_sessions(3, active=4))
+    merged = merge([live, live], [gone])
+    assert merged.sessions.active == 2  # a gone worker's open sessions are not open
+    assert merged.sessions.sessions == Counter({("a", "101"): 7})
+    assert merged.sessions.messages == Counter({"to_backend": 14, "to_client": 35})
+    assert merged.sessions.bytes == Counter({"to_backend": 70, "to_client": 350})
+    assert merged.sessions.closes == Counter({"client": 7})
+    assert merged.sessions.durations.count == 7
+    back = decode(json.loads(json.dumps(encode(merged))))
+    assert encode(back) == encode(merged)

@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from ntonix.core.health import BackendSnapshot
+from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import Histogram, SecondSummary, Tallies, WindowSummary
 
 # Fields of the pools' and the cache's statistics that say what is held now, not what happened:
@@ -46,6 +47,7 @@ class Figures:
     # The dashboard's last minute, on the wall clock (each process has its own Trio clock);
     # None when the reader did not ask for it.
     window: WindowSummary | None
+    sessions: SessionTallies = attrs.field(factory=SessionTallies)  # WebSocket sessions
 
 
 def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
@@ -63,12 +65,15 @@ def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
         access_log_dropped=sum(figures.access_log_dropped for figures in everyone),
         queued=sum(figures.queued for figures in live),
         window=_merge_windows(windows) if windows else None,
+        sessions=_sum_sessions([figures.sessions for figures in everyone]),
     )
 
 
 def _without_gauges(figures: Figures) -> Figures:
     tallies = _copy_tallies(figures.tallies)
     tallies.active = 0
+    sessions = _sum_sessions([figures.sessions])
+    sessions.active = 0
     pools = {
         name: {key: 0 if key in POOL_GAUGES else value for key, value in stats.items()}
         for name, stats in figures.pools.items()
@@ -77,7 +82,14 @@ def _without_gauges(figures: Figures) -> Figures:
     if figures.cache is not None:
         cache = {k: 0 if k in CACHE_GAUGES else v for k, v in figures.cache.items()}
     return attrs.evolve(
-        figures, tallies=tallies, backends=(), pools=pools, cache=cache, queued=0, window=None
+        figures,
+        tallies=tallies,
+        backends=(),
+        pools=pools,
+        cache=cache,
+        queued=0,
+        window=None,
+        sessions=sessions,
     )
 
 
@@ -97,6 +109,18 @@ def _sum_tallies(all_tallies: Sequence[Tallies]) -> Tallies:
         total.failovers.update(tallies.failovers)
         total.disconnects.update(tallies.disconnects)
         total.cancellations.update(tallies.cancellations)
+    return total
+
+
+def _sum_sessions(all_sessions: Sequence[SessionTallies]) -> SessionTallies:
+    total = SessionTallies()
+    for sessions in all_sessions:
+        total.active += sessions.active
+        total.sessions.update(sessions.sessions)
+        total.closes.update(sessions.closes)
+        total.messages.update(sessions.messages)
+        total.bytes.update(sessions.bytes)
+        _add_histogram(total.durations, sessions.durations)
     return total
 
 
@@ -239,6 +263,14 @@ def encode(figures: Figures) -> dict[str, Any]:
         "access_log_dropped": figures.access_log_dropped,
         "queued": figures.queued,
         "window": None if figures.window is None else attrs.asdict(figures.window),
+        "sessions": {
+            "active": figures.sessions.active,
+            "sessions": _rows(figures.sessions.sessions),
+            "closes": dict(figures.sessions.closes),
+            "messages": dict(figures.sessions.messages),
+            "bytes": dict(figures.sessions.bytes),
+            "durations": _histogram_row(figures.sessions.durations),
+        },
     }
 
 
@@ -261,6 +293,15 @@ def decode(data: Mapping[str, Any]) -> Figures:
         cancellations=Counter(raw["cancellations"]),
     )
     window = data["window"]
+    raw_sessions = data["sessions"]
+    sessions = SessionTallies(
+        active=int(raw_sessions["active"]),
+        sessions=_counter(raw_sessions["sessions"]),
+        closes=Counter(raw_sessions["closes"]),
+        messages=Counter(raw_sessions["messages"]),
+        bytes=Counter(raw_sessions["bytes"]),
+        durations=_histogram(raw_sessions["durations"]),
+    )
     return Figures(
         workers=int(data["workers"]),
         tallies=tallies,
@@ -271,6 +312,7 @@ def decode(data: Mapping[str, Any]) -> Figures:
         access_log_dropped=int(data["access_log_dropped"]),
         queued=int(data["queued"]),
         window=None if window is None else _window(window),
+        sessions=sessions,
     )
 
 
