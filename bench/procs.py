@@ -278,8 +278,10 @@ def _ntonix_command() -> list[str]:
 
 def gateway_config(mocks: list[Mock]) -> str:
     """The gateway's TOML: every mock as a backend, the cache off (it would answer for the
-    mocks and measure the cache instead of the relay), and a short drain so shutdown is quick."""
-    lines = ["[gateway]", "graceful_timeout = 5.0", "", "[cache]", "enabled = false", ""]
+    mocks and measure the cache instead of the relay), a short drain so shutdown is quick, and
+    no limit on connections per client address: every bench client connects from 127.0.0.1."""
+    lines = ["[gateway]", "graceful_timeout = 5.0", "max_connections_per_client = 0", ""]
+    lines += ["[cache]", "enabled = false", ""]
     for mock in mocks:
         lines += ["[[backends]]", f'name = "{mock.name}"', f'url = "{mock.url}"', ""]
     return "\n".join(lines)

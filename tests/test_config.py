@@ -36,6 +36,8 @@ queue_timeout = 5.0             # longest wait for a free slot when every eligib
 graceful_timeout = 30.0         # on SIGTERM/Ctrl-C: stop accepting, let streams finish this long, then cancel
 body_timeout = 30.0             # the whole request body must arrive within this (else 408)
 max_connections = 10000         # open client connections; more are refused
+max_connections_per_client = 256  # open connections from one client address; 0 = no limit
+handshake_timeout = 5.0         # a TLS handshake must complete within this
 
 [[backends]]
 name = "gpu-a"                  # unique; defaults to host:port

@@ -66,6 +66,8 @@ class GatewaySettings:
     graceful_timeout: float = 30.0
     body_timeout: float = 30.0
     max_connections: int = 10000
+    max_connections_per_client: int = 256
+    handshake_timeout: float = 5.0
 
 
 @attrs.frozen
@@ -308,6 +310,8 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "graceful_timeout": _SECONDS,
         "body_timeout": _SECONDS_POSITIVE,
         "max_connections": _COUNT_POSITIVE,
+        "max_connections_per_client": _COUNT,
+        "handshake_timeout": _SECONDS_POSITIVE,
     },
     BackendSettings: {
         "name": _Rule("a non-empty string", bool),

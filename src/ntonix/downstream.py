@@ -1,7 +1,8 @@
 """The client side of a request: its body, its disconnect, and the response towards it.
 
-Invariant: after commit an error never ends the body cleanly: SSE and NDJSON streams get an
-error frame at a frame boundary, any other body is left unfinished so Hypercorn aborts it.
+Invariants: after commit an error never ends the body cleanly: SSE and NDJSON streams get an
+error frame at a frame boundary, any other body is left unfinished so Hypercorn aborts it. A
+client that leaves cancels its request, also while the last send of the response waits for it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ class ClientGone(Exception):
 # nginx's status for a client that left before its response began; no client ever sees it.
 CLIENT_CLOSED_REQUEST = 499
 
+# How long a last send may go on after a disconnect was reported from inside it (Hypercorn's
+# notice that the response ended comes that way, and the send returns right after it). One
+# still waiting then is waiting for a client that is gone: over HTTP/2 under the plain
+# `hypercorn` command, a send waiting for window never returns once the connection has closed.
+LAST_SEND_GRACE = 1.0
+
 
 class Downstream:
     """The response towards the client: committed once, then body chunks, then one end.
@@ -33,6 +40,7 @@ class Downstream:
     __slots__ = (
         "_send",
         "committed",
+        "delivered",
         "dialect",
         "finished",
         "kind",
@@ -47,7 +55,8 @@ class Downstream:
         self.request_id = record.request_id
         self.dialect = dialect_of(record.path)  # the shape of its errors: OpenAI's or Ollama's
         self.committed = False
-        self.finished = False
+        self.finished = False  # the last send has begun
+        self.delivered = trio.Event()  # the last send has returned
         self.kind = StreamKind.OTHER
         self.tail = b""
 
@@ -75,6 +84,8 @@ class Downstream:
         # inside this very send, and that one must not cancel Hypercorn's own bookkeeping.
         self.finished = not more
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
+        if not more:
+            self.delivered.set()
 
     async def fail(self, error: GatewayError) -> None:
         """Tell the client: a JSON error before commit, an error frame after it."""
@@ -88,6 +99,7 @@ class Downstream:
             body = error.body(self.dialect)
             record.note_body(len(body), trio.current_time)
             await send_body(self._send, error.status, body, error.headers() + self._own_headers())
+            self.delivered.set()
             return
         record.outcome = "stream_error"
         frame = stream_error_frame(self.kind, self.tail, error.payload(self.dialect))
@@ -131,9 +143,13 @@ async def cancel_on_disconnect(
     """
     while (await receive())["type"] != "http.disconnect":
         pass
-    if not downstream.finished:
-        client_left(downstream.record, committed=downstream.committed)
-        scope.cancel()
+    if downstream.finished:
+        with trio.move_on_after(LAST_SEND_GRACE):
+            await downstream.delivered.wait()
+        if downstream.delivered.is_set():
+            return  # the response ended (or the client left just as it did)
+    client_left(downstream.record, committed=downstream.committed)
+    scope.cancel()
 
 
 def client_left(record: RequestRecord, *, committed: bool) -> None:

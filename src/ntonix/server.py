@@ -91,7 +91,7 @@ def hypercorn_config(
     certfile: str | None = None,
     keyfile: str | None = None,
     send_timeout: float = CLIENT_SEND_TIMEOUT,
-) -> hypercorn.config.Config:
+) -> _Settings:
     settings = _Settings()
     settings.send_timeout = send_timeout
     settings.bind = list(binds)
@@ -100,6 +100,8 @@ def hypercorn_config(
     # Hypercorn's default of 3 s would cut LLM streams in the middle on every restart.
     settings.graceful_timeout = config.gateway.graceful_timeout
     websocket_settings(settings, config)
+    # Hypercorn's default of 60 s lets silent connections hold slots of max_connections.
+    settings.ssl_handshake_timeout = config.gateway.handshake_timeout
     settings.accesslog = None
     # Hypercorn's own stderr handler would print every line twice next to ours.
     settings.errorlog = logging.getLogger("ntonix.server")
@@ -146,9 +148,22 @@ async def serve(
         _asgi(gateway, settings),
         settings,
         listening_sockets(settings),
-        ConnectionSlots(config.gateway.max_connections),
+        _slots(config),
+        send_timeout=settings.send_timeout,
         shutdown_trigger=_telling(gateway, shutdown_trigger or wait_for_stop_signal),
         task_status=task_status,
+    )
+
+
+def _slots(
+    config: Config, *, counts: MutableSequence[int] | None = None, index: int = 0
+) -> ConnectionSlots:
+    gateway = config.gateway
+    return ConnectionSlots(
+        gateway.max_connections,
+        per_client=gateway.max_connections_per_client,
+        counts=counts,
+        index=index,
     )
 
 
@@ -288,7 +303,7 @@ def _signals_received(wakeup: socket.socket) -> list[int]:
 
 
 def _worker_process(
-    settings: hypercorn.config.Config,
+    settings: _Settings,
     sockets: hypercorn.config.Sockets,
     config: Config,
     config_file: str | None,
@@ -315,7 +330,8 @@ def _worker_process(
             _asgi(gateway, settings),
             settings,
             sockets,
-            ConnectionSlots(config.gateway.max_connections, counts=counts, index=index),
+            _slots(config, counts=counts, index=index),
+            send_timeout=settings.send_timeout,
             shutdown_trigger=_telling(gateway, until_stopped),
         )
     )
