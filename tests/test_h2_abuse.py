@@ -5,6 +5,7 @@ start their TLS handshake. Each test is the attack, with a raw `h2` client over 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from functools import partial
@@ -14,12 +15,14 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import h2.settings
 import httpx
 import trio
+from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from mocks.llm import MockOptions, serve_mock
-from ntonix.h2guard import STREAM_BUFFER_LIMIT
+from ntonix.h2guard import MAX_HEADER_BLOCK, RESET_BUDGET, RESET_WINDOW, STREAM_BUFFER_LIMIT
 from ntonix.server import serve
 from tests.conftest import RunningMock, StartMock
 from tests.support import PYTHON, Spawn, backend, chat, gateway_config, pool_totals, status
@@ -67,7 +70,9 @@ class H2Attacker:
         with trio.move_on_after(seconds):
             await self.read_until_closed()
 
-    async def read_until_closed(self) -> None:
+    async def read_until_closed(self, *, answer: bool = True) -> None:
+        """Read until the server closes; `answer` (SETTINGS and PING acks, say) unless another
+        task sends: a reader blocked sending while the server blocks sending would deadlock."""
         while True:
             try:
                 data = await self.stream.receive_some(65536)
@@ -76,7 +81,8 @@ class H2Attacker:
             if not data:
                 return
             self.events += self.h2.receive_data(data)
-            await self.flush()
+            if answer:
+                await self.flush()
 
     def goaway(self) -> h2.events.ConnectionTerminated | None:
         ends = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
@@ -177,7 +183,6 @@ async def test_memory_with_50_zero_window_streams_stays_bounded(
         peak = max(peak, _rss(pid) - baseline)
         assert peak < RSS_BOUND, f"+{peak / 2**20:.1f} MiB with {ZERO_WINDOW_STREAMS} streams"
         await trio.sleep(0.1)
-    print(f"zero-window peak +{peak / 2**20:.1f} MiB")
     # Back-pressure reached the backend: it is blocked writing, not generating on.
     assert mock.stats()["completed"] == 0
 
@@ -293,3 +298,92 @@ async def wait_for_handshake(port: int, certs: Certs) -> None:
                 continue
             await stream.aclose()
             return
+
+
+# --- 4. Delayed rapid reset ----------------------------------------------------------------
+
+ATTACK_CONNECTIONS = 2
+STREAMS_PER_ROUND = 100  # Hypercorn's SETTINGS_MAX_CONCURRENT_STREAMS
+
+
+async def _reset_loop(
+    gateway: str, certs: Certs, stop: trio.Event, goaways: list[h2.events.ConnectionTerminated]
+) -> None:
+    """Open 100 streams, reset them 50 ms later, again and again, reading all the while (a
+    client that stops reading would only stall its own connection); reconnect when closed."""
+    while not stop.is_set():
+        try:
+            attacker = await H2Attacker.connect(gateway, certs)
+        except (trio.BrokenResourceError, OSError):
+            continue
+        async with trio.open_nursery() as connection:
+            connection.start_soon(partial(attacker.read_until_closed, answer=False))
+            try:
+                while not stop.is_set() and attacker.goaway() is None:
+                    ids = [attacker.post(chat()) for _ in range(STREAMS_PER_ROUND)]
+                    await attacker.flush()
+                    await trio.sleep(0.05)
+                    for stream_id in ids:
+                        attacker.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+                    await attacker.flush()
+            except (trio.BrokenResourceError, h2.exceptions.ProtocolError):
+                pass  # closed under the client's feet; ProtocolError: h2 refuses after GOAWAY
+            with trio.move_on_after(1):  # the GOAWAY may still be on its way
+                while attacker.goaway() is None:
+                    await trio.sleep(0.01)
+            connection.cancel_scope.cancel()
+        if (goaway := attacker.goaway()) is not None:
+            goaways.append(goaway)
+        await attacker.stream.aclose()
+
+
+async def test_a_reset_flood_is_closed_with_enhance_your_calm_and_bounds_generations(
+    certs: Certs, start_mock: StartMock, nursery: trio.Nursery
+) -> None:
+    mock = await start_mock(ttft=10, tokens=1)  # counted on arrival; no CPU spent after
+    gateway = await _start_tls_gateway(nursery, certs, mock)
+    goaways: list[h2.events.ConnectionTerminated] = []
+    stop = trio.Event()
+    started = trio.current_time()
+    async with trio.open_nursery() as attack:
+        for _ in range(ATTACK_CONNECTIONS):
+            attack.start_soon(_reset_loop, gateway, certs, stop, goaways)
+        # Unbounded, no connection is ever closed (Hypercorn's limit is 1,000 requests).
+        await wait_for(lambda: len(goaways) >= ATTACK_CONNECTIONS, timeout=8)
+        await trio.sleep(1)  # the attackers reconnect and try again meanwhile
+        stop.set()
+    assert trio.current_time() - started < RESET_WINDOW  # the bound below is for one window
+
+    assert goaways, "no connection was ever closed"
+    assert all(g.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM for g in goaways)
+    # Each connection gets one round of streams (at most 100 at once) before the resets put
+    # the address over budget, and the round of one more connection fits in the budget;
+    # later connections and streams from the address are refused before any request starts,
+    # until the budget has drained (RESET_WINDOW).
+    generations = mock.stats["requests"]
+    assert generations <= ATTACK_CONNECTIONS * STREAMS_PER_ROUND + RESET_BUDGET
+    await _eventually_nothing_in_flight(gateway, certs, timeout=5)
+
+
+# --- 5. CONTINUATION flood -----------------------------------------------------------------
+
+
+async def test_a_header_block_past_the_cap_is_refused_with_enhance_your_calm(
+    certs: Certs, start_mock: StartMock, nursery: trio.Nursery
+) -> None:
+    gateway = await _start_tls_gateway(nursery, certs, await start_mock())
+    attacker = await H2Attacker.connect(gateway, certs)
+    # A HEADERS frame without END_HEADERS, then CONTINUATION frames that never end the block:
+    # without a cap, h2 holds up to 64 of them (1 MiB) per connection.
+    fragment = b"\x00" * 16_384
+    frames = [HeadersFrame(1, data=fragment)]
+    frames += [ContinuationFrame(1, data=fragment) for _ in range(MAX_HEADER_BLOCK // 16_384)]
+    await attacker.stream.send_all(attacker.h2.data_to_send())
+    with contextlib.suppress(trio.BrokenResourceError):
+        for frame in frames:
+            await attacker.stream.send_all(frame.serialize())
+    with trio.fail_after(5):
+        await attacker.read_until_closed()
+    goaway = attacker.goaway()
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert await _nothing_in_flight(gateway, certs)
