@@ -22,7 +22,7 @@ import trio
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from mocks.llm import MockOptions, serve_mock
-from ntonix.h2guard import MAX_HEADER_BLOCK, RESET_BUDGET, RESET_WINDOW, STREAM_BUFFER_LIMIT
+from ntonix.protocols import MAX_HEADER_BLOCK, RESET_BUDGET, RESET_WINDOW, STREAM_BUFFER_LIMIT
 from ntonix.server import serve
 from tests.conftest import RunningMock, StartMock
 from tests.support import PYTHON, Spawn, backend, chat, gateway_config, pool_totals, status

@@ -282,6 +282,18 @@ async def endless_stream_cut_by_client(env: Env) -> Seen:
     return Seen(response.status_code)
 
 
+async def obs_fold_joined(env: Env) -> Seen:
+    """h11 joins an obs-fold continuation line to the field with a space (RFC 9112 section 5.2
+    allows this or a 400); the backend gets one ordinary field, no second header line."""
+    head = _head("POST", CHAT, ("x-folded", "a"))
+    body = json.dumps(chat(stream=False)).encode()
+    head = head.replace(b"x-folded: a\r\n", b"x-folded: a\r\n \tb\r\n")
+    head = head.replace(b"\r\n\r\n", b"\r\ncontent-length: %d\r\n\r\n" % len(body))
+    seen = await _exchange(env, head + body)
+    assert env.mock.stats()["last_headers"]["x-folded"] == "a b"
+    return seen
+
+
 async def ten_mb_chunk(env: Env) -> Seen:
     response = await env.client.post(
         f"{env.gateway}/v1/completions",
@@ -392,6 +404,32 @@ CASES = [
         b"invalid_framing",
         closes=True,
     ),
+    Case(
+        # The app refuses while h11 still parses the rest: the bytes after the request were
+        # an error to h11, and Hypercorn cut the response (or sent none) and logged a
+        # BusyResourceError.
+        "transfer_encoding_and_content_length_then_more_bytes",
+        raw(
+            _head("POST", CHAT, ("content-length", "5"), ("transfer-encoding", "chunked"))
+            + b"0\r\n\r\n"
+            + _head("GET", "/v1/models"),
+            check_close=True,
+        ),
+        400,
+        b"Both Content-Length and Transfer-Encoding",
+        closes=True,
+    ),
+    Case(
+        # A size no body may reach: answered at once, not after body_timeout (408).
+        "chunk_size_2_to_the_64",
+        raw(
+            _head("POST", CHAT, ("transfer-encoding", "chunked")) + b"10000000000000000\r\nxx",
+            check_close=True,
+        ),
+        413,
+        closes=True,
+    ),
+    Case("obs_fold_joined", obs_fold_joined, 200, reaches_mock=True),
     Case(
         "transfer_encoding_gzip",
         raw(_head("POST", CHAT, ("transfer-encoding", "gzip")) + b"0\r\n\r\n"),

@@ -150,6 +150,7 @@ async def serve(
         listening_sockets(settings),
         _slots(config),
         send_timeout=settings.send_timeout,
+        max_request_body=config.gateway.max_request_body,
         shutdown_trigger=_telling(gateway, shutdown_trigger or wait_for_stop_signal),
         task_status=task_status,
     )
@@ -332,6 +333,7 @@ def _worker_process(
             sockets,
             _slots(config, counts=counts, index=index),
             send_timeout=settings.send_timeout,
+            max_request_body=config.gateway.max_request_body,
             shutdown_trigger=_telling(gateway, until_stopped),
         )
     )

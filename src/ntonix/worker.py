@@ -2,7 +2,7 @@
 
 Hypercorn's `worker_serve` builds its listeners itself and has no connection cap (and ASGI
 never sees connections), so this runs its parts ourselves: the lifespan, Hypercorn's TCPServer
-for each connection (speaking HTTP/2 through `h2guard.GuardedH2Protocol`), and a
+for each connection (speaking HTTP/2 through `protocols.GuardedH2Protocol`), and a
 `CappedListener` in front of every socket. The lifespan outlives the listeners: it starts
 before the first accept and shuts down after the drain.
 """
@@ -23,8 +23,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
-from ntonix.h2guard import GuardedProtocol, H2Guard
 from ntonix.listening import CappedListener, ConnectionSlots
+from ntonix.protocols import Guard, GuardedProtocol
 
 log = logging.getLogger("ntonix.server")  # the `Running on` lines' logger, as it always was
 
@@ -38,6 +38,7 @@ async def serve_worker(
     slots: ConnectionSlots,
     *,
     send_timeout: float,
+    max_request_body: int,
     shutdown_trigger: Callable[[], Awaitable[object]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -45,7 +46,8 @@ async def serve_worker(
     and let open connections finish for up to `settings.graceful_timeout`.
 
     A connection is accepted only when `slots` has room; an HTTP/2 stream whose client leaves
-    its window shut for `send_timeout` is reset. Reports the URLs it serves through
+    its window shut for `send_timeout` is reset; a chunk over `max_request_body` gets 413.
+    Reports the URLs it serves through
     `task_status`. Closes the sockets.
     """
     all_sockets = [*sockets.secure_sockets, *sockets.insecure_sockets]
@@ -57,7 +59,7 @@ async def serve_worker(
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             listeners, urls = _listeners(settings, sockets, slots)
-            guard = H2Guard(send_timeout=send_timeout)
+            guard = Guard(send_timeout=send_timeout, max_request_body=max_request_body)
             tcp_server = partial(
                 _TCPServer, guard, app, settings, context, ConnectionState(state.copy())
             )
@@ -88,7 +90,7 @@ async def serve_worker(
 
 
 class _TCPServer(TCPServer):
-    """Hypercorn's handler of one connection, with HTTP/2 guarded (`h2guard`), ending as soon
+    """Hypercorn's handler of one connection, with HTTP/2 guarded (`protocols`), ending as soon
     as the client has closed it.
 
     Hypercorn 0.18 sees the end of a kept-alive connection that is idle (between requests) but
@@ -98,7 +100,7 @@ class _TCPServer(TCPServer):
 
     def __init__(
         self,
-        guard: H2Guard,
+        guard: Guard,
         app: AppWrapper,
         config: hypercorn.config.Config,
         context: WorkerContext,
@@ -150,6 +152,16 @@ class _TCPServer(TCPServer):
             pass  # the client is gone
         finally:
             await self._close()
+
+    async def _close(self) -> None:
+        # Hypercorn's close sends EOF without its send lock: when h11 refuses what follows a
+        # request (its own 400) while the app writes its response, the two sends collided and
+        # one raised BusyResourceError (the client then got no answer at all).
+        if self.send_lock.statistics().owner is trio.lowlevel.current_task():
+            await super()._close()
+            return
+        async with self.send_lock:
+            await super()._close()
 
     async def _read_data(self) -> None:
         await super()._read_data()

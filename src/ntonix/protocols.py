@@ -1,11 +1,13 @@
-"""HTTP/2 in `ntonix serve`: Hypercorn's protocol with the limits it lacks.
+"""Hypercorn's protocols in `ntonix serve`, with the limits they lack.
 
 Hypercorn 0.18's `H2Protocol` (what the plain `hypercorn` command runs) queues a stream's
 response data without bound while the client's flow-control window is shut, lets a send wait
 for window for ever (even after the connection is gone), and closes a connection for stream
-resets only after its 1,000-request limit. `GuardedH2Protocol` subclasses it; the worker
-(`worker.py`) builds it through `GuardedProtocol` for every HTTP/2 connection, TLS (ALPN h2) or
-cleartext (prior knowledge or Upgrade: h2c).
+resets only after its 1,000-request limit. Its `H11Protocol` closes the connection in the
+middle of a response when bytes arrive after a request it must close on, and waits out the body
+timeout for a chunk that announces more than any body may hold. The worker (`worker.py`) builds
+`GuardedProtocol` for every connection, which speaks `GuardedH2Protocol` (TLS with ALPN h2, or
+cleartext HTTP/2) or `GuardedH11Protocol`.
 
 Invariants:
 - A stream's unsent response data stays under `STREAM_BUFFER_LIMIT` plus the one chunk being
@@ -20,9 +22,12 @@ Invariants:
   connection or stream from it gets the same before any request starts.
 - A header block (HEADERS and its CONTINUATION frames) over `MAX_HEADER_BLOCK` bytes closes
   the connection with ENHANCE_YOUR_CALM, so at most that much is held per connection.
+- HTTP/1.1: a response the connection must close after is always sent whole; a chunk size over
+  `max_request_body` is answered 413 at once and the connection closed.
 
-These reach into Hypercorn's and h2's internals (pinned in pyproject.toml): `stream_buffers`,
-`_send_data`, `_handle_events`, `_flush`, `_close_stream` and h2's `FrameBuffer`.
+These reach into Hypercorn's, h2's and h11's internals (pinned in pyproject.toml):
+`stream_buffers`, `_send_data`, `_handle_events`, `_flush`, `_close_stream`,
+`_send_error_response`, h2's `FrameBuffer` and h11's chunked body reader.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.frame_buffer
+import h11
+import h11._readers
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData
@@ -42,7 +49,7 @@ from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
-from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError
+from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
 from hypercorn.typing import AppWrapper, ConnectionState, TaskGroup, WorkerContext
 from hyperframe.frame import Frame
 
@@ -67,11 +74,12 @@ _WINDOWED = (Body, Data, EndBody, EndData, Trailers)
 
 
 @attrs.frozen
-class H2Guard:
-    """What every HTTP/2 connection of one worker shares: the send timeout and the reset
-    budgets of client addresses."""
+class Guard:
+    """What every connection of one worker shares: the send timeout, the largest request body
+    and the HTTP/2 reset budgets of client addresses."""
 
     send_timeout: float
+    max_request_body: int
     address_resets: ResetBudget = attrs.field(
         factory=lambda: ResetBudget(RESET_BUDGET, RESET_WINDOW)
     )
@@ -82,7 +90,7 @@ class GuardedProtocol(ProtocolWrapper):
 
     def __init__(
         self,
-        guard: H2Guard,
+        guard: Guard,
         app: AppWrapper,
         config: HypercornConfig,
         context: WorkerContext,
@@ -94,11 +102,24 @@ class GuardedProtocol(ProtocolWrapper):
         send: Callable[[Event], Awaitable[None]],
         alpn_protocol: str | None = None,
     ) -> None:
-        # Built as HTTP/1.1: told "h2", Hypercorn's constructor would make an unguarded one.
+        # Hypercorn's constructor makes an unguarded protocol, replaced at once.
         super().__init__(app, config, context, task_group, state, ssl, client, server, send)
         self.guard = guard
-        if alpn_protocol == "h2":
-            self.protocol = self._http2()
+        self.protocol = self._http2() if alpn_protocol == "h2" else self._http1()
+
+    def _http1(self) -> GuardedH11Protocol:
+        return GuardedH11Protocol(
+            self.guard.max_request_body,
+            self.app,
+            self.config,
+            self.context,
+            self.task_group,
+            self.state,
+            self.ssl,
+            self.client,
+            self.server,
+            self.send,
+        )
 
     def _http2(self) -> GuardedH2Protocol:
         return GuardedH2Protocol(
@@ -137,7 +158,7 @@ class GuardedH2Protocol(H2Protocol):
 
     def __init__(
         self,
-        guard: H2Guard,
+        guard: Guard,
         app: AppWrapper,
         config: HypercornConfig,
         context: WorkerContext,
@@ -241,6 +262,60 @@ class GuardedH2Protocol(H2Protocol):
     def _note_progress(self) -> None:
         self._progress.set()
         self._progress = trio.Event()
+
+
+class GuardedH11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 connection, sending a closing response whole and refusing a chunk
+    larger than any body may be before it arrives."""
+
+    def __init__(
+        self,
+        max_request_body: int,
+        app: AppWrapper,
+        config: HypercornConfig,
+        context: WorkerContext,
+        task_group: TaskGroup,
+        state: ConnectionState,
+        ssl: bool,
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+        send: Callable[[Event], Awaitable[None]],
+    ) -> None:
+        async def send_or_finish_first(event: Event) -> None:
+            # Hypercorn closes at once when the client sends what cannot be read (bytes after a
+            # request the response closes on), cutting a response the app is writing: the
+            # client got its head and no body. It closes again after that response ends.
+            if isinstance(event, Closed) and self.connection.our_state is h11.SEND_BODY:
+                return
+            await send(event)
+
+        super().__init__(
+            app, config, context, task_group, state, ssl, client, server, send_or_finish_first
+        )
+        self.max_request_body = max_request_body
+
+    async def handle(self, event: Event) -> None:
+        if (
+            isinstance(event, RawData)
+            and event.data
+            and self.connection.their_state in (h11.MUST_CLOSE, h11.ERROR)
+        ):
+            # Nothing the client sends now is read: h11 would only hold it.
+            return
+        await super().handle(event)
+        if isinstance(event, RawData) and self._chunk_over_limit():
+            await self._close_stream()  # the app stops waiting for the body
+            await self._send_error_response(413)
+            await self.send(Closed())
+
+    def _chunk_over_limit(self) -> bool:
+        if not isinstance(self.connection, h11.Connection):
+            return False  # a WebSocket upgrade
+        reader = self.connection._reader
+        return (
+            isinstance(reader, h11._readers.ChunkedReader)
+            and reader._bytes_in_chunk > self.max_request_body
+        )
 
 
 class _CappedFrameBuffer(h2.frame_buffer.FrameBuffer):
