@@ -23,7 +23,8 @@ Invariants:
 - A header block (HEADERS and its CONTINUATION frames) over `MAX_HEADER_BLOCK` bytes closes
   the connection with ENHANCE_YOUR_CALM, so at most that much is held per connection.
 - HTTP/1.1: a response the connection must close after is always sent whole; a chunk size over
-  `max_request_body` is answered 413 at once and the connection closed.
+  `max_request_body` is answered 413 at once, and a head with an obs-fold line 400, and the
+  connection closed.
 
 These reach into Hypercorn's, h2's and h11's internals (pinned in pyproject.toml):
 `stream_buffers`, `_send_data`, `_handle_events`, `_flush`, `_close_stream`,
@@ -33,6 +34,7 @@ These reach into Hypercorn's, h2's and h11's internals (pinned in pyproject.toml
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -292,6 +294,9 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(
             app, config, context, task_group, state, ssl, client, server, send_or_finish_first
         )
+        self.connection = _RefusingObsFold(
+            h11.SERVER, max_incomplete_event_size=config.h11_max_incomplete_size
+        )
         self.max_request_body = max_request_body
 
     async def handle(self, event: Event) -> None:
@@ -316,6 +321,32 @@ class GuardedH11Protocol(H11Protocol):
             isinstance(reader, h11._readers.ChunkedReader)
             and reader._bytes_in_chunk > self.max_request_body
         )
+
+
+class _RefusingObsFold(h11.Connection):
+    """h11's server connection, answering a request head with an obs-fold line (a header line
+    that starts with a space or tab) 400 where h11 would join it to the field before: RFC 9112
+    section 5.2 allows either, and a fold that some server behind a proxy reads differently is
+    a smuggling vector."""
+
+    def _extract_next_receive_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
+        if self.their_state is h11.IDLE and _folded(bytes(self._receive_buffer)):
+            # Raised inside h11's own handling: the peer's state becomes ERROR, and Hypercorn
+            # answers with the hint and closes, as for any malformed head.
+            raise h11.RemoteProtocolError(
+                "obs-fold line in the request head", error_status_hint=400
+            )
+        return super()._extract_next_receive_event()
+
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_FOLD = re.compile(rb"\n[ \t]")
+
+
+def _folded(received: bytes) -> bool:
+    """Whether the head at the start of `received`, once whole, has an obs-fold line."""
+    end = _HEAD_END.search(received)
+    return end is not None and _FOLD.search(received, 0, end.start()) is not None
 
 
 class _CappedFrameBuffer(h2.frame_buffer.FrameBuffer):
