@@ -285,9 +285,14 @@ class GuardedH11Protocol(H11Protocol):
     ) -> None:
         async def send_or_finish_first(event: Event) -> None:
             # Hypercorn closes at once when the client sends what cannot be read (bytes after a
-            # request the response closes on), cutting a response the app is writing: the
-            # client got its head and no body. It closes again after that response ends.
-            if isinstance(event, Closed) and self.connection.our_state is h11.SEND_BODY:
+            # request the response closes on), cutting a response the app is still writing:
+            # the client got its head and no body. It closes again once the app has ended.
+            # (A body the app left unfinished is still cut, on purpose: then it has ended.)
+            if (
+                isinstance(event, Closed)
+                and self.stream is not None
+                and self.connection.our_state is h11.SEND_BODY
+            ):
                 return
             await send(event)
 
