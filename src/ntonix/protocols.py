@@ -88,7 +88,8 @@ class Guard:
 
 
 class GuardedProtocol(ProtocolWrapper):
-    """Hypercorn's choice of protocol for a connection, with `GuardedH2Protocol` for HTTP/2."""
+    """Hypercorn's choice of protocol for a connection: `GuardedH2Protocol` for HTTP/2 (ALPN h2,
+    or cleartext HTTP/2 found while parsing HTTP/1.1), `GuardedH11Protocol` otherwise."""
 
     def __init__(
         self,
