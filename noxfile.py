@@ -2,7 +2,6 @@
 
 import os
 import shutil
-from pathlib import Path
 
 import nox
 import nox.command
@@ -72,39 +71,24 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Three mock backends and a gateway on 127.0.0.1:8000 until Ctrl-C."""
-    session.install("-e", ".")
+    """Three mock backends and a gateway on 127.0.0.1:8000 until Ctrl-C (--tls for HTTPS)."""
+    session.install("-e", ".[demo]")
     session.run("ntonix", "demo", *session.posargs)
-
-
-# Run inside the session's venv, where trustme is installed; the noxfile itself runs without it.
-_WRITE_CERTS = """
-import pathlib, sys, trustme
-
-out = pathlib.Path(sys.argv[1])
-out.mkdir(exist_ok=True)
-ca = trustme.CA(organization_name="ntonix development CA")
-server = ca.issue_cert("localhost", "127.0.0.1", "::1")
-ca.cert_pem.write_to_path(out / "ca.pem")
-server.private_key_pem.write_to_path(out / "server.key")
-(out / "server.key").chmod(0o600)
-(out / "server.pem").write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
-"""
 
 
 @nox.session
 def certs(session: nox.Session) -> None:
     """A development CA and a server certificate for localhost, 127.0.0.1, ::1 in ./certs/.
 
-    Never for production: the CA's private key is never written, so nothing else can be signed
-    with it, but whoever trusts ca.pem trusts this server certificate (trustme's run to 3000).
+    Never for production (see src/ntonix/devcerts.py, which this runs as a script: the session
+    needs trustme only, not the project).
     """
     session.install("trustme>=1.1")
-    script = Path(session.create_tmp()) / "write_certs.py"
-    script.write_text(_WRITE_CERTS)
-    session.run("python", str(script), "certs")
+    # -P: the script's own directory (src/ntonix, whose modules are not meant to be top-level)
+    # stays off sys.path.
+    session.run("python", "-P", "src/ntonix/devcerts.py", "certs")
     session.log(
-        "wrote certs/ca.pem (the CA to trust), certs/server.pem and certs/server.key\n"
+        "try them:\n"
         "  serve:  ntonix serve --certfile certs/server.pem --keyfile certs/server.key\n"
         "  curl:   curl --cacert certs/ca.pem https://127.0.0.1:8000/ntonix/health\n"
         "  OpenAI: OpenAI(base_url='https://127.0.0.1:8000/v1', api_key='-',\n"

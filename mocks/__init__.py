@@ -1,7 +1,7 @@
 """Mock LLM backends (OpenAI and Ollama APIs) for NTONIX's tests, benchmarks and demo."""
 
-from mocks.backend import MockLLM, MockStats
-from mocks.options import MockOptions
-from mocks.serve import serve_mock
+from .backend import MockLLM, MockStats
+from .options import MockOptions
+from .serve import serve_mock
 
 __all__ = ["MockLLM", "MockOptions", "MockStats", "serve_mock"]

@@ -13,10 +13,10 @@ from typing import TypeVar
 
 import attrs
 
-from mocks import generation
-from mocks.generation import FIXED_CREATED
-from mocks.options import MockOptions
-from mocks.replies import Reply, Request, error_reply, json_reply, whole_reply
+from . import generation
+from .generation import FIXED_CREATED
+from .options import MockOptions
+from .replies import Reply, Request, error_reply, json_reply, whole_reply
 
 _Number = TypeVar("_Number", int, float)
 _ERROR_STATUSES = frozenset(status.value for status in http.HTTPStatus if status >= 400)

@@ -16,8 +16,8 @@ from typing import Any
 
 import attrs
 
-from mocks.options import MockOptions
-from mocks.replies import Chunk, Reply, encode_json, json_reply
+from .options import MockOptions
+from .replies import Chunk, Reply, encode_json, json_reply
 
 # A few bytes per word, like real tokens, so chunk sizes look like an LLM's.
 VOCABULARY = (

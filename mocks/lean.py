@@ -14,9 +14,9 @@ from functools import partial
 import h11
 import trio
 
-from mocks.backend import MockLLM
-from mocks.playback import Outcome, play
-from mocks.replies import Request, error_reply
+from .backend import MockLLM
+from .playback import Outcome, play
+from .replies import Request, error_reply
 
 _RECEIVE_SIZE = 65536
 

@@ -11,16 +11,16 @@ from functools import partial
 
 import trio
 
-from mocks.backend import MockLLM, MockStats
-from mocks.options import MockOptions
-from mocks.serve import serve_mock
+from .backend import MockLLM, MockStats
+from .options import MockOptions
+from .serve import serve_mock
 
 __all__ = ["MockLLM", "MockOptions", "MockStats", "main", "serve_mock"]
 
 
 def _parser() -> argparse.ArgumentParser:
     defaults = MockOptions()
-    parser = argparse.ArgumentParser(prog="python -m mocks.llm", description=__doc__)
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}.llm", description=__doc__)
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--tokens", type=int, default=defaults.tokens)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             name=args.name,
         )
     except ValueError as error:
-        print(f"mocks.llm: {error}", file=sys.stderr)
+        print(f"{__package__}.llm: {error}", file=sys.stderr)
         return 2
     trio.run(_run, MockLLM(options), args.host, args.port, args.lean)
     return 0

@@ -103,7 +103,7 @@ async def run_load(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mocks.load", description=__doc__)
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}.load", description=__doc__)
     parser.add_argument("url", help="e.g. http://127.0.0.1:8001/v1/chat/completions")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import trio
 
-from mocks.replies import Reply
+from .replies import Reply
 
 
 class Outcome(enum.Enum):

@@ -16,11 +16,13 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from ntonix.config import AuthSettings, CacheSettings, Config, ConfigError, check_config_file
 from tests.conftest import StartGatewayWith, StartMock
 from tests.shared_support import ValkeyServer, tier_config, tier_toml
 from tests.support import RUNNING_ON, SERVE, ChildProcess, Spawn, chat, eventually, status
+from tests.websockets import event, refusal, ws_url
 
 CHAT = "/v1/chat/completions"
 
@@ -112,9 +114,27 @@ async def test_two_workers_share_an_embedded_tier_that_stops_with_them(
             return (await cache_stats(fresh, url))["l2_hits"] > 0
 
         await eventually(a_worker_hit_level_2)
+        # One gateway to observe: both workers' cache and tier figures, summed.
+        metrics = _samples((await fresh.get(f"{url}/metrics")).text)
+        assert metrics["ntonix_workers"] == 2
+        assert metrics["ntonix_cache_misses_total"] == 1
+        assert metrics["ntonix_cache_hits_total"] == 20
+        assert 1 <= metrics["ntonix_cache_l2_hits_total"] <= 20
+        assert metrics["ntonix_cache_l2_stored_total"] >= 1
+        assert metrics["ntonix_shared_tier_up"] == 1
+        assert metrics["ntonix_shared_tier_workers_up"] == 2
+        assert metrics["ntonix_shared_tier_calls_total"] >= 2
+        tier = (await status(fresh, url))["shared_tier"]
+        assert tier["up"] is True and tier["workers_up"] == 2
 
     assert await gateway.stop(signal.SIGTERM) == 0
     assert not await trio.Path(socket_path).exists()
+
+
+def _samples(metrics: str) -> dict[str, float]:
+    """The unlabelled samples of a /metrics answer."""
+    found = re.findall(r"^(ntonix_\w+) (\S+)$", metrics, re.MULTILINE)
+    return {name: float(value) for name, value in found}
 
 
 async def _any_stored(client: httpx.AsyncClient, url: str) -> bool:
@@ -464,3 +484,32 @@ async def test_a_follower_whose_leader_ended_unseen_is_answered_from_the_cache(
     assert answer.content == first.content
     assert answer.headers["x-ntonix-cache"] == "coalesced"
     assert mock.stats["requests"] == 1
+
+
+async def test_a_websocket_session_holds_its_key_s_slot_on_every_instance(
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    """WebSocket sessions are admitted like HTTP requests: on the shared tier."""
+    mock = await start_mock()
+    auth = AuthSettings(api_keys=("good-key",), max_concurrent_per_key=1)
+    config = tier_config(mock.url, valkey.url, auth=auth)
+    a, b = await start_gateway_with(config), await start_gateway_with(config)
+    key = [(b"authorization", b"Bearer good-key")]
+
+    async def models_on_b() -> int:
+        answer = await client.get(f"{b}/v1/models", headers={"authorization": "Bearer good-key"})
+        return answer.status_code
+
+    async with open_websocket_url(ws_url(a), extra_headers=key) as ws:
+        await ws.get_message()
+        over = await refusal(ws_url(b), key)
+        assert over[0] == 429 and over[1]["error"]["code"] == "rate_limit_exceeded"
+        assert await models_on_b() == 429
+    # The slot is freed off the request path, just after the session's end.
+    await eventually(lambda: _is(models_on_b, 200))
+    async with open_websocket_url(ws_url(b), extra_headers=key) as ws:
+        assert event(await ws.get_message())["type"] == "session.created"
+    assert mock.stats["realtime"]["sessions"] == 2

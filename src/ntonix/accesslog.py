@@ -28,7 +28,7 @@ MAX_BACKLOG = 8 * 1024 * 1024  # bytes waiting to be written
 
 def access_line(record: RequestRecord, now: float) -> bytes:
     ttft = record.first_byte_at
-    entry = {
+    entry: dict[str, object] = {
         "time": _timestamp(record.wall_time),
         "request_id": record.request_id.decode("latin-1"),
         "client": record.client,
@@ -46,6 +46,8 @@ def access_line(record: RequestRecord, now: float) -> bytes:
         "bytes_in": record.bytes_in,
         "bytes_out": record.bytes_out,
     }
+    if record.session is not None:
+        entry["websocket"] = record.session.as_log()
     return _ENCODER.encode(entry).encode() + b"\n"
 
 
@@ -122,6 +124,9 @@ class AccessLog:
                 log.error("access log %s: cannot write: %s", self.target, error)
 
     async def close(self) -> None:
+        """The last flush, once no request can end any more (after the drain): what is pending
+        goes to the file first, and only then is the file let go."""
+        await self.flush()
         self.replace("off", None)
         await self.flush()
 

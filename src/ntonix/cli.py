@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
 import logging
 import os
 import ssl
@@ -14,6 +16,7 @@ import httpx
 import trio
 
 from ntonix import __version__
+from ntonix.announce import LOG_FORMAT
 from ntonix.config import (
     ConfigError,
     check_config_file,
@@ -29,9 +32,7 @@ from ntonix.tls import server_ssl_context
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     # httpx logs every request at INFO: a line per health probe (and per `ntonix status`).
     logging.getLogger("httpx").setLevel(logging.WARNING)
     result: int = args.run(args)
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="mock backends and a gateway, until Ctrl-C")
     demo.add_argument("--backends", type=_positive_int, default=3, help="mock backends (3)")
     demo.add_argument("--port", type=int, default=8000, help="gateway port (8000)")
+    demo.add_argument(
+        "--tls", action="store_true", help="HTTPS with a throw-away local CA (needs ntonix[demo])"
+    )
     demo.set_defaults(run=_demo)
 
     check = commands.add_parser("check-config", help="validate a config file")
@@ -119,7 +123,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return _run(partial(run_demo, args.backends, args.port), "demo cannot start")
+    if args.tls:
+        try:
+            importlib.import_module("trustme")
+        except ImportError:
+            print("ntonix: demo --tls needs trustme: pip install 'ntonix[demo]'", file=sys.stderr)
+            return 1
+    return _run(
+        partial(run_demo, args.backends, args.port, tls=args.tls),
+        "demo cannot start",
+        port_in_use=f"demo cannot listen on 127.0.0.1:{args.port}: the port is in use; "
+        "choose another with --port (e.g. --port 8080)",
+    )
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -175,17 +190,36 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(program: Callable[[], Awaitable[object]], failure: str) -> int:
-    """Run a Trio program; an OSError (a port in use, say) is one line, not a traceback."""
+def _run(
+    program: Callable[[], Awaitable[object]], failure: str, *, port_in_use: str | None = None
+) -> int:
+    """Run a Trio program; an OSError (a port in use, say) is one line, not a traceback.
+
+    `port_in_use`, when given, replaces the line for EADDRINUSE (to name the flag to change).
+    """
     errors: list[OSError] = []
     try:
         trio.run(program)
     except* OSError as group:
-        errors.extend(e for e in group.exceptions if isinstance(e, OSError))
-    if errors:
+        errors.extend(_leaves(group))
+    if not errors:
+        return 0
+    if port_in_use and errors[0].errno == errno.EADDRINUSE:
+        print(f"ntonix: {port_in_use}", file=sys.stderr)
+    else:
         print(f"ntonix: {failure}: {errors[0]}", file=sys.stderr)
-        return 1
-    return 0
+    return 1
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    """The errors in a group however deeply nested: each nursery on the way out adds a level."""
+    leaves: list[OSError] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            leaves.extend(_leaves(error))
+        else:
+            leaves.append(error)
+    return leaves
 
 
 if __name__ == "__main__":

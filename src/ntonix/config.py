@@ -70,6 +70,8 @@ class GatewaySettings:
     graceful_timeout: float = 30.0
     body_timeout: float = 30.0
     max_connections: int = 10000
+    max_connections_per_client: int = 256
+    handshake_timeout: float = 5.0
 
 
 @attrs.frozen
@@ -167,6 +169,15 @@ class SharedSettings:
 
 
 @attrs.frozen
+class WebSocketSettings:
+    """[websocket]: sessions proxied on /v1/* and /api/* (the Realtime API). Bytes and seconds."""
+
+    max_message_size: int = 16 * 1024 * 1024
+    idle_timeout: float = 60.0
+    ping_interval: float = 20.0  # 0: no pings
+
+
+@attrs.frozen
 class Config:
     """The whole config file: one record per table."""
 
@@ -177,6 +188,7 @@ class Config:
     cache: CacheSettings = attrs.field(factory=CacheSettings)
     auth: AuthSettings = attrs.field(factory=AuthSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
+    websocket: WebSocketSettings = attrs.field(factory=WebSocketSettings)
     shared: SharedSettings = attrs.field(factory=SharedSettings)
 
     @classmethod
@@ -319,6 +331,8 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "graceful_timeout": _SECONDS,
         "body_timeout": _SECONDS_POSITIVE,
         "max_connections": _COUNT_POSITIVE,
+        "max_connections_per_client": _COUNT,
+        "handshake_timeout": _SECONDS_POSITIVE,
     },
     BackendSettings: {
         "name": _Rule("a non-empty string", bool),
@@ -358,6 +372,11 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         ),
         "timeout": _SECONDS_POSITIVE,
         "lease": _SECONDS_POSITIVE,
+    },
+    WebSocketSettings: {
+        "max_message_size": _BYTES_POSITIVE,
+        "idle_timeout": _SECONDS_POSITIVE,
+        "ping_interval": _SECONDS,
     },
 }
 

@@ -16,10 +16,6 @@ import subprocess
 import tempfile
 import time
 
-import attrs
-
-from ntonix.config import Config
-
 log = logging.getLogger("ntonix.shared")
 
 START_TIMEOUT = 10.0
@@ -96,8 +92,3 @@ class EmbeddedValkey:
                     if time.monotonic() > deadline:
                         raise OSError("the embedded valkey-server did not start") from None
             time.sleep(0.01)
-
-
-def with_tier_url(config: Config, url: str) -> Config:
-    """`config` with its tier at `url` (the embedded server's socket)."""
-    return attrs.evolve(config, shared=attrs.evolve(config.shared, url=url))

@@ -1,19 +1,18 @@
 """`GET /metrics`: Prometheus text format through prometheus-client.
 
-Everything here is read at scrape time: from the components' frozen snapshots (the health
-table's, the pools', the cache's) and from the plain counters requests feed as they end
-(`Tallies`). So a request pays a few dictionary increments and no metrics-library locks, and a
-scrape can never disagree with `/ntonix/status`. Each gateway has its own registry: several can
-share a process.
+Everything here is read at scrape time from figures (`ntonix.core.figures`): one worker's, made
+from the components' frozen snapshots (the health table's, the pools', the cache's) and the
+plain counters requests feed as they end (`Tallies`), or with `ntonix serve --workers N` every
+worker's, merged. So a request pays a few dictionary increments and no metrics-library locks
+or shared-memory writes, and a scrape can never disagree with `/ntonix/status`. Each scrape
+builds its own registry: several gateways can share a process.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
 
-import attrs
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,45 +22,34 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from ntonix.cache import CacheStatistics
-from ntonix.core.health import BackendSnapshot
-from ntonix.core.telemetry import Histogram, Tallies
-from ntonix.upstream import PoolStatistics
-
-if TYPE_CHECKING:
-    from ntonix.tier import TierStatistics
+from ntonix.core.figures import Figures, tier_up
+from ntonix.core.sessions import DIRECTIONS, SessionTallies
+from ntonix.core.telemetry import Histogram
 
 BREAKER_STATES = ("closed", "open", "half-open")
 
 
-@attrs.frozen
-class Sources:
-    """Where a scrape reads one gateway's state."""
-
-    backends: Callable[[], tuple[BackendSnapshot, ...]]
-    pools: Callable[[], dict[str, PoolStatistics]]
-    cache: Callable[[], CacheStatistics | None]
-    transitions: Callable[[], Counter[tuple[str, str, str]]]
-    access_log_dropped: Callable[[], int]
-    tallies: Tallies
-    shared: Callable[[], TierStatistics | None] = lambda: None
-
-
 class GatewayCollector(Collector):
-    """Turns one gateway's snapshots and tallies into metric families at each scrape."""
+    """Turns a gateway's figures into metric families."""
 
-    def __init__(self, sources: Sources) -> None:
-        self._sources = sources
+    def __init__(self, figures: Figures) -> None:
+        self._figures = figures
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "ntonix_workers",
+            "Worker processes of this instance whose figures these are",
+            value=self._figures.workers,
+        )
         yield from self._request_metrics()
         yield from self._attempt_metrics()
         yield from self._backend_metrics()
         yield from self._cache_metrics()
-        yield from self._shared_metrics()
+        yield from _session_metrics(self._figures.sessions)
+        yield from _shared_metrics(self._figures)
 
     def _request_metrics(self) -> Iterator[Metric]:
-        tallies = self._sources.tallies
+        tallies = self._figures.tallies
         yield _counter(
             "ntonix_requests",
             "Client API requests that ended, by route, backend, status and cache result",
@@ -108,11 +96,11 @@ class GatewayCollector(Collector):
         yield CounterMetricFamily(
             "ntonix_access_log_dropped_lines",
             "Access log lines dropped because the log could not keep up",
-            value=self._sources.access_log_dropped(),
+            value=self._figures.access_log_dropped,
         )
 
     def _attempt_metrics(self) -> Iterator[Metric]:
-        tallies = self._sources.tallies
+        tallies = self._figures.tallies
         queue_wait = HistogramMetricFamily(
             "ntonix_queue_wait_seconds",
             "Time requests waited for a backend slot (only requests that had to wait)",
@@ -165,7 +153,7 @@ class GatewayCollector(Collector):
             "Moving average of the backend's time to first byte",
             labels=["backend"],
         )
-        for backend in self._sources.backends():
+        for backend in self._figures.backends:
             for name in BREAKER_STATES:
                 state.add_metric([backend.name, name], 1.0 if backend.state == name else 0.0)
             in_flight.add_metric([backend.name], backend.in_flight)
@@ -177,7 +165,7 @@ class GatewayCollector(Collector):
             "ntonix_breaker_transitions",
             "Circuit breaker state changes caused by outcomes (open -> half-open is the clock)",
             ["backend", "from_state", "to_state"],
-            self._sources.transitions().items(),
+            self._figures.transitions.items(),
         )
         idle = GaugeMetricFamily(
             "ntonix_upstream_idle_connections", "Idle keep-alive connections", labels=["backend"]
@@ -185,63 +173,103 @@ class GatewayCollector(Collector):
         opened = CounterMetricFamily(
             "ntonix_upstream_connections_opened", "Upstream connections opened", labels=["backend"]
         )
-        for name, pool in self._sources.pools().items():
-            idle.add_metric([name], pool.idle)
-            opened.add_metric([name], pool.opened)
+        for name, pool in self._figures.pools.items():
+            idle.add_metric([name], pool["idle"])
+            opened.add_metric([name], pool["opened"])
         yield from (idle, opened)
 
     def _cache_metrics(self) -> Iterator[Metric]:
-        stats = self._sources.cache()
+        stats = self._figures.cache
         if stats is None:
             return
-        for name, value, help_text in (
-            ("hits", stats.hits, "Requests answered from the cache"),
-            ("misses", stats.misses, "Cacheable requests that went upstream"),
-            ("coalesced", stats.coalesced, "Requests that joined an identical one in flight"),
-            ("bypass", stats.bypass, "Requests the cache did not take part in"),
-            ("evictions", stats.evictions, "Entries evicted for room"),
-            ("expirations", stats.expirations, "Entries dropped for their TTL"),
-            ("stored", stats.stored, "Responses stored"),
-            ("dropped_offers", stats.dropped_offers, "Responses not stored: the writer was behind"),
-            ("l2_hits", stats.l2_hits, "Hits answered from the shared tier (counted in hits)"),
-            ("l2_misses", stats.l2_misses, "Lookups in the shared tier that found nothing"),
-            ("l2_rejected", stats.l2_rejected, "Values in the shared tier that did not decode"),
-            ("l2_stored", stats.l2_stored, "Responses written to the shared tier"),
-            ("flights_led", stats.flights_led, "Flights published for other workers"),
-            ("flights_followed", stats.flights_followed, "Flights fed from another worker's"),
-            ("takeovers", stats.takeovers, "Followers that went upstream: their leader was gone"),
-            ("followers_lost", stats.followers_lost, "Followers ended with an error frame"),
+        for name, help_text in (
+            ("hits", "Requests answered from the cache"),
+            ("misses", "Cacheable requests that went upstream"),
+            ("coalesced", "Requests that joined an identical one in flight"),
+            ("bypass", "Requests the cache did not take part in"),
+            ("evictions", "Entries evicted for room"),
+            ("expirations", "Entries dropped for their TTL"),
+            ("stored", "Responses stored"),
+            ("dropped_offers", "Responses not stored: the writer was behind"),
+            ("l2_hits", "Hits answered from the shared tier (counted in hits)"),
+            ("l2_misses", "Lookups in the shared tier that found nothing"),
+            ("l2_rejected", "Values in the shared tier that did not decode"),
+            ("l2_stored", "Responses written to the shared tier"),
+            ("flights_led", "Flights published for other workers"),
+            ("flights_followed", "Flights fed from another worker's"),
+            ("takeovers", "Followers that went upstream: their leader was gone"),
+            ("followers_lost", "Followers ended with an error frame"),
         ):
-            yield CounterMetricFamily(f"ntonix_cache_{name}", help_text, value=value)
-        for name, value, help_text in (
-            ("entries", stats.entries, "Entries in the cache"),
-            ("bytes", stats.bytes, "Bytes held by the cache"),
-            ("max_entries", stats.max_entries, "The cache's max_entries setting"),
-            ("max_bytes", stats.max_bytes, "The cache's max_bytes setting"),
+            yield CounterMetricFamily(f"ntonix_cache_{name}", help_text, value=stats[name])
+        for name, help_text in (
+            ("entries", "Entries in the workers' caches"),
+            ("bytes", "Bytes held by the workers' caches"),
+            ("max_entries", "max_entries, times the workers (one cache each)"),
+            ("max_bytes", "max_bytes, times the workers (one cache each)"),
         ):
-            yield GaugeMetricFamily(f"ntonix_cache_{name}", help_text, value=value)
+            yield GaugeMetricFamily(f"ntonix_cache_{name}", help_text, value=stats[name])
         # Every hit and every follower is a request no backend had to serve.
         yield CounterMetricFamily(
             "ntonix_cache_backend_requests_saved",
             "Backend requests the cache saved (hits plus coalesced followers)",
-            value=stats.hits + stats.coalesced,
+            value=stats["hits"] + stats["coalesced"],
         )
 
-    def _shared_metrics(self) -> Iterator[Metric]:
-        stats = self._sources.shared()
-        if stats is None:
-            return
-        yield GaugeMetricFamily(
-            "ntonix_shared_tier_up",
-            "1 while the shared tier (Valkey) is used, 0 while its breaker keeps it out",
-            value=1.0 if stats.up else 0.0,
+
+def _session_metrics(sessions: SessionTallies) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "ntonix_websocket_sessions_active", "WebSocket sessions open now", value=sessions.active
+    )
+    yield _counter(
+        "ntonix_websocket_sessions",
+        "WebSocket sessions that ended, by backend and handshake status (101: accepted)",
+        ["backend", "status"],
+        sessions.sessions.items(),
+    )
+    yield _counter(
+        "ntonix_websocket_session_closes",
+        "Accepted WebSocket sessions by who closed them (client, backend, gateway)",
+        ["closed_by"],
+        _one_label(sessions.closes),
+    )
+    for name, counter, what in (
+        ("messages", sessions.messages, "Messages"),
+        ("bytes", sessions.bytes, "Message bytes"),
+    ):
+        yield _counter(
+            f"ntonix_websocket_{name}",
+            f"{what} relayed by WebSocket sessions, by direction (to_backend, to_client)",
+            ["direction"],
+            (((direction,), counter[direction]) for direction in DIRECTIONS),
         )
-        for name, value, help_text in (
-            ("calls", stats.calls, "Calls made to the shared tier"),
-            ("failures", stats.failures, "Shared tier calls that failed or outran the budget"),
-            ("skipped", stats.skipped, "Shared tier calls not made while it was down"),
-        ):
-            yield CounterMetricFamily(f"ntonix_shared_tier_{name}", help_text, value=value)
+    duration = HistogramMetricFamily(
+        "ntonix_websocket_session_duration_seconds",
+        "From a WebSocket session's handshake to its end (refused ones included)",
+    )
+    _add_histogram(duration, [], sessions.durations)
+    yield duration
+
+
+def _shared_metrics(figures: Figures) -> Iterator[Metric]:
+    tier = figures.shared
+    if tier is None:
+        return
+    yield GaugeMetricFamily(
+        "ntonix_shared_tier_up",
+        "1 while every worker uses the shared tier (Valkey), 0 while a breaker keeps it out",
+        value=1.0 if tier_up(figures) else 0.0,
+    )
+    yield GaugeMetricFamily(
+        "ntonix_shared_tier_workers_up",
+        "Workers of this instance that use the shared tier now",
+        value=tier["workers_up"],
+    )
+    for name, help_text in (
+        ("calls", "Calls made to the shared tier"),
+        ("failures", "Shared tier calls that failed or outran the budget"),
+        ("skipped", "Shared tier calls not made while it was down"),
+    ):
+        yield CounterMetricFamily(f"ntonix_shared_tier_{name}", help_text, value=tier[name])
 
 
 def _counter(
@@ -278,11 +306,8 @@ def _bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def registry_for(collector: GatewayCollector) -> CollectorRegistry:
+def exposition(figures: Figures) -> bytes:
+    """The Prometheus text of `figures`."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    return registry
-
-
-def exposition(registry: CollectorRegistry) -> bytes:
+    registry.register(GatewayCollector(figures))
     return generate_latest(registry)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ntonix.core.valkey_url import ValkeyAddress, parse_valkey_url
+from ntonix.core.valkey_url import ValkeyAddress, parse_valkey_url, shown
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,15 @@ def test_bad_urls_are_refused_without_repeating_them(url: str) -> None:
         parse_valkey_url(url)
     assert "secret" not in str(raised.value)
     assert url not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown_as"),
+    [
+        ("valkey://user:pa%3Ass@cache.internal/3", "valkey://user@cache.internal:6379/3"),
+        ("valkeys://:secret@[::1]:6380", "valkeys://[::1]:6380/0"),
+        ("unix://:secret@/run/valkey.sock?db=2", "unix:///run/valkey.sock?db=2"),
+    ],
+)
+def test_an_address_is_shown_without_its_password(url: str, shown_as: str) -> None:
+    assert shown(parse_valkey_url(url)) == shown_as

@@ -71,6 +71,16 @@ def parse_valkey_url(url: str) -> ValkeyAddress:
     )
 
 
+def shown(address: ValkeyAddress) -> str:
+    """The address as a URL fit for a log line: the user name kept, the password never."""
+    user = f"{urllib.parse.quote(address.username)}@" if address.username else ""
+    if address.unix_path:
+        return f"unix://{user}{address.unix_path}?db={address.database}"
+    scheme = "valkeys" if address.tls else "valkey"
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"{scheme}://{user}{host}:{address.port}/{address.database}"
+
+
 def _database(text: str) -> int:
     if not text.isdigit() or not text.isascii():
         raise ValueError("the database (the URL's path, or ?db=) must be a number such as /0")
