@@ -21,6 +21,7 @@ FIELDS = {
     "time",
     "request_id",
     "client",
+    "key",
     "method",
     "path",
     "model",

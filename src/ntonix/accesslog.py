@@ -5,7 +5,8 @@ in a worker thread: a slow disk or a stderr pipe nobody drains must never stall 
 loop that carries the streams. If the backlog grows past `MAX_BACKLOG`, lines are dropped and
 counted rather than held without bound.
 
-Never in a line: API keys, the query string (clients put keys there too), the prompt.
+Never in a line: API keys (a named key shows its name, any other "anonymous"), the query
+string (clients put keys there too), the prompt.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def access_line(record: RequestRecord, now: float) -> bytes:
         "time": _timestamp(record.wall_time),
         "request_id": record.request_id.decode("latin-1"),
         "client": record.client,
+        "key": record.tenant.name if record.tenant else None,
         "method": record.method,
         "path": record.path,
         "model": record.model,

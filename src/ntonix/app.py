@@ -20,7 +20,7 @@ from ntonix.accesslog import AccessLog, open_target
 from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
 from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
-from ntonix.core.auth import ApiKeys, keys_from_file
+from ntonix.core.auth import ApiKeys, digest, keys_from_file
 from ntonix.core.breaker import BreakerSettings
 from ntonix.core.figures import Figures, merge
 from ntonix.core.headers import request_id_of
@@ -29,6 +29,7 @@ from ntonix.core.hygiene import check_request
 from ntonix.core.limits import ClientLimits
 from ntonix.core.requests import is_proxied
 from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
+from ntonix.core.tenants import Tenant
 from ntonix.downstream import new_request_id
 from ntonix.errors import GatewayError, client_error
 from ntonix.gathering import WorkerGroup
@@ -63,6 +64,7 @@ class Gateway:
         self.proxy: Proxy | None = None
         self._probers: Probers | None = None
         self._keys = ApiKeys(())
+        # Each tenant brings its own numbers (ApiKeys gives plain keys [auth]'s).
         self._limits = ClientLimits(per_minute=0, max_concurrent=0)
         self._started_at = time.monotonic()
         self.tallies = Tallies()
@@ -134,17 +136,25 @@ class Gateway:
         self, scope: Scope, receive: Receive, send: Send, proxy: Proxy, record: RequestRecord
     ) -> None:
         """Who is asking (API key), within their limits, then the model list or the proxy."""
-        identity = None
-        if self._keys.required:
-            identity = self._keys.identify(header(scope, b"authorization"))
-            if identity is None:
+        keys = self._keys
+        if keys.required:
+            tenant = keys.identify(header(scope, b"authorization"))
+            if tenant is None:
                 error = client_error(401, "invalid_api_key", "Missing or invalid API key")
                 await refuse(send, record, error)
                 return
+        else:
+            tenant = keys.anonymous(scope["client"][0] if scope.get("client") else "unknown")
+        record.tenant = tenant
         limits = self._limits
-        client = identity or (scope["client"][0] if scope.get("client") else "unknown")
-        if limits.active:
-            verdict = limits.admit(client, trio.current_time())
+        counted = bool(tenant.requests_per_minute or tenant.max_concurrent)
+        if counted:
+            verdict = limits.admit(
+                tenant.identity,
+                trio.current_time(),
+                per_minute=tenant.requests_per_minute,
+                max_concurrent=tenant.max_concurrent,
+            )
             if not verdict.allowed:
                 error = GatewayError(
                     429,
@@ -157,12 +167,12 @@ class Gateway:
                 return
         try:
             if scope["method"] == "GET" and scope["raw_path"] in _MODEL_LISTS:
-                await self._list_models(scope["raw_path"], recording(send, record))
+                await self._list_models(scope["raw_path"], recording(send, record), tenant)
             else:
                 await proxy.handle(scope, receive, send, record)
         finally:
-            if limits.active:
-                limits.release(client)
+            if counted:
+                limits.release(tenant.identity)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
@@ -189,7 +199,6 @@ class Gateway:
                 supervisor.start_soon(cache.write_forever)
             self.proxy = Proxy(config, pools, health, cache, self.tallies)
             supervisor.start_soon(self.access_log.flush_forever)
-            self._limits = _client_limits(config)
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
             supervisor.start_soon(self._reload_on_sighup)
@@ -256,8 +265,6 @@ class Gateway:
         proxy.reconfigure(config, pools)
         probers.reconcile(config.backends, config.health)
         self._keys = keys
-        self._limits.per_minute = config.auth.requests_per_minute
-        self._limits.max_concurrent = config.auth.max_concurrent_per_key
         self._config = config
         log.info("config reloaded from %s: %d backends", self._config_file, len(config.backends))
         return []
@@ -317,10 +324,12 @@ class Gateway:
         ]
         return any(hmac.compare_digest(value, expected) for value in offered)
 
-    async def _list_models(self, path: bytes, send: Send) -> None:
-        """/v1/models and /api/tags: the union of what the healthy backends serve."""
+    async def _list_models(self, path: bytes, send: Send, tenant: Tenant) -> None:
+        """/v1/models and /api/tags: the union of what the healthy backends serve (of those,
+        what the key may use)."""
         assert self.proxy is not None
-        models = self.proxy.health.served_models(trio.current_time())
+        served = self.proxy.health.served_models(trio.current_time())
+        models = [model for model in served if tenant.may_use(model)]
         if path == b"/v1/models":
             data = [
                 {"id": m, "object": "model", "created": 0, "owned_by": "ntonix"} for m in models
@@ -383,18 +392,31 @@ _DASHBOARD_CSP = (
 
 def api_keys(config: Config) -> ApiKeys:
     """The client keys: `auth.api_keys` plus the lines of `auth.api_keys_file` (OSError if it
-    cannot be read)."""
-    keys = list(config.auth.api_keys)
-    if config.auth.api_keys_file:
-        with open(config.auth.api_keys_file, encoding="utf-8") as file:
-            keys += keys_from_file(file.read())
-    return ApiKeys(keys)
-
-
-def _client_limits(config: Config) -> ClientLimits:
+    cannot be read), and the named `[[auth.keys]]`."""
     auth = config.auth
-    return ClientLimits(
-        per_minute=auth.requests_per_minute, max_concurrent=auth.max_concurrent_per_key
+    keys = list(auth.api_keys)
+    if auth.api_keys_file:
+        with open(auth.api_keys_file, encoding="utf-8") as file:
+            keys += keys_from_file(file.read())
+    named = {
+        entry.key_sha256 or digest(entry.key): Tenant(
+            entry.name,
+            f"key:{entry.name}",
+            requests_per_minute=entry.requests_per_minute,
+            max_concurrent=entry.max_concurrent,
+            tokens_per_minute=entry.tokens_per_minute,
+            tokens_per_day=entry.tokens_per_day,
+            batch=entry.priority == "batch",
+            weight=entry.weight,
+            models=frozenset(entry.models),
+        )
+        for entry in auth.keys
+    }
+    return ApiKeys(
+        keys,
+        named,
+        requests_per_minute=auth.requests_per_minute,
+        max_concurrent=auth.max_concurrent_per_key,
     )
 
 

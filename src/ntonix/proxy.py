@@ -79,7 +79,9 @@ class Proxy:
     async def handle(
         self, scope: Scope, receive: Receive, send: Send, record: RequestRecord
     ) -> None:
-        """Run one request through every phase; returns when the client has its answer."""
+        """Run one request through every phase; returns when the client has its answer.
+
+        `record.tenant`, when set, is who asks: a model its key may not use is refused (403)."""
         downstream = Downstream(send, record)
         try:
             body = await self.accept(scope, receive)
@@ -95,6 +97,11 @@ class Proxy:
             await downstream.fail(error)
             return
         record.model = request.model
+        tenant = record.tenant
+        if tenant is not None and not tenant.may_use(request.model):
+            message = f"The key {tenant.name!r} may not use the model {request.model!r}"
+            await downstream.fail(client_error(403, "model_not_allowed", message))
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cancel_on_disconnect, receive, downstream, nursery.cancel_scope)
             try:

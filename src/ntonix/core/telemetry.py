@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import attrs
 
+from ntonix.core.tenants import Tenant
+
 # Seconds: from a cache hit (a few ms) to a long generation (a minute).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 
@@ -69,6 +71,7 @@ class RequestRecord:
         "retries",
         "started",
         "status",
+        "tenant",
         "wall_time",
     )
 
@@ -91,6 +94,7 @@ class RequestRecord:
         self.path = path
         self.cache = cache
         self.model: str | None = None
+        self.tenant: Tenant | None = None  # who asked, once the API key is checked
         self.backend = ""
         self.status = 0
         self.outcome = "ok"
