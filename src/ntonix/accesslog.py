@@ -29,6 +29,7 @@ MAX_BACKLOG = 8 * 1024 * 1024  # bytes waiting to be written
 
 def access_line(record: RequestRecord, now: float) -> bytes:
     ttft = record.first_byte_at
+    usage = record.usage
     entry = {
         "time": _timestamp(record.wall_time),
         "request_id": record.request_id.decode("latin-1"),
@@ -47,6 +48,9 @@ def access_line(record: RequestRecord, now: float) -> bytes:
         "duration_ms": round((now - record.started) * 1000, 3),
         "bytes_in": record.bytes_in,
         "bytes_out": record.bytes_out,
+        "prompt_tokens": usage.prompt if usage else None,
+        "completion_tokens": usage.completion if usage else None,
+        "tokens_estimated": usage.estimated if usage else None,
     }
     return _ENCODER.encode(entry).encode() + b"\n"
 

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ntonix import dashboard, overview
 from ntonix.accesslog import AccessLog, open_target
+from ntonix.accounts import Accounts
 from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
 from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
@@ -26,10 +27,11 @@ from ntonix.core.figures import Figures, merge
 from ntonix.core.headers import request_id_of
 from ntonix.core.health import HealthTable
 from ntonix.core.hygiene import check_request
-from ntonix.core.limits import ClientLimits
+from ntonix.core.limits import ClientLimits, Verdict
 from ntonix.core.requests import is_proxied
 from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
 from ntonix.core.tenants import Tenant
+from ntonix.core.token_limits import ratelimit_headers
 from ntonix.downstream import new_request_id
 from ntonix.errors import GatewayError, client_error
 from ntonix.gathering import WorkerGroup
@@ -68,6 +70,7 @@ class Gateway:
         self._limits = ClientLimits(per_minute=0, max_concurrent=0)
         self._started_at = time.monotonic()
         self.tallies = Tallies()
+        self.accounts = Accounts()
         self.recent = RecentWindow()
         self.access_log = AccessLog("off")
         # Set when the server stops accepting (`ntonix serve` says so; the plain hypercorn
@@ -147,24 +150,39 @@ class Gateway:
             tenant = keys.anonymous(scope["client"][0] if scope.get("client") else "unknown")
         record.tenant = tenant
         limits = self._limits
+        now = trio.current_time()
+        # Tokens are charged when responses end: a key may start one while under its limits.
+        tokens = self.accounts.standing(tenant) if tenant.counts_tokens else None
         counted = bool(tenant.requests_per_minute or tenant.max_concurrent)
-        if counted:
+        verdict = Verdict(True)
+        if tokens is not None and not tokens.allowed:
+            verdict = Verdict(False, tokens.retry_after, tokens.reason)
+            counted = False
+        elif counted:
             verdict = limits.admit(
                 tenant.identity,
-                trio.current_time(),
+                now,
                 per_minute=tenant.requests_per_minute,
                 max_concurrent=tenant.max_concurrent,
             )
-            if not verdict.allowed:
-                error = GatewayError(
-                    429,
-                    "rate_limit_exceeded",
-                    f"Too many requests: {verdict.reason}",
-                    source="client",
-                    retry_after=verdict.retry_after,
-                )
-                await refuse(send, record, error)
-                return
+            counted = verdict.allowed
+        if tenant.rate_limited:
+            requests = None
+            if tenant.requests_per_minute:
+                per_minute = tenant.requests_per_minute
+                left, reset = limits.remaining(tenant.identity, now, per_minute=per_minute)
+                requests = (per_minute, left, reset)
+            record.extra_headers = ratelimit_headers(requests, tokens)
+        if not verdict.allowed:
+            error = GatewayError(
+                429,
+                "rate_limit_exceeded",
+                f"Too many requests: {verdict.reason}",
+                source="client",
+                retry_after=verdict.retry_after,
+            )
+            await refuse(send, record, error)
+            return
         try:
             if scope["method"] == "GET" and scope["raw_path"] in _MODEL_LISTS:
                 await self._list_models(scope["raw_path"], recording(send, record), tenant)
@@ -197,7 +215,7 @@ class Gateway:
             cache = ResponseCache(config.cache, supervisor) if config.cache.enabled else None
             if cache is not None:
                 supervisor.start_soon(cache.write_forever)
-            self.proxy = Proxy(config, pools, health, cache, self.tallies)
+            self.proxy = Proxy(config, pools, health, cache, self.tallies, self.accounts)
             supervisor.start_soon(self.access_log.flush_forever)
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
@@ -474,7 +492,7 @@ async def refuse(
     record.status = error.status
     record.outcome = "error"
     record.error = error.code
-    await send_error(send, error, close=close)
+    await send_error(send, error, close=close, extra=record.extra_headers)
 
 
 def recording(send: Send, record: RequestRecord) -> Send:
@@ -493,11 +511,17 @@ def recording(send: Send, record: RequestRecord) -> Send:
     return send_and_note
 
 
-async def send_error(send: Send, error: GatewayError, *, close: bool = False) -> None:
+async def send_error(
+    send: Send,
+    error: GatewayError,
+    *,
+    close: bool = False,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     """`close` asks Hypercorn (h11) to close the connection after this response: for a request
     whose framing is in doubt, what follows it on the connection cannot be trusted. HTTP/1
     only: HTTP/2 forbids the header and its streams are framed by the protocol."""
-    headers = error.headers()[1:]
+    headers = error.headers()[1:] + (extra or [])
     if close:
         headers.append((b"connection", b"close"))
     await send_json(send, error.status, error.payload(), headers)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import attrs
 
 from ntonix.core.tenants import Tenant
+from ntonix.core.usage import Usage
 
 # Seconds: from a cache hit (a few ms) to a long generation (a minute).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -61,6 +62,7 @@ class RequestRecord:
         "client",
         "disconnected",
         "error",
+        "extra_headers",
         "first_byte_at",
         "method",
         "model",
@@ -72,6 +74,7 @@ class RequestRecord:
         "started",
         "status",
         "tenant",
+        "usage",
         "wall_time",
     )
 
@@ -95,6 +98,9 @@ class RequestRecord:
         self.cache = cache
         self.model: str | None = None
         self.tenant: Tenant | None = None  # who asked, once the API key is checked
+        self.usage: Usage | None = None  # tokens generated, or served from the cache
+        # The gateway's own response headers for this key (x-ratelimit-*), on every answer.
+        self.extra_headers: list[tuple[bytes, bytes]] = []
         self.backend = ""
         self.status = 0
         self.outcome = "ok"
