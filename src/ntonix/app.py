@@ -303,6 +303,8 @@ class Gateway:
             await send_body(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
         elif path == b"/ntonix/status" and method == "GET":
             await send_json(send, 200, await self.status())
+        elif path == b"/ntonix/usage" and method == "GET" and (figures := await self.figures()):
+            await send_json(send, 200, overview.usage(figures, time.time()))
         elif path == b"/ntonix/dashboard" and method == "GET":
             headers = [
                 (b"content-type", b"text/html; charset=utf-8"),
@@ -370,7 +372,13 @@ class Gateway:
         now = trio.current_time()
         dropped = self.access_log.dropped
         return overview.own_figures(
-            self.proxy, self.tallies, dropped, self.recent, now, window=window
+            self.proxy,
+            self.tallies,
+            dropped,
+            self.recent,
+            now,
+            window=window,
+            usage=self.accounts.figures(),
         )
 
     async def figures(self, *, window: bool = False) -> Figures | None:

@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from ntonix.core.health import BackendSnapshot
+from ntonix.core.ledger import UsageFigures
 from ntonix.core.telemetry import Histogram, SecondSummary, Tallies, WindowSummary
 
 # Fields of the pools' and the cache's statistics that say what is held now, not what happened:
@@ -46,6 +47,9 @@ class Figures:
     # The dashboard's last minute, on the wall clock (each process has its own Trio clock);
     # None when the reader did not ask for it.
     window: WindowSummary | None
+    # Tokens per key and model: since start and per UTC day are counters, the last minute a
+    # gauge (what a gone worker served a minute ago is not shown as this minute's).
+    usage: UsageFigures = attrs.field(factory=UsageFigures)
 
 
 def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
@@ -63,7 +67,18 @@ def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
         access_log_dropped=sum(figures.access_log_dropped for figures in everyone),
         queued=sum(figures.queued for figures in live),
         window=_merge_windows(windows) if windows else None,
+        usage=_merge_usage([figures.usage for figures in everyone]),
     )
+
+
+def _merge_usage(all_usage: Sequence[UsageFigures]) -> UsageFigures:
+    merged = UsageFigures()
+    for usage in all_usage:
+        merged.total.update(usage.total)
+        merged.minute.update(usage.minute)
+        for date, rows in usage.days.items():
+            merged.days.setdefault(date, Counter()).update(rows)
+    return merged
 
 
 def _without_gauges(figures: Figures) -> Figures:
@@ -76,8 +91,16 @@ def _without_gauges(figures: Figures) -> Figures:
     cache = None
     if figures.cache is not None:
         cache = {k: 0 if k in CACHE_GAUGES else v for k, v in figures.cache.items()}
+    usage = UsageFigures(figures.usage.total, Counter(), figures.usage.days)
     return attrs.evolve(
-        figures, tallies=tallies, backends=(), pools=pools, cache=cache, queued=0, window=None
+        figures,
+        tallies=tallies,
+        backends=(),
+        pools=pools,
+        cache=cache,
+        queued=0,
+        window=None,
+        usage=usage,
     )
 
 
@@ -239,6 +262,11 @@ def encode(figures: Figures) -> dict[str, Any]:
         "access_log_dropped": figures.access_log_dropped,
         "queued": figures.queued,
         "window": None if figures.window is None else attrs.asdict(figures.window),
+        "usage": {
+            "total": _rows(figures.usage.total),
+            "minute": _rows(figures.usage.minute),
+            "days": {date: _rows(rows) for date, rows in figures.usage.days.items()},
+        },
     }
 
 
@@ -261,6 +289,7 @@ def decode(data: Mapping[str, Any]) -> Figures:
         cancellations=Counter(raw["cancellations"]),
     )
     window = data["window"]
+    usage = data["usage"]
     return Figures(
         workers=int(data["workers"]),
         tallies=tallies,
@@ -271,6 +300,11 @@ def decode(data: Mapping[str, Any]) -> Figures:
         access_log_dropped=int(data["access_log_dropped"]),
         queued=int(data["queued"]),
         window=None if window is None else _window(window),
+        usage=UsageFigures(
+            _counter(usage["total"]),
+            _counter(usage["minute"]),
+            {str(date): _counter(rows) for date, rows in usage["days"].items()},
+        ),
     )
 
 
