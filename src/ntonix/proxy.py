@@ -78,6 +78,7 @@ class Proxy:
         self._settings = config.gateway
         self._limits = {b.name: b.max_concurrent for b in config.backends}
         self._affinity = config.balancer.strategy == "prefix-affinity"
+        self.admission.aging = config.gateway.batch_aging
         if config.balancer.strategy != self._strategy_name:
             self._strategy_name = config.balancer.strategy
             self.strategy = make_strategy(config.balancer.strategy, random.Random())
@@ -245,14 +246,16 @@ class Proxy:
     async def admit(self, exchange: Exchange, *, first: bool) -> Ticket | None:
         """Phases pick upstream and admission: the best eligible backend with a free slot.
 
-        Waits up to `queue_timeout`, first come first served, when every eligible backend is at
-        `max_concurrent`; None when failover has no untried backend left.
+        Waits up to `queue_timeout`, in fair order (ntonix.admission), when every eligible
+        backend is at `max_concurrent`; None when failover has no untried backend left.
         """
         # Requests already waiting go first: a slot they can use is theirs.
         self.admission.admit_waiting()
         try_admit = partial(self._try_admit, exchange)
+        tenant = exchange.record.tenant
         ticket = try_admit()
         if ticket is not None:
+            self.admission.served(tenant)
             return ticket
         model = exchange.request.model
         now = trio.current_time()
@@ -262,7 +265,7 @@ class Proxy:
             raise self._no_route(model, now)
         deadline = now + self._settings.queue_timeout
         exchange.record.phase = "queue"
-        ticket = await self.admission.wait(try_admit, deadline, self._abandon)
+        ticket = await self.admission.wait(try_admit, deadline, self._abandon, tenant)
         exchange.record.phase = "first_byte"
         self.tallies.queue_wait.observe(trio.current_time() - now)
         if ticket is None:
