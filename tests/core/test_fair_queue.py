@@ -39,7 +39,7 @@ def test_a_key_with_a_backlog_delays_another_keys_request_by_one_turn_at_most() 
 
 def test_keys_share_slots_by_weight() -> None:
     queue: FairQueue[str] = FairQueue(aging=10)
-    for n in range(100):
+    for _ in range(100):
         queue.push("a", "a", weight=3, batch=False, now=0.0)
         queue.push("b", "b", weight=1, batch=False, now=0.0)
     assert Counter(serve(queue) for _ in range(40)) == {"a": 30, "b": 10}
