@@ -21,6 +21,11 @@ class Admission:
     first come first served), and the first that can use it gets it at once. No wake-up is
     lost, and one waiting for a full backend does not hold back one behind it that another
     backend can take. A waiter whose client leaves is out of the queue at once.
+
+    Waiters of one `group` (the proxy's: the model and the backends already tried) can use the
+    same slots, so once one of them found none in a round, the rest of its group are not asked
+    again in that round: a round costs one try per group, not one per waiter, however long
+    the queue.
     """
 
     def __init__(self, aging: float = DEFAULT_AGING) -> None:
@@ -41,10 +46,16 @@ class Admission:
     def admit_waiting(self) -> None:
         if not self._queue:
             return
+        full: set[object] = set()  # groups that found no slot this round (slots only go)
         for entry in self._queue.order(trio.current_time()):
             waiter = entry.item
+            if waiter.group in full:
+                continue
             ticket = waiter.try_admit()
-            if ticket is not None:
+            if ticket is None:
+                if waiter.group is not None:
+                    full.add(waiter.group)
+            else:
                 self._queue.remove(entry)
                 self._queue.served(entry.key, entry.weight)
                 waiter.ticket = ticket
@@ -61,9 +72,11 @@ class Admission:
         deadline: float,
         abandon: Callable[[Ticket], None],
         tenant: Tenant | None = None,
+        group: object = None,
     ) -> Ticket | None:
-        """The ticket a freed slot brought, or None when `deadline` passed first."""
-        waiter = _Waiter(try_admit)
+        """The ticket a freed slot brought, or None when `deadline` passed first. Waiters of
+        one `group` (hashable; None: a group of its own) must be able to use the same slots."""
+        waiter = _Waiter(try_admit, group)
         key, weight = _fair_key(tenant)
         batch = tenant is not None and tenant.batch
         entry: Entry[_Waiter] = self._queue.push(
@@ -87,9 +100,10 @@ def _fair_key(tenant: Tenant | None) -> tuple[str, int]:
 
 
 class _Waiter:
-    __slots__ = ("admitted", "ticket", "try_admit")
+    __slots__ = ("admitted", "group", "ticket", "try_admit")
 
-    def __init__(self, try_admit: Callable[[], Ticket | None]) -> None:
+    def __init__(self, try_admit: Callable[[], Ticket | None], group: object) -> None:
         self.try_admit = try_admit
+        self.group = group
         self.admitted = trio.Event()
         self.ticket: Ticket | None = None

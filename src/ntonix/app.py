@@ -185,7 +185,7 @@ class Gateway:
             return
         try:
             if scope["method"] == "GET" and scope["raw_path"] in _MODEL_LISTS:
-                await self._list_models(scope["raw_path"], recording(send, record), tenant)
+                await self._list_models(scope["raw_path"], recording(send, record), record)
             else:
                 await proxy.handle(scope, receive, send, record)
         finally:
@@ -344,19 +344,21 @@ class Gateway:
         ]
         return any(hmac.compare_digest(value, expected) for value in offered)
 
-    async def _list_models(self, path: bytes, send: Send, tenant: Tenant) -> None:
+    async def _list_models(self, path: bytes, send: Send, record: RequestRecord) -> None:
         """/v1/models and /api/tags: the union of what the healthy backends serve (of those,
         what the key may use)."""
-        assert self.proxy is not None
+        assert self.proxy is not None and record.tenant is not None
+        tenant = record.tenant
         served = self.proxy.health.served_models(trio.current_time())
         models = [model for model in served if tenant.may_use(model)]
         if path == b"/v1/models":
             data = [
                 {"id": m, "object": "model", "created": 0, "owned_by": "ntonix"} for m in models
             ]
-            await send_json(send, 200, {"object": "list", "data": data})
+            await send_json(send, 200, {"object": "list", "data": data}, record.extra_headers)
         else:
-            await send_json(send, 200, {"models": [{"name": m, "model": m} for m in models]})
+            tags = [{"name": m, "model": m} for m in models]
+            await send_json(send, 200, {"models": tags}, record.extra_headers)
 
     def ready(self) -> bool:
         """At least one backend is healthy: its circuit is not open and it is not draining.

@@ -265,7 +265,9 @@ class Proxy:
             raise self._no_route(model, now)
         deadline = now + self._settings.queue_timeout
         exchange.record.phase = "queue"
-        ticket = await self.admission.wait(try_admit, deadline, self._abandon, tenant)
+        # Same model, same backends tried: the same slots will do (affinity only orders them).
+        group = (model, frozenset(exchange.tried))
+        ticket = await self.admission.wait(try_admit, deadline, self._abandon, tenant, group)
         exchange.record.phase = "first_byte"
         self.tallies.queue_wait.observe(trio.current_time() - now)
         if ticket is None:
