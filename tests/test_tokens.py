@@ -209,3 +209,28 @@ async def eventually_hit(
             if response.headers["x-ntonix-cache"] == "hit":
                 return response
             await trio.sleep(0.01)
+
+
+async def test_a_coalesced_request_counts_the_shared_answer_as_cached(
+    start_mock: StartMock, start_gateway_with: StartGatewayWith, tmp_path: Path
+) -> None:
+    mock = await start_mock(tokens=20, token_delay=0.02)
+    log = tmp_path / "access.log"
+    gateway = await start_gateway_with(tokens_config(mock.url, log, cache=True))
+    sdk = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="sk-team-a", max_retries=0)
+    labels: list[str] = []
+
+    async def ask() -> None:
+        raw = await sdk.chat.completions.with_raw_response.create(
+            model="mock-llm", messages=[{"role": "user", "content": "shared"}], temperature=0
+        )
+        labels.append(raw.headers["x-ntonix-cache"])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await wait_until(lambda: mock.stats["active"] == 1)
+        nursery.start_soon(ask)
+    assert sorted(labels) == ["coalesced", "miss"] and mock.stats["requests"] == 1
+    lines = await logged(log, 2)
+    by_cache = {line["cache"]: line for line in lines}
+    assert by_cache["coalesced"]["completion_tokens"] == by_cache["miss"]["completion_tokens"] == 20
