@@ -56,23 +56,23 @@ def reported_usage(message: object) -> tuple[int, int] | None:
     if not isinstance(usage, Mapping) and isinstance(message.get("response"), Mapping):
         usage = message["response"].get("usage")  # the Responses API's response.completed
     if isinstance(usage, Mapping):
-        prompt = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
-        completion = _count(usage.get("completion_tokens", usage.get("output_tokens")))
-        if prompt is not None or completion is not None:
-            return prompt or 0, completion or 0
-        return None
-    if message.get("done") is True or "eval_count" in message:
-        prompt, completion = (
-            _count(message.get("prompt_eval_count")),
-            _count(message.get("eval_count")),
+        return _pair(
+            usage.get("prompt_tokens", usage.get("input_tokens")),
+            usage.get("completion_tokens", usage.get("output_tokens")),
         )
-        if prompt is not None or completion is not None:
-            return prompt or 0, completion or 0
+    if message.get("done") is True or "eval_count" in message:
+        return _pair(message.get("prompt_eval_count"), message.get("eval_count"))
     return None
 
 
-def _count(value: object) -> int | None:
-    return value if type(value) is int and value >= 0 else None
+def _pair(prompt: object, completion: object) -> tuple[int, int] | None:
+    """Counts where at least one is a count (Ollama leaves out a prompt it had cached)."""
+    counts = [
+        value if type(value) is int and value >= 0 else None for value in (prompt, completion)
+    ]
+    if counts == [None, None]:
+        return None
+    return counts[0] or 0, counts[1] or 0
 
 
 def estimate_tokens(characters: int) -> int:
