@@ -20,6 +20,7 @@ from ntonix.config import (
     GatewaySettings,
     HealthSettings,
     KeySettings,
+    WebSocketSettings,
     check_config_file,
     load_config,
 )
@@ -37,6 +38,8 @@ graceful_timeout = 30.0         # on SIGTERM/Ctrl-C: stop accepting, let streams
 body_timeout = 30.0             # the whole request body must arrive within this (else 408)
 max_connections = 10000         # open client connections; more are refused
 batch_aging = 10.0              # a batch request queued this long goes with the interactive ones
+max_connections_per_client = 256  # open connections from one client address; 0 = no limit
+handshake_timeout = 5.0         # a TLS handshake must complete within this
 
 [[backends]]
 name = "gpu-a"                  # unique; defaults to host:port
@@ -623,3 +626,22 @@ def test_the_documented_example_is_a_valid_config() -> None:
     (example,) = [block.split("```")[0] for block in doc.split("```toml\n")[1:]]
     config = Config.from_toml(example)
     assert [b.name for b in config.backends] == ["vllm-a", "vllm-b", "ollama"]
+
+
+# --- [websocket] ---------------------------------------------------------------------------
+
+
+def test_the_websocket_section_has_defaults_and_rules() -> None:
+    assert Config.from_toml(ONE_BACKEND).websocket == WebSocketSettings(
+        max_message_size=16 * 1024 * 1024, idle_timeout=60.0, ping_interval=20.0
+    )
+    tuned = Config.from_toml(
+        ONE_BACKEND + "[websocket]\nmax_message_size = 1024\nping_interval = 0\n"
+    )
+    assert tuned.websocket.max_message_size == 1024 and tuned.websocket.ping_interval == 0
+    with pytest.raises(ConfigError) as caught:
+        Config.from_toml(ONE_BACKEND + "[websocket]\nmax_message_size = 0\nidle_timeout = 0\n")
+    assert caught.value.problems == [
+        "websocket.max_message_size: must be a number of bytes > 0 (got 0)",
+        "websocket.idle_timeout: must be a number of seconds > 0 (got 0)",
+    ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import urllib.parse
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import yaml
 
 from ntonix.config import Config
 from tests.conftest import StartGatewayWith, StartMock
-from tests.support import PYTHON, REPO_ROOT
+from tests.support import PYTHON, REPO_ROOT, answers_200, eventually
 
 DEPLOY = REPO_ROOT / "docs" / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
@@ -124,8 +125,9 @@ async def test_the_probes_ask_routes_a_healthy_gateway_answers_200(
     gateway = await start_gateway_with(attrs.evolve(config, backends=local))
     container = _gateway_container()
     for probe in ("readinessProbe", "livenessProbe"):
-        response = await client.get(gateway + container[probe]["httpGet"]["path"])
-        assert response.status_code == 200, probe
+        # Ready once a probe of the config's own cadence has reached the mock.
+        url = gateway + container[probe]["httpGet"]["path"]
+        await eventually(partial(answers_200, client, url), timeout=2 * config.health.interval + 5)
 
 
 def test_compose_gateways_serve_the_config_on_their_published_port() -> None:

@@ -4,6 +4,7 @@ Retry-After until the window frees, /ntonix/usage and ntonix_tokens_total."""
 from __future__ import annotations
 
 import httpx
+import ollama
 import openai
 import pytest
 import trio
@@ -63,6 +64,12 @@ async def test_the_fourth_100_token_answer_in_a_minute_of_300_is_429_until_the_w
     assert 50 <= retry_after <= 60  # the first charge leaves the window a minute after it
     assert response.headers["x-ratelimit-remaining-tokens"] == "0"
     assert mock.stats["requests"] == 3
+    # On /api the same refusal comes in Ollama's shape, as the Ollama client expects it.
+    ollama_client = ollama.AsyncClient(host=gateway, headers={"authorization": "Bearer sk-team-a"})
+    with pytest.raises(ollama.ResponseError) as ollama_refused:
+        await ollama_client.chat(model="mock-llm", messages=[{"role": "user", "content": "x"}])
+    assert ollama_refused.value.status_code == 429
+    assert ollama_refused.value.error.endswith("more than 300 tokens per minute")
 
     # Another key is not held back by this one.
     other = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="sk-team-b", max_retries=0)

@@ -83,6 +83,8 @@ async def test_a_model_the_key_may_not_use_is_403_in_each_dialect(
     with pytest.raises(ollama.ResponseError) as ollama_refused:
         await ollama_client.chat(model="other-model", messages=[{"role": "user", "content": "x"}])
     assert ollama_refused.value.status_code == 403
+    # Ollama's own shape, {"error": "message"}: the client shows the message itself.
+    assert ollama_refused.value.error == "The key 'narrow' may not use the model 'other-model'"
     assert mock.stats["requests"] == 1  # only the allowed one reached the backend
 
     await wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 4)

@@ -30,7 +30,7 @@ MAX_BACKLOG = 8 * 1024 * 1024  # bytes waiting to be written
 def access_line(record: RequestRecord, now: float) -> bytes:
     ttft = record.first_byte_at
     usage = record.usage
-    entry = {
+    entry: dict[str, object] = {
         "time": _timestamp(record.wall_time),
         "request_id": record.request_id.decode("latin-1"),
         "client": record.client,
@@ -52,6 +52,8 @@ def access_line(record: RequestRecord, now: float) -> bytes:
         "completion_tokens": usage.completion if usage else None,
         "tokens_estimated": usage.estimated if usage else None,
     }
+    if record.session is not None:
+        entry["websocket"] = record.session.as_log()
     return _ENCODER.encode(entry).encode() + b"\n"
 
 
@@ -128,6 +130,9 @@ class AccessLog:
                 log.error("access log %s: cannot write: %s", self.target, error)
 
     async def close(self) -> None:
+        """The last flush, once no request can end any more (after the drain): what is pending
+        goes to the file first, and only then is the file let go."""
+        await self.flush()
         self.replace("off", None)
         await self.flush()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -11,13 +12,15 @@ import time
 import urllib.parse
 from typing import cast
 
+import attrs
 import hypercorn.config
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ntonix import dashboard, overview
+from ntonix import dashboard, hypercorn_ws, overview
 from ntonix.accesslog import AccessLog, open_target
 from ntonix.accounts import Accounts
+from ntonix.announce import log_circuit_change, log_start, log_to_stderr_unless_configured
 from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
 from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
@@ -28,18 +31,20 @@ from ntonix.core.headers import request_id_of
 from ntonix.core.health import HealthTable
 from ntonix.core.hygiene import check_request
 from ntonix.core.limits import ClientLimits, Verdict
-from ntonix.core.requests import is_proxied
+from ntonix.core.requests import is_proxied, method_error, path_error
+from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
 from ntonix.core.tenants import Tenant
 from ntonix.core.token_limits import ratelimit_headers
 from ntonix.downstream import new_request_id
-from ntonix.errors import GatewayError, client_error
+from ntonix.errors import Dialect, GatewayError, client_error, dialect_of
 from ntonix.gathering import WorkerGroup
 from ntonix.listening import set_send_timeout_on_listening_sockets
 from ntonix.metrics import exposition
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
 from ntonix.upstream import BackendPool, backend_ssl_context
+from ntonix.websocket_proxy import Sessions
 
 log = logging.getLogger("ntonix")
 
@@ -56,14 +61,23 @@ class Gateway:
         *,
         config_file: str | None = None,
         workers: WorkerGroup | None = None,
+        announce: bool = True,
     ) -> None:
         """With no config, it is loaded when the server starts (see `load_config`);
         `config_file` is what SIGHUP and POST /ntonix/reload re-read; `workers` makes this
-        one of N worker processes that show one gateway (ntonix.gathering)."""
+        one of N worker processes that show one gateway (ntonix.gathering). `announce` logs the
+        setup at start (one worker of N says it for all)."""
         self._config = config
         self._config_file = config_file
         self._workers = workers
+        self._announce = announce
+        # Built without a config: `ntonix:app` under the plain hypercorn command.
+        self._hypercorn_command = config is None
         self.proxy: Proxy | None = None
+        self.sessions: Sessions | None = None
+        self.session_tallies = SessionTallies()
+        # A proxied session passes on the code and reason of the client's close frame.
+        hypercorn_ws.install()
         self._probers: Probers | None = None
         self._keys = ApiKeys(())
         # Each tenant brings its own numbers (ApiKeys gives plain keys [auth]'s).
@@ -95,6 +109,8 @@ class Gateway:
                 if refused is not None:
                     close = scope["http_version"].startswith("1")
                     await refuse(send, record, refused, close=close)
+                elif (bad_path := path_error(scope["raw_path"])) is not None:
+                    await refuse(send, record, bad_path)  # the same 400 for every route
                 elif proxy is not None and api:
                     await self._client_request(scope, receive, send, proxy, record)
                 else:
@@ -103,6 +119,8 @@ class Gateway:
                 self._finish(record, api=api)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+        elif self.sessions is not None and is_proxied(scope["raw_path"]):
+            await self.sessions.serve(scope, receive, send)
         elif scope["path"] == "/ntonix/dashboard/ws" and self._admin_allowed(scope):
             await dashboard.stream_snapshots(receive, send, self.live_status, self.stopping)
         else:
@@ -139,58 +157,69 @@ class Gateway:
         self, scope: Scope, receive: Receive, send: Send, proxy: Proxy, record: RequestRecord
     ) -> None:
         """Who is asking (API key), within their limits, then the model list or the proxy."""
+        tenant = self._admit_client(scope, record)
+        if isinstance(tenant, GatewayError):
+            await refuse(send, record, tenant)
+            return
+        try:
+            if (wrong := method_error(scope["method"], scope["raw_path"])) is not None:
+                await refuse(send, record, wrong)
+            elif scope["method"] in ("GET", "HEAD") and scope["raw_path"] in _MODEL_LISTS:
+                await self._list_models(scope["raw_path"], recording(send, record), record)
+            else:
+                await proxy.handle(scope, receive, send, record)
+        finally:
+            self._release_client(tenant)
+
+    def _admit_client(
+        self, scope: Scope, record: RequestRecord | None = None
+    ) -> Tenant | GatewayError:
+        """Who is asking (a named key's tenant, else "anonymous" by plain key or address), or
+        the 401 or 429 that refuses them. Whoever is admitted is released when their request or
+        session ends. `record`, when given, learns the tenant and its x-ratelimit-* headers."""
         keys = self._keys
         if keys.required:
             tenant = keys.identify(header(scope, b"authorization"))
             if tenant is None:
-                error = client_error(401, "invalid_api_key", "Missing or invalid API key")
-                await refuse(send, record, error)
-                return
+                return client_error(401, "invalid_api_key", "Missing or invalid API key")
         else:
             tenant = keys.anonymous(scope["client"][0] if scope.get("client") else "unknown")
-        record.tenant = tenant
         limits = self._limits
         now = trio.current_time()
         # Tokens are charged when responses end: a key may start one while under its limits.
         tokens = self.accounts.standing(tenant) if tenant.counts_tokens else None
-        counted = bool(tenant.requests_per_minute or tenant.max_concurrent)
         verdict = Verdict(True)
         if tokens is not None and not tokens.allowed:
             verdict = Verdict(False, tokens.retry_after, tokens.reason)
-            counted = False
-        elif counted:
+        elif tenant.requests_per_minute or tenant.max_concurrent:
             verdict = limits.admit(
                 tenant.identity,
                 now,
                 per_minute=tenant.requests_per_minute,
                 max_concurrent=tenant.max_concurrent,
             )
-            counted = verdict.allowed
-        if tenant.rate_limited:
-            requests = None
-            if tenant.requests_per_minute:
-                per_minute = tenant.requests_per_minute
-                left, reset = limits.remaining(tenant.identity, now, per_minute=per_minute)
-                requests = (per_minute, left, reset)
-            record.extra_headers = ratelimit_headers(requests, tokens)
+        if record is not None:
+            record.tenant = tenant
+            if tenant.rate_limited:
+                requests = None
+                if tenant.requests_per_minute:
+                    per_minute = tenant.requests_per_minute
+                    left, reset = limits.remaining(tenant.identity, now, per_minute=per_minute)
+                    requests = (per_minute, left, reset)
+                record.extra_headers = ratelimit_headers(requests, tokens)
         if not verdict.allowed:
-            error = GatewayError(
+            return GatewayError(
                 429,
                 "rate_limit_exceeded",
                 f"Too many requests: {verdict.reason}",
                 source="client",
                 retry_after=verdict.retry_after,
             )
-            await refuse(send, record, error)
-            return
-        try:
-            if scope["method"] == "GET" and scope["raw_path"] in _MODEL_LISTS:
-                await self._list_models(scope["raw_path"], recording(send, record), record)
-            else:
-                await proxy.handle(scope, receive, send, record)
-        finally:
-            if counted:
-                limits.release(tenant.identity)
+        return tenant
+
+    def _release_client(self, tenant: Tenant) -> None:
+        if tenant.requests_per_minute or tenant.max_concurrent:
+            self._limits.release(tenant.identity)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
@@ -208,7 +237,11 @@ class Gateway:
         except (OSError, ValueError) as error:
             await send({"type": "lifespan.startup.failed", "message": f"Cannot start: {error}"})
             return
-        health = HealthTable(config.backends, _breaker_settings(config))
+        health = HealthTable(
+            config.backends, _breaker_settings(config), on_change=log_circuit_change
+        )
+        if self._announce:
+            log_start(config, self._config_file)
         # The supervisor: long-lived tasks live here, and it outlives every request, because
         # Hypercorn drains requests before it sends lifespan.shutdown.
         async with trio.open_nursery() as supervisor:
@@ -216,12 +249,22 @@ class Gateway:
             if cache is not None:
                 supervisor.start_soon(cache.write_forever)
             self.proxy = Proxy(config, pools, health, cache, self.tallies, self.accounts)
+            self.sessions = Sessions(
+                self.proxy,
+                admit_client=self._admit_client,
+                release_client=self._release_client,
+                tallies=self.session_tallies,
+                access_log=self.access_log,
+                stopping=self.stopping,
+            )
             supervisor.start_soon(self.access_log.flush_forever)
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
             supervisor.start_soon(self._reload_on_sighup)
             if self._workers is not None:
                 await supervisor.start(self._workers.serve, self._own_figures)
+            if self._hypercorn_command:
+                supervisor.start_soon(_drain_hypercorn_on_sigterm)
             self._started_at = time.monotonic()
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown
@@ -361,19 +404,15 @@ class Gateway:
             await send_json(send, 200, {"models": tags}, record.extra_headers)
 
     def ready(self) -> bool:
-        """At least one backend is healthy: its circuit is not open and it is not draining.
-        (A 429 back-off is not ill health: it keeps the backend's place.)"""
+        """Some backend has answered since start and is healthy now (`HealthTable.ready`)."""
         proxy = self.proxy
-        if proxy is None:
-            return False
-        snapshots = proxy.health.snapshot(trio.current_time())
-        return any(s.state != "open" and not s.draining for s in snapshots)
+        return proxy is not None and proxy.health.ready(trio.current_time())
 
     def _own_figures(self, window: bool) -> Figures:
         assert self.proxy is not None
         now = trio.current_time()
         dropped = self.access_log.dropped
-        return overview.own_figures(
+        figures = overview.own_figures(
             self.proxy,
             self.tallies,
             dropped,
@@ -382,6 +421,7 @@ class Gateway:
             window=window,
             usage=self.accounts.figures(),
         )
+        return attrs.evolve(figures, sessions=self.session_tallies)
 
     async def figures(self, *, window: bool = False) -> Figures | None:
         """The gateway's figures: this worker's, or with N workers all of theirs, summed.
@@ -480,6 +520,7 @@ def config_for_hypercorn_command() -> Config:
     A bad config ends the worker process with one line per problem and exit code 1. Any
     exception would be printed as a traceback instead.
     """
+    log_to_stderr_unless_configured()
     try:
         config = load_config()
     except ConfigError as error:
@@ -489,10 +530,38 @@ def config_for_hypercorn_command() -> Config:
     # The hypercorn command reads this default when it shuts down, so that without an explicit
     # --graceful-timeout it drains for our graceful_timeout rather than cutting streams at 3 s.
     hypercorn.config.Config.graceful_timeout = config.gateway.graceful_timeout
+    websocket_settings(hypercorn.config.Config, config)
     # Hypercorn bound its listening sockets (in its parent, before spawning this worker)
     # without the send timeout `ntonix serve` sets on its own: set it on them here.
     set_send_timeout_on_listening_sockets()
     return config
+
+
+async def _drain_hypercorn_on_sigterm() -> None:
+    """A worker of the plain hypercorn command passes SIGTERM on to Hypercorn's parent process.
+
+    Hypercorn's workers keep SIGTERM's default action, so a SIGTERM to the whole process group
+    (systemd's default, `kill 0`) would end them at once: streams cut, access-log lines lost.
+    The parent drains every worker when it gets SIGTERM; telling it again is harmless. A single
+    process (`--workers 0`), or one whose parent is gone, ends on SIGTERM as it always did.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    with trio.open_signal_receiver(signal.SIGTERM) as received:
+        async for _ in received:
+            if not parent.is_alive():
+                break
+            os.kill(cast(int, parent.pid), signal.SIGTERM)
+    signal.raise_signal(signal.SIGTERM)
+
+
+def websocket_settings(
+    settings: type[hypercorn.config.Config] | hypercorn.config.Config, config: Config
+) -> None:
+    """Hypercorn reads each client message whole before the app sees it: its limit is ours.
+    (Its own pings stay off: their task outlives the connection by up to one interval.)"""
+    settings.websocket_max_message_size = config.websocket.max_message_size
 
 
 async def refuse(
@@ -502,7 +571,7 @@ async def refuse(
     record.status = error.status
     record.outcome = "error"
     record.error = error.code
-    await send_error(send, error, close=close, extra=record.extra_headers)
+    await send_error(send, error, dialect_of(record.path), close=close, extra=record.extra_headers)
 
 
 def recording(send: Send, record: RequestRecord) -> Send:
@@ -524,14 +593,17 @@ def recording(send: Send, record: RequestRecord) -> Send:
 async def send_error(
     send: Send,
     error: GatewayError,
+    dialect: Dialect,
     *,
     close: bool = False,
     extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """`close` asks Hypercorn (h11) to close the connection after this response: for a request
+    """The error in the client's dialect (OpenAI's or Ollama's shape).
+
+    `close` asks Hypercorn (h11) to close the connection after this response: for a request
     whose framing is in doubt, what follows it on the connection cannot be trusted. HTTP/1
     only: HTTP/2 forbids the header and its streams are framed by the protocol."""
     headers = error.headers()[1:] + (extra or [])
     if close:
         headers.append((b"connection", b"close"))
-    await send_json(send, error.status, error.payload(), headers)
+    await send_json(send, error.status, error.payload(dialect), headers)

@@ -24,7 +24,7 @@ from ntonix.core.lru import CachedResponse, LruStatistics, ResponseLru
 from ntonix.core.recording import StreamRecorder
 from ntonix.core.usage import Usage
 from ntonix.downstream import Downstream
-from ntonix.errors import GatewayError
+from ntonix.errors import Dialect, GatewayError
 
 log = logging.getLogger("ntonix.cache")
 
@@ -44,10 +44,11 @@ class Flight:
     """One upstream exchange shared by identical requests; the proxy writes into it as into a
     client, and each listener replays it to its own client."""
 
-    def __init__(self, key: str, request_id: bytes, *, store: bool) -> None:
+    def __init__(self, key: str, request_id: bytes, *, store: bool, dialect: Dialect) -> None:
         self.key = key
         self.request_id = request_id
         self.store = store
+        self.dialect = dialect  # one route, one dialect: the cache key holds the target
         self.scope = trio.CancelScope()
         self.committed = False
         self.kind = StreamKind.OTHER
@@ -103,7 +104,7 @@ class Flight:
             self._notify()
             return
         tail = self.pieces[-1][-4:] if self.pieces else b""
-        frame = stream_error_frame(self.kind, tail, error.payload())
+        frame = stream_error_frame(self.kind, tail, error.payload(self.dialect))
         if frame is None:
             self.aborted = True
             self.finished = True
@@ -224,11 +225,12 @@ class ResponseCache:
         *,
         coalesce: bool,
         store: bool,
+        dialect: Dialect,
         run: Callable[[Flight], Awaitable[None]],
     ) -> Flight:
         """A new upstream exchange in the supervisor nursery; `run` drives it (Proxy.forward)."""
         self.misses += 1
-        flight = Flight(key, request_id, store=store)
+        flight = Flight(key, request_id, store=store, dialect=dialect)
         if coalesce:
             self._flights[key] = flight
         self._nursery.start_soon(self._fly, flight, run)

@@ -69,6 +69,8 @@ class GatewaySettings:
     body_timeout: float = 30.0
     max_connections: int = 10000
     batch_aging: float = 10.0  # a batch request queued this long is served as interactive
+    max_connections_per_client: int = 256
+    handshake_timeout: float = 5.0
 
 
 @attrs.frozen
@@ -179,6 +181,15 @@ class LogSettings:
 
 
 @attrs.frozen
+class WebSocketSettings:
+    """[websocket]: sessions proxied on /v1/* and /api/* (the Realtime API). Bytes and seconds."""
+
+    max_message_size: int = 16 * 1024 * 1024
+    idle_timeout: float = 60.0
+    ping_interval: float = 20.0  # 0: no pings
+
+
+@attrs.frozen
 class Config:
     """The whole config file: one record per table."""
 
@@ -190,6 +201,7 @@ class Config:
     auth: AuthSettings = attrs.field(factory=AuthSettings)
     usage: UsageSettings = attrs.field(factory=UsageSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
+    websocket: WebSocketSettings = attrs.field(factory=WebSocketSettings)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> Self:
@@ -333,6 +345,8 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "body_timeout": _SECONDS_POSITIVE,
         "max_connections": _COUNT_POSITIVE,
         "batch_aging": _SECONDS_POSITIVE,
+        "max_connections_per_client": _COUNT,
+        "handshake_timeout": _SECONDS_POSITIVE,
     },
     BackendSettings: {
         "name": _Rule("a non-empty string", bool),
@@ -378,6 +392,11 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
     UsageSettings: {},
     LogSettings: {
         "access_log": _Rule('"stderr", "off" or a file path', bool),
+    },
+    WebSocketSettings: {
+        "max_message_size": _BYTES_POSITIVE,
+        "idle_timeout": _SECONDS_POSITIVE,
+        "ping_interval": _SECONDS,
     },
 }
 

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from ntonix.core.figures import Figures
 from ntonix.core.ledger import KINDS
+from ntonix.core.sessions import DIRECTIONS, SessionTallies
 from ntonix.core.telemetry import Histogram
 
 BREAKER_STATES = ("closed", "open", "half-open")
@@ -62,6 +63,7 @@ class GatewayCollector(Collector):
             ["key", "model"],
             ((row[:2], count) for row, count in total.items() if row[2] == "estimated"),
         )
+        yield from _session_metrics(self._figures.sessions)
 
     def _request_metrics(self) -> Iterator[Metric]:
         tallies = self._figures.tallies
@@ -221,6 +223,40 @@ class GatewayCollector(Collector):
             "Backend requests the cache saved (hits plus coalesced followers)",
             value=stats["hits"] + stats["coalesced"],
         )
+
+
+def _session_metrics(sessions: SessionTallies) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "ntonix_websocket_sessions_active", "WebSocket sessions open now", value=sessions.active
+    )
+    yield _counter(
+        "ntonix_websocket_sessions",
+        "WebSocket sessions that ended, by backend and handshake status (101: accepted)",
+        ["backend", "status"],
+        sessions.sessions.items(),
+    )
+    yield _counter(
+        "ntonix_websocket_session_closes",
+        "Accepted WebSocket sessions by who closed them (client, backend, gateway)",
+        ["closed_by"],
+        _one_label(sessions.closes),
+    )
+    for name, counter, what in (
+        ("messages", sessions.messages, "Messages"),
+        ("bytes", sessions.bytes, "Message bytes"),
+    ):
+        yield _counter(
+            f"ntonix_websocket_{name}",
+            f"{what} relayed by WebSocket sessions, by direction (to_backend, to_client)",
+            ["direction"],
+            (((direction,), counter[direction]) for direction in DIRECTIONS),
+        )
+    duration = HistogramMetricFamily(
+        "ntonix_websocket_session_duration_seconds",
+        "From a WebSocket session's handshake to its end (refused ones included)",
+    )
+    _add_histogram(duration, [], sessions.durations)
+    yield duration
 
 
 def _counter(

@@ -196,6 +196,7 @@ class Proxy:
             downstream.request_id,
             coalesce=plan.lookup,
             store=plan.store,
+            dialect=downstream.dialect,
             run=partial(forward, record=downstream.record),
         )
         await listen(flight, downstream)
@@ -239,11 +240,14 @@ class Proxy:
                 if failed:
                     tallies.failovers[ticket.name] += 1
                 return
+            # Logged even when another backend then answers: a refused connection, a timeout
+            # or a TLS certificate that does not verify must not pass unnoticed behind a retry.
+            log.warning("request %s: %s", downstream.request_id.decode(), last_error.message)
             failed = ticket.name
         assert last_error is not None
         raise last_error
 
-    async def admit(self, exchange: Exchange, *, first: bool) -> Ticket | None:
+    async def admit(self, exchange: Placement, *, first: bool) -> Ticket | None:
         """Phases pick upstream and admission: the best eligible backend with a free slot.
 
         Waits up to `queue_timeout`, in fair order (ntonix.admission), when every eligible
@@ -257,7 +261,7 @@ class Proxy:
         if ticket is not None:
             self.admission.served(tenant)
             return ticket
-        model = exchange.request.model
+        model = exchange.model
         now = trio.current_time()
         if not any(n not in exchange.tried for n in self.health.eligible(model, now)):
             if not first:
@@ -280,12 +284,10 @@ class Proxy:
             )
         return ticket
 
-    def _try_admit(self, exchange: Exchange) -> Ticket | None:
+    def _try_admit(self, exchange: Placement) -> Ticket | None:
         """The strategy's first choice among untried eligible backends below their limit."""
         now = trio.current_time()
-        names = [
-            n for n in self.health.eligible(exchange.request.model, now) if n not in exchange.tried
-        ]
+        names = [n for n in self.health.eligible(exchange.model, now) if n not in exchange.tried]
         candidates = self.health.candidates(names)
         in_flight = {c.name: c.in_flight for c in candidates}
         for name in self.strategy.order(candidates, affinity_key=exchange.affinity):
@@ -321,11 +323,14 @@ class Proxy:
                     connection = await pool.connect()
                 if connection is None:
                     report.outcome = Outcome.TIMED_OUT
-                    return upstream_error(
+                    timeout = settings.upstream_connect_timeout
+                    error = upstream_error(
                         504,
                         "backend_connect_timeout",
-                        f"Connecting to backend {ticket.name} timed out",
+                        f"Connecting to backend {ticket.name} timed out after {timeout} s",
                     )
+                    report.error = error.message
+                    return error
             sent_at = trio.current_time()
             with trio.move_on_after(settings.first_byte_timeout) as waiting:
                 await connection.send_request(
@@ -337,9 +342,14 @@ class Proxy:
                 response = await connection.receive_response()
             if waiting.cancelled_caught:
                 report.outcome = Outcome.TIMED_OUT
-                return upstream_error(
-                    504, "backend_timeout", f"Backend {ticket.name} sent no response in time"
+                timeout = settings.first_byte_timeout
+                error = upstream_error(
+                    504,
+                    "backend_timeout",
+                    f"Backend {ticket.name} sent no response: timed out after {timeout} s",
                 )
+                report.error = error.message
+                return error
             report.ttfb = trio.current_time() - sent_at
             status = response.status_code
             answered = outcome_of_status(status)
@@ -382,28 +392,30 @@ class Proxy:
         except GatewayError as error:
             report.outcome = Outcome.CONNECT_FAILED
             report.error = error.message
-            # Logged even when another backend then answers: a refused connection or a TLS
-            # certificate that does not verify must not pass unnoticed behind a retry.
-            log.warning("request %s: %s", exchange.downstream.request_id.decode(), error.message)
             return error
         finally:
             if connection is not None:
                 pool.checkin(connection)
             if exchange.meter is not None and not exchange.charged:
                 self._charge(exchange)  # cut short: what passed, estimated
-            tallies = self.tallies
-            tallies.attempts[(ticket.name, report.outcome.value)] += 1
-            if report.outcome is Outcome.CLIENT_DISCONNECTED:
-                tallies.cancellations[ticket.name] += 1
-            self.health.end(
-                ticket,
-                report.outcome,
-                trio.current_time(),
-                ttfb=report.ttfb,
-                retry_after=report.retry_after,
-                error=report.error,
-            )
-            self.admission.admit_waiting()
+            self.release(ticket, report)
+
+    def release(self, ticket: Ticket, report: Report) -> None:
+        """An attempt (or a WebSocket session) on a backend ended: count it, report its outcome
+        to the health table and offer its slot to the requests waiting for one."""
+        tallies = self.tallies
+        tallies.attempts[(ticket.name, report.outcome.value)] += 1
+        if report.outcome is Outcome.CLIENT_DISCONNECTED:
+            tallies.cancellations[ticket.name] += 1
+        self.health.end(
+            ticket,
+            report.outcome,
+            trio.current_time(),
+            ttfb=report.ttfb,
+            retry_after=report.retry_after,
+            error=report.error,
+        )
+        self.admission.admit_waiting()
 
     def _charge(self, exchange: Exchange) -> None:
         """The response's tokens are known (or it ended early): count and charge them once."""
@@ -445,6 +457,17 @@ class Proxy:
             source="gateway",
             retry_after=self.health.retry_after(model, now),
         )
+
+
+class Placement(Protocol):
+    """What picking a backend needs to know of a request or a WebSocket session."""
+
+    tried: set[str]  # backends already tried: never the same one twice
+    affinity: str | None
+    record: RequestRecord  # its phase shows "queue" while it waits for a slot
+
+    @property
+    def model(self) -> str | None: ...
 
 
 class ResponseSink(Protocol):
@@ -494,6 +517,10 @@ class Exchange:
         self.strip = False  # take the usage-only event the gateway asked for out of the stream
         self.meter: UsageMeter | None = None  # reads the committed response's tokens
         self.charged = False
+
+    @property
+    def model(self) -> str | None:
+        return self.request.model
 
 
 class Report:

@@ -33,7 +33,7 @@ import trio
 from hypercorn.typing import AppWrapper, Framework
 from hypercorn.utils import wrap_app
 
-from ntonix.app import Gateway
+from ntonix.app import Gateway, websocket_settings
 from ntonix.config import Config
 from ntonix.gathering import WorkerGroup
 from ntonix.listening import CLIENT_SEND_TIMEOUT, ConnectionSlots, set_send_timeout
@@ -91,7 +91,7 @@ def hypercorn_config(
     certfile: str | None = None,
     keyfile: str | None = None,
     send_timeout: float = CLIENT_SEND_TIMEOUT,
-) -> hypercorn.config.Config:
+) -> _Settings:
     settings = _Settings()
     settings.send_timeout = send_timeout
     settings.bind = list(binds)
@@ -99,6 +99,9 @@ def hypercorn_config(
     settings.backlog = LISTEN_BACKLOG
     # Hypercorn's default of 3 s would cut LLM streams in the middle on every restart.
     settings.graceful_timeout = config.gateway.graceful_timeout
+    websocket_settings(settings, config)
+    # Hypercorn's default of 60 s lets silent connections hold slots of max_connections.
+    settings.ssl_handshake_timeout = config.gateway.handshake_timeout
     settings.accesslog = None
     # Hypercorn's own stderr handler would print every line twice next to ours.
     settings.errorlog = logging.getLogger("ntonix.server")
@@ -145,9 +148,23 @@ async def serve(
         _asgi(gateway, settings),
         settings,
         listening_sockets(settings),
-        ConnectionSlots(config.gateway.max_connections),
+        _slots(config),
+        send_timeout=settings.send_timeout,
+        max_request_body=config.gateway.max_request_body,
         shutdown_trigger=_telling(gateway, shutdown_trigger or wait_for_stop_signal),
         task_status=task_status,
+    )
+
+
+def _slots(
+    config: Config, *, counts: MutableSequence[int] | None = None, index: int = 0
+) -> ConnectionSlots:
+    gateway = config.gateway
+    return ConnectionSlots(
+        gateway.max_connections,
+        per_client=gateway.max_connections_per_client,
+        counts=counts,
+        index=index,
     )
 
 
@@ -287,7 +304,7 @@ def _signals_received(wakeup: socket.socket) -> list[int]:
 
 
 def _worker_process(
-    settings: hypercorn.config.Config,
+    settings: _Settings,
     sockets: hypercorn.config.Sockets,
     config: Config,
     config_file: str | None,
@@ -300,7 +317,9 @@ def _worker_process(
     it serves (SIGHUP through the gateway's reloader)."""
     # Spawned, so the parent's logging set-up did not come along.
     logging.config.dictConfig(WORKER_LOGGING)
-    gateway = Gateway(config, config_file=config_file, workers=WorkerGroup(figures))
+    gateway = Gateway(
+        config, config_file=config_file, workers=WorkerGroup(figures), announce=index == 0
+    )
     # The parent closes the pipe to stop every worker (and the kernel does it if the parent
     # dies); a Ctrl-C in a terminal reaches the workers too.
     until_stopped = partial(
@@ -312,7 +331,9 @@ def _worker_process(
             _asgi(gateway, settings),
             settings,
             sockets,
-            ConnectionSlots(config.gateway.max_connections, counts=counts, index=index),
+            _slots(config, counts=counts, index=index),
+            send_timeout=settings.send_timeout,
+            max_request_body=config.gateway.max_request_body,
             shutdown_trigger=_telling(gateway, until_stopped),
         )
     )

@@ -13,6 +13,7 @@ import attrs
 from ntonix.core.figures import Figures, decode, encode, merge
 from ntonix.core.health import BackendSnapshot
 from ntonix.core.ledger import UsageBook, UsageFigures
+from ntonix.core.sessions import SessionCounts, SessionTallies
 from ntonix.core.telemetry import RequestRecord, SecondSummary, Tallies, WindowSummary
 from ntonix.core.usage import Usage
 
@@ -201,3 +202,28 @@ def test_tokens_add_up_over_workers_and_a_gone_workers_minute_is_not_this_minute
     assert merged.usage.days["2026-12-06"][("team-a", "m", "completion")] == 22
     assert merged.usage.days["2026-12-05"][("team-a", "m", "completion")] == 200
     assert decode(json.loads(json.dumps(encode(merged)))).usage == merged.usage
+
+
+def _sessions(ended: int, *, active: int) -> SessionTallies:
+    sessions = SessionTallies(active=active)
+    counts = SessionCounts()
+    counts.messages_in, counts.messages_out, counts.closed_by = 2, 5, "client"
+    for _ in range(ended):
+        sessions.finish(
+            backend="a", status=101, counts=counts, bytes_in=10, bytes_out=50, duration=3.0
+        )
+    return sessions
+
+
+def test_websocket_sessions_add_up_and_travel_as_json() -> None:
+    live = _figures(1, sessions=_sessions(2, active=1))
+    gone = _figures(1, sessions=_sessions(3, active=4))
+    merged = merge([live, live], [gone])
+    assert merged.sessions.active == 2  # a gone worker's open sessions are not open
+    assert merged.sessions.sessions == Counter({("a", "101"): 7})
+    assert merged.sessions.messages == Counter({"to_backend": 14, "to_client": 35})
+    assert merged.sessions.bytes == Counter({"to_backend": 70, "to_client": 350})
+    assert merged.sessions.closes == Counter({"client": 7})
+    assert merged.sessions.durations.count == 7
+    back = decode(json.loads(json.dumps(encode(merged))))
+    assert encode(back) == encode(merged)

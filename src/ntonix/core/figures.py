@@ -20,6 +20,7 @@ import attrs
 
 from ntonix.core.health import BackendSnapshot
 from ntonix.core.ledger import UsageFigures
+from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import Histogram, SecondSummary, Tallies, WindowSummary
 
 # Fields of the pools' and the cache's statistics that say what is held now, not what happened:
@@ -50,6 +51,7 @@ class Figures:
     # Tokens per key and model: since start and per UTC day are counters, the last minute a
     # gauge (what a gone worker served a minute ago is not shown as this minute's).
     usage: UsageFigures = attrs.field(factory=UsageFigures)
+    sessions: SessionTallies = attrs.field(factory=SessionTallies)  # WebSocket sessions
 
 
 def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
@@ -68,6 +70,7 @@ def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
         queued=sum(figures.queued for figures in live),
         window=_merge_windows(windows) if windows else None,
         usage=_merge_usage([figures.usage for figures in everyone]),
+        sessions=_sum_sessions([figures.sessions for figures in everyone]),
     )
 
 
@@ -84,6 +87,8 @@ def _merge_usage(all_usage: Sequence[UsageFigures]) -> UsageFigures:
 def _without_gauges(figures: Figures) -> Figures:
     tallies = _copy_tallies(figures.tallies)
     tallies.active = 0
+    sessions = _sum_sessions([figures.sessions])
+    sessions.active = 0
     pools = {
         name: {key: 0 if key in POOL_GAUGES else value for key, value in stats.items()}
         for name, stats in figures.pools.items()
@@ -101,6 +106,7 @@ def _without_gauges(figures: Figures) -> Figures:
         queued=0,
         window=None,
         usage=usage,
+        sessions=sessions,
     )
 
 
@@ -120,6 +126,18 @@ def _sum_tallies(all_tallies: Sequence[Tallies]) -> Tallies:
         total.failovers.update(tallies.failovers)
         total.disconnects.update(tallies.disconnects)
         total.cancellations.update(tallies.cancellations)
+    return total
+
+
+def _sum_sessions(all_sessions: Sequence[SessionTallies]) -> SessionTallies:
+    total = SessionTallies()
+    for sessions in all_sessions:
+        total.active += sessions.active
+        total.sessions.update(sessions.sessions)
+        total.closes.update(sessions.closes)
+        total.messages.update(sessions.messages)
+        total.bytes.update(sessions.bytes)
+        _add_histogram(total.durations, sessions.durations)
     return total
 
 
@@ -267,6 +285,14 @@ def encode(figures: Figures) -> dict[str, Any]:
             "minute": _rows(figures.usage.minute),
             "days": {date: _rows(rows) for date, rows in figures.usage.days.items()},
         },
+        "sessions": {
+            "active": figures.sessions.active,
+            "sessions": _rows(figures.sessions.sessions),
+            "closes": dict(figures.sessions.closes),
+            "messages": dict(figures.sessions.messages),
+            "bytes": dict(figures.sessions.bytes),
+            "durations": _histogram_row(figures.sessions.durations),
+        },
     }
 
 
@@ -290,6 +316,15 @@ def decode(data: Mapping[str, Any]) -> Figures:
     )
     window = data["window"]
     usage = data["usage"]
+    raw_sessions = data["sessions"]
+    sessions = SessionTallies(
+        active=int(raw_sessions["active"]),
+        sessions=_counter(raw_sessions["sessions"]),
+        closes=Counter(raw_sessions["closes"]),
+        messages=Counter(raw_sessions["messages"]),
+        bytes=Counter(raw_sessions["bytes"]),
+        durations=_histogram(raw_sessions["durations"]),
+    )
     return Figures(
         workers=int(data["workers"]),
         tallies=tallies,
@@ -305,6 +340,7 @@ def decode(data: Mapping[str, Any]) -> Figures:
             _counter(usage["minute"]),
             {str(date): _counter(rows) for date, rows in usage["days"].items()},
         ),
+        sessions=sessions,
     )
 
 
