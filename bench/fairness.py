@@ -50,6 +50,7 @@ def config(mode: str, mocks: list[Mock]) -> str:
         "queue_timeout = 3600.0",
         "batch_aging = 60.0",
         "graceful_timeout = 1.0",
+        "max_connections_per_client = 0  # every client of the bench is 127.0.0.1",
         "[cache]",
         "enabled = false",
         "[log]",
