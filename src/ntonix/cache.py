@@ -28,6 +28,7 @@ from ntonix.config import CacheSettings
 from ntonix.core.framing import StreamKind, stream_error_frame, stream_kind
 from ntonix.core.lru import CachedResponse, LruStatistics, ResponseLru
 from ntonix.core.recording import StreamRecorder
+from ntonix.core.usage import Usage
 from ntonix.downstream import Downstream
 from ntonix.errors import Dialect, GatewayError
 from ntonix.shared_cache import SharedCache
@@ -66,6 +67,7 @@ class Flight:
         self.pieces: list[bytes] = []
         self.error: GatewayError | None = None  # failed before commit
         self.failed = False  # ended with an error frame or an abort
+        self.usage: Usage | None = None  # what the answer took, once it is known
         self.finished = False
         self.aborted = False  # ended with no frame to tell: listeners abort their clients
         self.listeners = 0
@@ -155,7 +157,7 @@ class Flight:
         if not recorder.complete():
             return None
         headers = tuple((n, v) for n, v in self.headers if n not in _PER_REQUEST)
-        return CachedResponse(self.status, headers, recorder.chunks(), now)
+        return CachedResponse(self.status, headers, recorder.chunks(), now, self.usage)
 
     def end(self) -> None:
         """The flight task is over, whatever way it ended."""

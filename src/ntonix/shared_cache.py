@@ -83,7 +83,7 @@ class SharedCache:
             return None
         self.hits += 1
         stored_at = trio.current_time() - age  # so the L1 copy expires when this one does
-        return CachedResponse(entry.status, entry.headers, entry.chunks, stored_at)
+        return CachedResponse(entry.status, entry.headers, entry.chunks, stored_at, entry.usage)
 
     async def store(self, entries: Sequence[tuple[str, CachedResponse]]) -> None:
         """Write entries, each one SET expiring with the cache's TTL, in one pipeline; a

@@ -236,8 +236,12 @@ class SharedFlights:
                 head = decode(key, entry[b"h"])
                 await flight.start(head.status, list(head.headers))
             if b"c" in entry:
-                for piece in decode(key, entry[b"c"]).chunks:
+                chunks = decode(key, entry[b"c"])
+                for piece in chunks.chunks:
                     await flight.write(piece, more=True)
+                flight.usage = chunks.usage or flight.usage  # a whole entry carries its usage
+            if b"u" in entry:
+                flight.usage = decode(key, entry[b"u"]).usage
         except UnusableEntry:
             raise GatewayError(
                 502, "backend_failed", "The shared upstream request was garbled", source="gateway"
@@ -366,6 +370,10 @@ class SharedFlights:
         if flight.error is not None:
             fields.append((b"x", _error_json(flight.error)))
         if end is not None:
+            if flight.usage is not None:  # known before the end: followers count it as cached
+                fields.append(
+                    (b"u", encode(key, CachedResponse(0, (), (), 0.0, flight.usage), 0.0))
+                )
             fields.append((b"e", end))
         return fields
 
@@ -463,7 +471,7 @@ def _as_entry(key: str, value: object) -> dict[bytes, bytes] | None:
     except UnusableEntry:
         return None
     head = CachedResponse(stored.status, stored.headers, (), 0.0)
-    chunks = CachedResponse(0, (), stored.chunks, 0.0)
+    chunks = CachedResponse(0, (), stored.chunks, 0.0, stored.usage)
     return {b"h": encode(key, head, 0.0), b"c": encode(key, chunks, 0.0), b"e": _END_OK}
 
 

@@ -32,3 +32,9 @@ def limit_names(client: str) -> tuple[str, str]:
     """A client's admissions of the last minute and its concurrency leases; `client` is a hash.
     One hash tag: on a cluster both live on the same node, as one script uses both."""
     return f"ntonix:limits:{{{client}}}:rate", f"ntonix:limits:{{{client}}}:slots"
+
+
+def token_names(client: str, day: int) -> tuple[str, str]:
+    """A client's tokens of the last minute (per second) and of UTC day `day`; `client` is a
+    hash. One hash tag, as for `limit_names`."""
+    return f"ntonix:tokens:{{{client}}}:minute", f"ntonix:tokens:{{{client}}}:day:{day}"

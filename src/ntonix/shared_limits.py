@@ -5,8 +5,9 @@ the Valkey server's clock, so no 60 s window ever holds more than the limit, whi
 instances they went through. `max_concurrent_per_key` is a sorted set of leases, each expiring
 `[shared] lease` seconds after its worker last renewed it (every third of a lease), so a slot
 of a worker that died is free again a lease later. Both are checked and taken in one Lua
-script: a refusal takes nothing. When the tier is down or slow the request is counted in the
-worker, as without a tier (core/limits.py), and released where it was counted.
+script: a refusal takes nothing. The limits are the tenant's own (a named key's, else
+`[auth]`'s), passed to the script with each admission. When the tier is down or slow the request
+is counted in the worker, as without a tier (core/limits.py), and released where it was counted.
 """
 
 from __future__ import annotations
@@ -23,18 +24,20 @@ import attrs
 import trio
 
 from ntonix.core.limits import ClientLimits, Verdict
+from ntonix.core.tenants import Tenant
 from ntonix.shared_keys import limit_names
 from ntonix.tier import SharedTier, TierUnavailable
 
 log = logging.getLogger("ntonix.shared")
 
 # KEYS: the client's admissions, its leases. ARGV: per minute, max concurrent, lease ms, the
-# admission's id. Returns {1} or {0, ms to wait, 1 for concurrency or 2 for rate}.
+# admission's id. Returns {1, admissions in the window} or {0, ms to wait, 1 for concurrency or 2
+# for rate}.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local per_minute, max_concurrent = tonumber(ARGV[1]), tonumber(ARGV[2])
-local lease = tonumber(ARGV[3])
+local lease, admitted = tonumber(ARGV[3]), 0
 if max_concurrent > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if redis.call('ZCARD', KEYS[2]) >= max_concurrent then
@@ -49,12 +52,13 @@ if per_minute > 0 then
   end
   redis.call('ZADD', KEYS[1], now, ARGV[4])
   redis.call('PEXPIRE', KEYS[1], 60000)
+  admitted = redis.call('ZCARD', KEYS[1])
 end
 if max_concurrent > 0 then
   redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
   redis.call('PEXPIRE', KEYS[2], lease)
 end
-return {1}
+return {1, admitted}
 """
 # KEYS: the client's leases. ARGV: lease ms, then the leases to extend (gone ones stay gone).
 _RENEW = """
@@ -71,15 +75,23 @@ return 0
 
 @attrs.frozen
 class Ticket:
-    """An admitted request: where it was counted, so that its release goes there too."""
+    """An admitted request: who (the tenant, whose limits it was counted against), where it was
+    counted, so that its release goes there too, and what its x-ratelimit-* headers say."""
 
-    client: str
+    tenant: Tenant
     shared: bool = False  # counted on the tier, else in this worker
     lease: str = ""  # the concurrency slot's id in the tier, if it took one
+    # Requests left in the tenant's minute, and seconds until it is whole again; None
+    # without a per-minute limit.
+    remaining: tuple[int, float] | None = None
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.tenant.requests_per_minute or self.tenant.max_concurrent)
 
 
 class KeyLimits:
-    """Admission by client key: on the tier when there is one, else (or when it fails) here."""
+    """Admission by tenant: on the tier when there is one, else (or when it fails) here."""
 
     def __init__(
         self,
@@ -103,22 +115,29 @@ class KeyLimits:
             self._admit_script = Script(_ADMIT)  # type: ignore[no-untyped-call]
             self._renew_script = Script(_RENEW)  # type: ignore[no-untyped-call]
 
-    @property
-    def active(self) -> bool:
-        return self.local.active
-
-    async def admit(self, client: str, now: float) -> tuple[Verdict, Ticket]:
-        """Take one request for `client`; an allowed one must be `release`d when it ends."""
+    async def admit(self, tenant: Tenant, now: float) -> tuple[Verdict, Ticket]:
+        """Take one request for `tenant`, within its own limits; an allowed one must be
+        `release`d when it ends. A tenant without request limits is not counted at all."""
+        if not (tenant.requests_per_minute or tenant.max_concurrent):
+            return Verdict(True), Ticket(tenant)
         if self.tier is not None:
             try:
-                return await self._admit_shared(self.tier, client)
+                return await self._admit_shared(self.tier, tenant)
             except TierUnavailable:
                 self.counted_locally += 1
-        return self.local.admit(client, now), Ticket(client)
+        local, identity = self.local, tenant.identity
+        per_minute = tenant.requests_per_minute
+        verdict = local.admit(
+            identity, now, per_minute=per_minute, max_concurrent=tenant.max_concurrent
+        )
+        remaining = local.remaining(identity, now, per_minute=per_minute) if per_minute else None
+        return verdict, Ticket(tenant, remaining=remaining)
 
     def release(self, ticket: Ticket) -> None:
+        if not ticket.limited:
+            return
         if not ticket.shared:
-            self.local.release(ticket.client)
+            self.local.release(ticket.tenant.identity)
             return
         slots = self._held.pop(ticket.lease, None) if ticket.lease else None
         if slots is not None and self._nursery is not None:
@@ -135,30 +154,33 @@ class KeyLimits:
             for slots, leases in by_client.items():
                 await self._renew(slots, leases)
 
-    async def _admit_shared(self, tier: SharedTier, client: str) -> tuple[Verdict, Ticket]:
-        local = self.local
-        name = hashlib.sha256(client.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    async def _admit_shared(self, tier: SharedTier, tenant: Tenant) -> tuple[Verdict, Ticket]:
+        per_minute, max_concurrent = tenant.requests_per_minute, tenant.max_concurrent
+        name = hashlib.sha256(tenant.identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
         rate, slots = limit_names(name)
         lease = f"{self._worker}:{next(self._ids)}"
-        args = [str(local.per_minute), str(local.max_concurrent), str(self._lease_ms), lease]
+        args = [str(per_minute), str(max_concurrent), str(self._lease_ms), lease]
         script = self._admit_script
         answer = await tier.call(
             lambda valkey: valkey.invoke_script(script, keys=[rate, slots], args=args)
         )
-        if not isinstance(answer, list) or not answer:
+        if not isinstance(answer, list) or len(answer) < 2:
             raise TierUnavailable(f"unexpected answer from the admission script: {answer!r}")
         if answer[0] == 1:
-            if not local.max_concurrent:
-                return Verdict(True), Ticket(client, shared=True)
+            # The window is whole again a minute after this admission, its newest.
+            remaining = (per_minute - int(answer[1]), 60.0) if per_minute else None
+            if not max_concurrent:
+                return Verdict(True), Ticket(tenant, shared=True, remaining=remaining)
             self._held[lease] = slots
-            return Verdict(True), Ticket(client, shared=True, lease=lease)
+            return Verdict(True), Ticket(tenant, shared=True, lease=lease, remaining=remaining)
         wait_ms, why = int(answer[1]), answer[2]
         reason = (
-            f"more than {local.max_concurrent} requests in flight"
+            f"more than {max_concurrent} requests in flight"
             if why == 1
-            else f"more than {local.per_minute} requests per minute"
+            else f"more than {per_minute} requests per minute"
         )
-        return Verdict(False, wait_ms / 1000, reason), Ticket(client)
+        remaining = (0, wait_ms / 1000) if why == 2 else None
+        return Verdict(False, wait_ms / 1000, reason), Ticket(tenant, remaining=remaining)
 
     async def _free(self, slots: str, lease: str) -> None:
         assert self.tier is not None

@@ -61,7 +61,7 @@ CLIENT_LEFT = 499  # the access log's status for a client gone before its answer
 UPSTREAM_QUEUE = 1
 
 # Admission by key and limits, the same as HTTP's (app.py): on the shared tier when there is one.
-AdmitClient = Callable[[Scope], Awaitable["ClientTicket | GatewayError"]]
+AdmitClient = Callable[[Scope, RequestRecord], Awaitable["ClientTicket | GatewayError"]]
 
 
 class Refusal(Exception):
@@ -145,7 +145,7 @@ class Sessions:
         if (await receive())["type"] != "websocket.connect":
             record.outcome, record.status = "client_disconnected", CLIENT_LEFT
             return
-        admitted = await self._admit_client(scope)
+        admitted = await self._admit_client(scope, record)
         if isinstance(admitted, GatewayError):
             await refuse(scope, send, record, Refusal.of(admitted, record), admitted.code)
             return
@@ -157,6 +157,9 @@ class Sessions:
                     raise client_error(
                         400, "model_required", "A WebSocket session needs ?model= in its URL"
                     )
+                if not admitted.tenant.may_use(model):
+                    message = f"The key {admitted.tenant.name!r} may not use the model {model!r}"
+                    raise client_error(403, "model_not_allowed", message)
                 if self._stopping.is_set():
                     raise GatewayError(
                         503, "shutting_down", "The gateway is shutting down", source="gateway"

@@ -6,29 +6,34 @@ from hypothesis import strategies as st
 
 from ntonix.core.lru import CachedResponse
 from ntonix.core.shared_entry import FORMAT, UnusableEntry, decode, encode
+from ntonix.core.usage import Usage
 
 KEY = "a" * 64
 OTHER_KEY = "b" * 64
 
 headers = st.lists(st.tuples(st.binary(max_size=20), st.binary(max_size=60)), max_size=5)
+counts = st.integers(0, 2**40)
+usages = st.none() | st.builds(Usage, prompt=counts, completion=counts, estimated=st.booleans())
 responses = st.builds(
     CachedResponse,
     status=st.integers(100, 599),
     headers=headers.map(tuple),
     chunks=st.lists(st.binary(max_size=80), max_size=8).map(tuple),
     stored_at=st.just(0.0),
+    usage=usages,
 )
 
 
 @given(responses, st.floats(0, 2e9))
-def test_round_trip_gives_back_status_headers_and_chunks_in_order(
+def test_round_trip_gives_back_status_headers_chunks_in_order_and_usage(
     response: CachedResponse, stored_at: float
 ) -> None:
     entry = decode(KEY, encode(KEY, response, stored_at))
-    assert (entry.status, entry.headers, entry.chunks) == (
+    assert (entry.status, entry.headers, entry.chunks, entry.usage) == (
         response.status,
         response.headers,
         response.chunks,
+        response.usage,
     )
     assert entry.stored_at == stored_at
 
@@ -71,7 +76,7 @@ def test_a_value_copied_under_another_key_is_unusable(response: CachedResponse) 
 def test_another_format_version_is_unusable() -> None:
     value = encode(KEY, CachedResponse(200, (), (b"x",), 0.0), 1.0)
     with pytest.raises(UnusableEntry) as raised:
-        decode(KEY, FORMAT[:-1] + b"\x02" + value[len(FORMAT) :])
+        decode(KEY, FORMAT[:-1] + b"\x01" + value[len(FORMAT) :])
     assert raised.value.reason == "version"
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 
 from ntonix.core.health import BackendSnapshot
+from ntonix.core.ledger import UsageFigures
 from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import Histogram, SecondSummary, Tallies, WindowSummary
 
@@ -50,6 +51,9 @@ class Figures:
     # The dashboard's last minute, on the wall clock (each process has its own Trio clock);
     # None when the reader did not ask for it.
     window: WindowSummary | None
+    # Tokens per key and model: since start and per UTC day are counters, the last minute a
+    # gauge (what a gone worker served a minute ago is not shown as this minute's).
+    usage: UsageFigures = attrs.field(factory=UsageFigures)
     sessions: SessionTallies = attrs.field(factory=SessionTallies)  # WebSocket sessions
     # The shared tier (Valkey): workers_up, and its calls, failures, skipped and transitions;
     # None without a tier.
@@ -79,9 +83,20 @@ def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
         access_log_dropped=sum(figures.access_log_dropped for figures in everyone),
         queued=sum(figures.queued for figures in live),
         window=_merge_windows(windows) if windows else None,
+        usage=_merge_usage([figures.usage for figures in everyone]),
         sessions=_sum_sessions([figures.sessions for figures in everyone]),
         shared=_sum_numbers(tiers) if tiers else None,
     )
+
+
+def _merge_usage(all_usage: Sequence[UsageFigures]) -> UsageFigures:
+    merged = UsageFigures()
+    for usage in all_usage:
+        merged.total.update(usage.total)
+        merged.minute.update(usage.minute)
+        for date, rows in usage.days.items():
+            merged.days.setdefault(date, Counter()).update(rows)
+    return merged
 
 
 def _without_gauges(figures: Figures) -> Figures:
@@ -99,6 +114,7 @@ def _without_gauges(figures: Figures) -> Figures:
     shared = None
     if figures.shared is not None:
         shared = {k: 0 if k in SHARED_GAUGES else v for k, v in figures.shared.items()}
+    usage = UsageFigures(figures.usage.total, Counter(), figures.usage.days)
     return attrs.evolve(
         figures,
         tallies=tallies,
@@ -107,6 +123,7 @@ def _without_gauges(figures: Figures) -> Figures:
         cache=cache,
         queued=0,
         window=None,
+        usage=usage,
         sessions=sessions,
         shared=shared,
     )
@@ -282,6 +299,11 @@ def encode(figures: Figures) -> dict[str, Any]:
         "access_log_dropped": figures.access_log_dropped,
         "queued": figures.queued,
         "window": None if figures.window is None else attrs.asdict(figures.window),
+        "usage": {
+            "total": _rows(figures.usage.total),
+            "minute": _rows(figures.usage.minute),
+            "days": {date: _rows(rows) for date, rows in figures.usage.days.items()},
+        },
         "sessions": {
             "active": figures.sessions.active,
             "sessions": _rows(figures.sessions.sessions),
@@ -313,6 +335,7 @@ def decode(data: Mapping[str, Any]) -> Figures:
         cancellations=Counter(raw["cancellations"]),
     )
     window = data["window"]
+    usage = data["usage"]
     raw_sessions = data["sessions"]
     sessions = SessionTallies(
         active=int(raw_sessions["active"]),
@@ -332,6 +355,11 @@ def decode(data: Mapping[str, Any]) -> Figures:
         access_log_dropped=int(data["access_log_dropped"]),
         queued=int(data["queued"]),
         window=None if window is None else _window(window),
+        usage=UsageFigures(
+            _counter(usage["total"]),
+            _counter(usage["minute"]),
+            {str(date): _counter(rows) for date, rows in usage["days"].items()},
+        ),
         sessions=sessions,
         shared=None if data["shared"] is None else {k: int(v) for k, v in data["shared"].items()},
     )

@@ -2,14 +2,16 @@
 
 Layout (integers big-endian): the 6-byte format tag (`NTXL2` and a version byte); the SHA-256 of
 the cache key the value was written under; when it was stored (wall-clock seconds, a double);
-the status (u16); the header count (u16), then per header its name length (u16), value length
-(u32), name and value; the chunk count (u32), then per chunk its length (u32) and bytes; last, a
-16-byte BLAKE2b checksum of everything before it.
+the status (u16); the header count (u16); the tokens the answer took (a u8 flag: 0 none known,
+1 reported, 2 estimated; then prompt and completion tokens, u64 each); then per header its name
+length (u16), value length (u32), name and value; the chunk count (u32), then per chunk its
+length (u32) and bytes; last, a 16-byte BLAKE2b checksum of everything before it.
 
-Invariants: `decode(key, encode(key, ...))` gives back exactly the status, headers and chunks
-encoded, in order; any other value (cut short at any byte, any byte altered, written by another
-format version or under another key, or not ours at all) raises `UnusableEntry` and is never
-taken for a response. Nothing of the request is in the value but the key's hash.
+Invariants: `decode(key, encode(key, ...))` gives back exactly the status, headers, chunks (in
+order) and usage encoded, so a hit in L2 counts the same tokens as one in L1; any other value
+(cut short at any byte, any byte altered, written by another format version or under another
+key, or not ours at all) raises `UnusableEntry` and is never taken for a response. Nothing of
+the request is in the value but the key's hash.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import struct
 import attrs
 
 from ntonix.core.lru import CachedResponse, Header
+from ntonix.core.usage import Usage
 
-FORMAT = b"NTXL2\x01"
+FORMAT = b"NTXL2\x02"  # version 2: with the usage
 _CHECKSUM = 16
-_HEAD = struct.Struct(">32sdHH")  # key hash, stored at, status, header count
+_HEAD = struct.Struct(">32sdHHBQQ")  # key hash, stored at, status, header count, usage
 _HEADER = struct.Struct(">HI")
 _COUNT = struct.Struct(">I")
 
@@ -42,13 +45,28 @@ class StoredEntry:
     headers: tuple[Header, ...]
     chunks: tuple[bytes, ...]
     stored_at: float  # wall-clock seconds (time.time()) when it was stored
+    usage: Usage | None = None  # the tokens it took to generate
+
+
+_NO_USAGE, _REPORTED, _ESTIMATED = 0, 1, 2
 
 
 def encode(key: str, response: CachedResponse, stored_at: float) -> bytes:
     """The value to SET under `key`; `stored_at` is wall-clock time, shared by every machine."""
+    usage = response.usage
+    flag = _NO_USAGE if usage is None else _ESTIMATED if usage.estimated else _REPORTED
+    prompt, completion = (usage.prompt, usage.completion) if usage is not None else (0, 0)
     parts = [
         FORMAT,
-        _HEAD.pack(_key_hash(key), stored_at, response.status, len(response.headers)),
+        _HEAD.pack(
+            _key_hash(key),
+            stored_at,
+            response.status,
+            len(response.headers),
+            flag,
+            prompt,
+            completion,
+        ),
     ]
     for name, value in response.headers:
         parts += (_HEADER.pack(len(name), len(value)), name, value)
@@ -76,9 +94,14 @@ def decode(key: str, value: bytes) -> StoredEntry:
 
 def _parse(key: str, body: memoryview) -> StoredEntry:
     offset = len(FORMAT)
-    key_hash, stored_at, status, header_count = _HEAD.unpack_from(body, offset)
+    key_hash, stored_at, status, header_count, flag, prompt, completion = _HEAD.unpack_from(
+        body, offset
+    )
     if key_hash != _key_hash(key):
         raise UnusableEntry("other-key")
+    if flag not in (_NO_USAGE, _REPORTED, _ESTIMATED):
+        raise UnusableEntry("malformed")
+    usage = None if flag == _NO_USAGE else Usage(prompt, completion, flag == _ESTIMATED)
     offset += _HEAD.size
     headers = []
     for _ in range(header_count):
@@ -98,7 +121,7 @@ def _parse(key: str, body: memoryview) -> StoredEntry:
         offset += length
     if offset != len(body):
         raise UnusableEntry("malformed")
-    return StoredEntry(status, tuple(headers), tuple(chunks), stored_at)
+    return StoredEntry(status, tuple(headers), tuple(chunks), stored_at, usage)
 
 
 def _take(body: memoryview, offset: int, length: int) -> bytes:
