@@ -92,6 +92,7 @@ async def test_a_key_s_token_and_request_limits_hold_across_two_instances(
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert 50 <= int(refused.headers["retry-after"]) <= 61
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "97"  # a refusal takes none
     assert mock.stats["requests"] == 3
 
 

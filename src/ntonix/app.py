@@ -197,7 +197,9 @@ class Gateway:
         # Tokens are charged when responses end: a key may start one while under its limits.
         tokens = await self.accounts.standing(tenant) if tenant.counts_tokens else None
         if tokens is not None and not tokens.allowed:
-            verdict, ticket = Verdict(False, tokens.retry_after, tokens.reason), Ticket(tenant)
+            verdict = Verdict(False, tokens.retry_after, tokens.reason)
+            remaining = await self._limits.remaining(tenant, trio.current_time())
+            ticket = Ticket(tenant, remaining=remaining)
         else:
             verdict, ticket = await self._limits.admit(tenant, trio.current_time())
         if record is not None:

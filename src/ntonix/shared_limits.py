@@ -60,6 +60,12 @@ if max_concurrent > 0 then
 end
 return {1, admitted}
 """
+# KEYS: the client's admissions. Returns how many of them are in the last 60 s.
+_COUNT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. (now - 60000), '+inf')
+"""
 # KEYS: the client's leases. ARGV: lease ms, then the leases to extend (gone ones stay gone).
 _RENEW = """
 local t = redis.call('TIME')
@@ -114,6 +120,7 @@ class KeyLimits:
             # glide sends a script's SHA and loads it only when the server lacks it.
             self._admit_script = Script(_ADMIT)  # type: ignore[no-untyped-call]
             self._renew_script = Script(_RENEW)  # type: ignore[no-untyped-call]
+            self._count_script = Script(_COUNT)  # type: ignore[no-untyped-call]
 
     async def admit(self, tenant: Tenant, now: float) -> tuple[Verdict, Ticket]:
         """Take one request for `tenant`, within its own limits; an allowed one must be
@@ -132,6 +139,23 @@ class KeyLimits:
         )
         remaining = local.remaining(identity, now, per_minute=per_minute) if per_minute else None
         return verdict, Ticket(tenant, remaining=remaining)
+
+    async def remaining(self, tenant: Tenant, now: float) -> tuple[int, float] | None:
+        """What `tenant` has left of its minute, taking nothing (for a request refused before
+        its admission: over its tokens)."""
+        per_minute = tenant.requests_per_minute
+        if not per_minute:
+            return None
+        if self.tier is not None:
+            rate, _ = _names(tenant)
+            script = self._count_script
+            with contextlib.suppress(TierUnavailable):
+                count = await self.tier.call(
+                    lambda valkey: valkey.invoke_script(script, keys=[rate], args=[])
+                )
+                if isinstance(count, int):
+                    return per_minute - count, 60.0 if count else 0.0
+        return self.local.remaining(tenant.identity, now, per_minute=per_minute)
 
     def release(self, ticket: Ticket) -> None:
         if not ticket.limited:
@@ -156,8 +180,7 @@ class KeyLimits:
 
     async def _admit_shared(self, tier: SharedTier, tenant: Tenant) -> tuple[Verdict, Ticket]:
         per_minute, max_concurrent = tenant.requests_per_minute, tenant.max_concurrent
-        name = hashlib.sha256(tenant.identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        rate, slots = limit_names(name)
+        rate, slots = _names(tenant)
         lease = f"{self._worker}:{next(self._ids)}"
         args = [str(per_minute), str(max_concurrent), str(self._lease_ms), lease]
         script = self._admit_script
@@ -196,3 +219,9 @@ class KeyLimits:
             await self.tier.call(
                 lambda valkey: valkey.invoke_script(script, keys=[slots], args=args)
             )
+
+
+def _names(tenant: Tenant) -> tuple[str, str]:
+    return limit_names(
+        hashlib.sha256(tenant.identity.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    )
