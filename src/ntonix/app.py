@@ -32,6 +32,8 @@ from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
 from ntonix.downstream import new_request_id
 from ntonix.errors import GatewayError, client_error
 from ntonix.listening import set_send_timeout_on_listening_sockets
+from ntonix.load_reader import LoadReaders
+from ntonix.load_view import BackendLoad, LoadCollector, as_json, backend_loads
 from ntonix.metrics import GatewayCollector, Sources, exposition, registry_for
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
@@ -53,6 +55,7 @@ class Gateway:
         self._config_file = config_file
         self.proxy: Proxy | None = None
         self._probers: Probers | None = None
+        self._load_readers: LoadReaders | None = None
         self._metrics: CollectorRegistry | None = None
         self._keys = ApiKeys(())
         self._limits = ClientLimits(per_minute=0, max_concurrent=0)
@@ -182,9 +185,13 @@ class Gateway:
             self.proxy = Proxy(config, pools, health, cache, self.tallies)
             supervisor.start_soon(self.access_log.flush_forever)
             self._limits = _client_limits(config)
-            self._metrics = registry_for(self._collector(self.proxy))
+            self._metrics = registry_for(
+                self._collector(self.proxy), LoadCollector(self._backend_loads)
+            )
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
+            self._load_readers = LoadReaders(supervisor, health, self.proxy.loads, config.health)
+            self._load_readers.reconcile(config.backends, config.health)
             supervisor.start_soon(self._reload_on_sighup)
             self._started_at = time.monotonic()
             await send({"type": "lifespan.startup.complete"})
@@ -243,6 +250,8 @@ class Gateway:
         proxy.health.reconcile(config.backends, _breaker_settings(config))
         proxy.reconfigure(config, pools)
         probers.reconcile(config.backends, config.health)
+        if self._load_readers is not None:
+            self._load_readers.reconcile(config.backends, config.health)
         self._keys = keys
         self._limits.per_minute = config.auth.requests_per_minute
         self._limits.max_concurrent = config.auth.max_concurrent_per_key
@@ -332,6 +341,12 @@ class Gateway:
             )
         )
 
+    def _backend_loads(self) -> list[BackendLoad]:
+        proxy = self.proxy
+        if proxy is None:
+            return []
+        return backend_loads(proxy.loads, proxy.health, trio.current_time())
+
     def ready(self) -> bool:
         """At least one backend is healthy: its circuit is not open and it is not draining.
         (A 429 back-off is not ill health: it keeps the backend's place.)"""
@@ -346,6 +361,7 @@ class Gateway:
         backends: list[dict[str, object]] = []
         if proxy is not None:
             urls = {b.name: b.url for b in proxy.config.backends}
+            loads = {load.name: as_json(load) for load in self._backend_loads()}
             for snapshot in proxy.health.snapshot(trio.current_time()):
                 pool = proxy.pools.get(snapshot.name)
                 backends.append(
@@ -363,6 +379,7 @@ class Gateway:
                         "draining": snapshot.draining,
                         "not_eligible_because": list(snapshot.reasons),
                         "pool": attrs.asdict(pool.statistics()) if pool else None,
+                        "load": loads.get(snapshot.name),
                     }
                 )
         cache = proxy.cache if proxy else None

@@ -32,6 +32,7 @@ from ntonix.core.health import (
 )
 from ntonix.core.keys import cache_key, cacheability, scope_for
 from ntonix.core.requests import ProxiedRequest, classify
+from ntonix.core.signals import LoadBook
 from ntonix.core.telemetry import RequestRecord, Tallies
 from ntonix.downstream import (
     ClientGone,
@@ -62,6 +63,8 @@ class Proxy:
         self.cache = cache
         self.tallies = tallies or Tallies()
         self.admission = Admission()
+        # What the engines say about their load, written by the readers (load_reader.py).
+        self.loads = LoadBook()
         self._strategy_name = ""
         self.reconfigure(config, pools)
 
@@ -72,6 +75,11 @@ class Proxy:
         self._settings = config.gateway
         self._limits = {b.name: b.max_concurrent for b in config.backends}
         self._affinity = config.balancer.strategy == "prefix-affinity"
+        self._load_aware = config.balancer.strategy == "least-loaded"
+        self.loads.configure(
+            interval=config.health.load_interval, slow_start=config.balancer.slow_start
+        )
+        self.loads.reconcile((b.name for b in config.backends), trio.current_time())
         if config.balancer.strategy != self._strategy_name:
             self._strategy_name = config.balancer.strategy
             self.strategy = make_strategy(config.balancer.strategy, random.Random())
@@ -248,6 +256,8 @@ class Proxy:
             n for n in self.health.eligible(exchange.request.model, now) if n not in exchange.tried
         ]
         candidates = self.health.candidates(names)
+        if self._load_aware:
+            candidates = self.loads.annotate(candidates, exchange.request.model, now)
         in_flight = {c.name: c.in_flight for c in candidates}
         for name in self.strategy.order(candidates, affinity_key=exchange.affinity):
             limit = self._limits.get(name, 0)
@@ -343,6 +353,8 @@ class Proxy:
             tallies.attempts[(ticket.name, report.outcome.value)] += 1
             if report.outcome is Outcome.CLIENT_DISCONNECTED:
                 tallies.cancellations[ticket.name] += 1
+            if report.outcome is Outcome.COMPLETED and report.ttfb is not None:
+                self.loads.observe_ttfb(ticket.name, exchange.request.model, report.ttfb)
             self.health.end(
                 ticket,
                 report.outcome,

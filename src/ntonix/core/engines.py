@@ -118,8 +118,7 @@ def read_metrics(text: str, engine: str | None = None) -> LoadReading:
     capacity = _total(samples, gauges.capacity)
     # vLLM and SGLang label every series with the model they serve: that model is loaded.
     models = sorted(
-        {labels.get("model_name", "") for series in samples.values() for labels, _ in series}
-        - {""}
+        {labels.get("model_name", "") for series in samples.values() for labels, _ in series} - {""}
     )
     return LoadReading(
         engine=engine,

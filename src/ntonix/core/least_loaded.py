@@ -139,9 +139,11 @@ class LeastLoaded(LeastConnections):
         pool: Sequence[Candidate], score: dict[str, float], least: float, current: dict[str, int]
     ) -> Candidate:
         near = [c for c in pool if score[c.name] <= least + NEAR_TIE]
-        latencies = [c.signals.ttfb if c.signals is not None else None for c in near]
-        if len(near) > 1 and all(latencies):
-            known = [t for t in latencies if t]
-            if max(known) >= LATENCY_TIE_RATIO * min(known):
-                return min(near, key=lambda c: (c.signals.ttfb if c.signals else 0.0))
+        known = {c.name: c.signals.ttfb for c in near if c.signals is not None and c.signals.ttfb}
+        if (
+            len(near) > 1
+            and len(known) == len(near)
+            and max(known.values()) >= LATENCY_TIE_RATIO * min(known.values())
+        ):
+            return min(near, key=lambda c: known[c.name])
         return _smooth_pick(current, [c for c in pool if score[c.name] <= least + _EXACT])
