@@ -81,15 +81,10 @@ def _json(response: httpx.Response) -> object:
 
 
 async def read_once(
-    client: httpx.AsyncClient,
-    backend: BackendSettings,
-    health: HealthTable,
-    book: LoadBook,
-    engine: str,
+    client: httpx.AsyncClient, backend: BackendSettings, book: LoadBook, engine: str
 ) -> str:
     """Read the backend's load into the book; the engine to ask next time."""
     taken_at = trio.current_time()
-    ours = next((c.in_flight for c in health.candidates([backend.name])), 0)
     try:
         reading = await _read(client, backend.url.rstrip("/"), engine)
     except (NoSignal, SignalError) as problem:
@@ -100,7 +95,7 @@ async def read_once(
     except httpx.HTTPError as failure:
         book.fail(backend.name, f"load signals unreadable: {failure or type(failure).__name__}")
         return engine
-    book.record(backend.name, reading, taken_at=taken_at, ours=ours)
+    book.record(backend.name, reading, taken_at=taken_at)
     return reading.engine
 
 
@@ -122,7 +117,7 @@ async def read_forever(
         while True:
             try:
                 with trio.move_on_after(settings.load_timeout) as deadline:
-                    engine = await read_once(client, backend, health, book, engine)
+                    engine = await read_once(client, backend, book, engine)
                 if deadline.cancelled_caught:
                     book.fail(
                         backend.name,

@@ -45,7 +45,7 @@ def as_json(load: BackendLoad) -> dict[str, object]:
             "waiting": reading.waiting,
             "running": reading.running,
             "kv_usage": reading.kv_usage,
-            "capacity": reading.capacity,
+            "capacity": status.capacity,
             "loaded_models": None
             if reading.models is None
             else [{"name": m.name, "expires_at": m.expires_at or None} for m in reading.models],

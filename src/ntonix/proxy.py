@@ -305,6 +305,7 @@ class Proxy:
                     self._upstream_headers(exchange, pool),
                     exchange.body,
                 )
+                self.loads.sent(ticket.name, ticket.id, trio.current_time())
                 response = await connection.receive_response()
             if waiting.cancelled_caught:
                 report.outcome = Outcome.TIMED_OUT
@@ -326,9 +327,11 @@ class Proxy:
                 client_response_headers(response.headers, backend=ticket.name.encode()),
             )
             try:
-                await relay_body(
+                first_data_at = await relay_body(
                     connection, exchange.downstream, settings.idle_timeout, ticket.name
                 )
+                if first_data_at is not None and exchange.request.stream:
+                    report.first_data = first_data_at - sent_at
             except GatewayError as error:
                 report.outcome = Outcome.FAILED_MIDSTREAM
                 report.error = error.message
@@ -349,12 +352,13 @@ class Proxy:
         finally:
             if connection is not None:
                 pool.checkin(connection)
+            self.loads.finished(ticket.name, ticket.id)
             tallies = self.tallies
             tallies.attempts[(ticket.name, report.outcome.value)] += 1
             if report.outcome is Outcome.CLIENT_DISCONNECTED:
                 tallies.cancellations[ticket.name] += 1
-            if report.outcome is Outcome.COMPLETED and report.ttfb is not None:
-                self.loads.observe_ttfb(ticket.name, exchange.request.model, report.ttfb)
+            if report.outcome is Outcome.COMPLETED and report.first_data is not None:
+                self.loads.observe_ttfb(ticket.name, exchange.request.model, report.first_data)
             self.health.end(
                 ticket,
                 report.outcome,
@@ -444,12 +448,15 @@ class Exchange:
 class Report:
     """What one attempt tells the health table when it ends, whatever way it ends."""
 
-    __slots__ = ("error", "outcome", "retry_after", "ttfb")
+    __slots__ = ("error", "first_data", "outcome", "retry_after", "ttfb")
 
     def __init__(self) -> None:
         # Until something else is known, the client left (cancellation) and proved nothing.
         self.outcome = Outcome.CLIENT_DISCONNECTED
         self.ttfb: float | None = None
+        # Of a stream: to its first body bytes, which engines send with the first token (the
+        # head may come at once); what least-loaded's latency EWMA learns from.
+        self.first_data: float | None = None
         self.retry_after: float | None = None
         self.error = ""
 
@@ -459,20 +466,24 @@ _RETRYABLE = frozenset({Outcome.UPSTREAM_5XX, Outcome.UPSTREAM_429})
 
 async def relay_body(
     connection: UpstreamConnection, downstream: ResponseSink, idle_timeout: float, backend: str
-) -> None:
+) -> float | None:
     """Phase stream body: each upstream read goes to the client as soon as it arrives.
 
-    The idle deadline covers only the wait for the backend: the write to the client is outside
-    it, so a slow reader is back-pressure (the socket fills up), not a backend timeout.
+    Returns when the first body bytes arrived (None for an empty body). The idle deadline
+    covers only the wait for the backend: the write to the client is outside it, so a slow
+    reader is back-pressure (the socket fills up), not a backend timeout.
     """
+    first_data_at: float | None = None
     with trio.CancelScope() as idle:
         while True:
             idle.deadline = trio.current_time() + idle_timeout
             data, done = await connection.receive_body()
             idle.deadline = math.inf
+            if data and first_data_at is None:
+                first_data_at = trio.current_time()
             await downstream.write(data, more=not done)
             if done:
-                return
+                return first_data_at
     raise upstream_error(
         504, "backend_idle_timeout", f"Backend {backend} sent nothing for {idle_timeout:g} s"
     )

@@ -65,7 +65,7 @@ def book_with(**readings: LoadReading) -> LoadBook:
     book = LoadBook(interval=1.0, slow_start=30.0)
     book.reconcile(readings, now=0.0)
     for name, reading in readings.items():
-        book.record(name, reading, taken_at=0.0, ours=0)
+        book.record(name, reading, taken_at=0.0)
     return book
 
 
@@ -94,9 +94,14 @@ def test_load_from_other_clients_steers_new_requests_away() -> None:
 def test_our_requests_counted_by_the_reading_are_not_counted_twice() -> None:
     book = LoadBook(interval=1.0)
     book.reconcile(["a"], now=0.0)
-    # 3 of ours were in flight when the engine reported 5 (2 from elsewhere); 1 of ours is left.
-    book.record("a", LoadReading("vllm", 1, 4), taken_at=0.0, ours=3)
-    assert book.signals("a", in_flight=1, model=None, now=0.5).load == 3
+    for ticket in range(4):
+        book.sent("a", ticket, now=ticket * 0.1)
+    # 3 of ours had been sent when the engine reported 5 (2 from elsewhere); the fourth was
+    # still on its way. Two of the three have finished since.
+    book.record("a", LoadReading("vllm", 1, 4), taken_at=0.25)
+    book.finished("a", 0)
+    book.finished("a", 1)
+    assert book.signals("a", in_flight=2, model=None, now=0.5).load == 2 + 2
 
 
 def test_a_stale_reading_falls_back_to_local_counts() -> None:
@@ -205,3 +210,28 @@ def test_among_warm_backends_the_load_decides() -> None:
     b = Candidate("b", signals=Signals(load=1, warm=True))
     c = Candidate("c", signals=Signals(load=0, warm=False))
     assert LeastLoaded().order([a, b, c]) == ["b", "a", "c"]
+
+
+def test_an_engine_that_queues_shows_its_capacity() -> None:
+    book = book_with(a=LoadReading("vllm", 0, 3))
+    assert book.signals("a", 0, None, now=0.1).capacity is None
+    book.record("a", LoadReading("vllm", 2, 4), taken_at=1.0)
+    book.record("a", LoadReading("vllm", 0, 1), taken_at=2.0)
+    assert book.signals("a", 0, None, now=2.1).capacity == 4
+    assert book.status("a", 0, now=2.1).capacity == 4
+
+
+def test_until_it_queues_a_backend_is_taken_to_be_like_its_peers() -> None:
+    book = book_with(a=LoadReading("vllm", 1, 2), b=LoadReading("vllm", 0, 1))
+    book.record("c", LoadReading("tgi", 0, 1), taken_at=0.0)
+    assert book.signals("b", 0, None, now=0.1).capacity == 2
+    book.record("b", LoadReading("vllm", 0, 3), taken_at=0.2)  # runs 3 without a queue
+    assert book.signals("b", 0, None, now=0.3).capacity == 3
+    assert book.signals("a", 0, None, now=0.3).capacity == 2
+
+
+def test_residency_outlives_a_stale_queue_reading() -> None:
+    book = book_with(a=ollama("llama3:latest"))
+    assert book.signals("a", 0, "qwen", now=5.0).warm is False  # stale for the queue...
+    assert book.signals("a", 0, "qwen", now=5.0).load is None
+    assert book.signals("a", 0, "qwen", now=31.0).warm is None  # ...and, much later, for this

@@ -3,10 +3,16 @@
 Invariants: the readers write (`record`, `fail`, `note_closed`), the proxy writes what it
 alone knows (`observe_ttfb`) and reads `annotate`; nothing here awaits or reads a clock, time
 comes in as `now`. A reading older than `STALE_AFTER` load intervals is ignored: the backend
-then counts by this worker's own requests, as under least-connections. A reading is brought
+then counts by this worker's own requests, as under least-connections (its loaded models count
+for `RESIDENCY_STALE_AFTER` intervals). A reading is brought
 up to now with this worker's requests: what the engine reported, less our requests it counted
-(those in flight when it was read), plus ours in flight now, so requests sent since the reading
-count once and requests since finished stop counting. Slow start ramps linearly from
+(those whose request had been sent when the reading was asked for, and still in flight), plus
+ours in flight now, so requests sent since the reading count once and requests since finished
+stop counting. An engine that does not report its
+capacity (vLLM, SGLang, TGI) shows it when it queues: the most requests it ran while others
+waited is its learned capacity (raised when it runs more without a queue); until it has queued,
+it is taken to be like its peers of the same engine that have (replicas usually are), and
+without any, unknown. Slow start ramps linearly from
 `RAMP_FLOOR` to 1 over `slow_start` seconds after a backend's circuit closes again or a reload
 adds it; backends present at start do not ramp.
 """
@@ -21,6 +27,7 @@ from ntonix.core.balancer import Candidate, Signals
 from ntonix.core.engines import LoadReading, serves_loaded
 
 STALE_AFTER = 3  # load intervals
+RESIDENCY_STALE_AFTER = 30  # load intervals: which models are loaded goes stale more slowly
 RAMP_FLOOR = 0.1
 LATENCY_ALPHA = 0.2  # weight of the newest TTFB sample: ~10 requests of memory
 
@@ -35,6 +42,7 @@ class LoadStatus:
     stale: bool
     error: str  # why the last read failed; "" after a good one
     estimated_load: int | None  # the reading brought up to now; None when stale or absent
+    capacity: int | None  # as reported, else as learned from a queue
     ramp: float
     ttfb: dict[str, float]  # EWMA seconds per model ("" = the backend over all models)
 
@@ -44,8 +52,10 @@ class _Entry:
     engine: str = ""
     reading: LoadReading | None = None
     taken_at: float = 0.0
-    ours_then: int = 0  # this worker's requests in flight when the reading was taken
+    ours_then: int = 0  # this worker's requests the reading counted
+    sent: dict[int, float] = attrs.Factory(dict)  # our requests in flight: ticket -> sent at
     error: str = ""
+    learned_capacity: int | None = None
     closed: bool = True
     ramp_from: float | None = None
     ttfb: dict[str, float] = attrs.Factory(dict)
@@ -75,13 +85,26 @@ class LoadBook:
         self._entries = entries
         self._started = True
 
-    def record(self, name: str, reading: LoadReading, *, taken_at: float, ours: int) -> None:
-        """A good reading, asked for at `taken_at` while `ours` of our requests were in flight."""
+    def sent(self, name: str, ticket: int, now: float) -> None:
+        """Our request `ticket` is on its way to the engine: from now on readings count it."""
+        if (entry := self._entries.get(name)) is not None:
+            entry.sent[ticket] = now
+
+    def finished(self, name: str, ticket: int) -> None:
+        if (entry := self._entries.get(name)) is not None:
+            entry.sent.pop(ticket, None)
+
+    def record(self, name: str, reading: LoadReading, *, taken_at: float) -> None:
+        """A good reading, asked for at `taken_at`."""
         entry = self._entries.get(name)
         if entry is None:
             return
+        ours = sum(sent_at <= taken_at for sent_at in entry.sent.values())
         entry.reading, entry.taken_at, entry.ours_then = reading, taken_at, ours
         entry.engine = reading.engine
+        running = reading.running or 0
+        if (reading.waiting and running) or (entry.learned_capacity or running) < running:
+            entry.learned_capacity = max(entry.learned_capacity or 0, running)
         entry.error = ""
 
     def fail(self, name: str, error: str) -> None:
@@ -145,11 +168,20 @@ class LoadBook:
         ttfb = entry.ttfb.get(model or "", entry.ttfb.get(""))
         reading = self._fresh(entry, now)
         if reading is None:
-            return Signals(ttfb=ttfb, ramp=ramp)
+            last = entry.reading
+            # Loaded models change in minutes, not seconds: residency outlives a stale queue.
+            warm = None
+            if (
+                last is not None
+                and model is not None
+                and now - entry.taken_at <= (RESIDENCY_STALE_AFTER * self.interval)
+            ):
+                warm = serves_loaded(last, model)
+            return Signals(ttfb=ttfb, ramp=ramp, warm=warm)
         return Signals(
             load=self._estimate(entry, reading, in_flight),
             waiting=reading.waiting or 0,
-            capacity=reading.capacity,
+            capacity=self._capacity(entry, reading),
             kv_usage=reading.kv_usage,
             warm=None if model is None else serves_loaded(reading, model),
             ttfb=ttfb,
@@ -167,6 +199,7 @@ class LoadBook:
             stale=reading is not None and fresh is None,
             error=entry.error,
             estimated_load=None if fresh is None else self._estimate(entry, fresh, in_flight),
+            capacity=None if reading is None else self._capacity(entry, reading),
             ramp=self.ramp(name, now),
             ttfb=dict(entry.ttfb),
         )
@@ -175,6 +208,16 @@ class LoadBook:
         if entry.reading is None or now - entry.taken_at > STALE_AFTER * self.interval:
             return None
         return entry.reading
+
+    def _capacity(self, entry: _Entry, reading: LoadReading) -> int | None:
+        if reading.capacity or entry.learned_capacity:
+            return reading.capacity or entry.learned_capacity
+        peers = [
+            e.learned_capacity
+            for e in self._entries.values()
+            if e.learned_capacity and e.engine == entry.engine
+        ]
+        return max(*peers, reading.running or 0) if peers else None
 
     @staticmethod
     def _estimate(entry: _Entry, reading: LoadReading, in_flight: int) -> int | None:
