@@ -4,7 +4,7 @@ Two lean mocks with a real queue (`--slots`) that speak vLLM's signals (`--engin
 one and one whose first token and every token after it take three times as long. For each
 strategy in turn, a fresh gateway (one worker, every other key at its default: signals read
 every second) gets the same open-loop schedule of streaming chat completions (Poisson arrivals
-from a seeded `random.Random`), first a warm-up that is not measured, then the measured window.
+from a seeded `random.Random`) at each rate: a warm-up that is not measured, then the window.
 Per request: the time to the first body bytes (the role chunk goes out with the first token) and
 to `[DONE]`, and which backend answered (`x-ntonix-backend`). The strategies run in turn,
 `rounds` times, so that a disturbance of this shared machine hits them alike; the report gives
@@ -16,6 +16,7 @@ a target; every process started is registered with `Processes` and stopped befor
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ BODY = {
 
 @dataclass(frozen=True)
 class HeteroSpec:
-    rate: float = 12.0  # requests per second, Poisson arrivals
+    rates: tuple[float, ...] = (8.0, 12.0)  # requests per second, Poisson arrivals
     warmup: float = 5.0  # seconds of the schedule before the measured window
     duration: float = 20.0  # measured seconds per strategy and round
     rounds: int = 2
@@ -53,17 +54,19 @@ class HeteroSpec:
         return (
             f"two backends of {self.slots} slots each; the fast one answers {self.tokens} tokens "
             f"in {1000 * fast:.0f} ms (first after {1000 * self.ttft:.0f} ms), the slow one "
-            f"{self.slowdown:g}x slower in every token; streaming chat completions arriving "
-            f"as a Poisson process of {self.rate:g}/s (random.Random({self.seed})), "
+            f"{self.slowdown:g}x slower in every token (the fast one alone serves about "
+            f"{self.slots / fast:.1f} requests/s, both together about "
+            f"{self.slots / fast * (1 + 1 / self.slowdown):.1f}/s); streaming chat completions "
+            f"arriving as a Poisson process (random.Random({self.seed})) at each rate, "
             f"{self.warmup:g} s of warm-up then {self.duration:g} s measured, per strategy and "
             f"round, {self.rounds} rounds"
         )
 
-    def arrivals(self) -> list[float]:
+    def arrivals(self, rate: float) -> list[float]:
         rng = random.Random(self.seed)
         at, times = 0.0, []
         while at < self.warmup + self.duration:
-            at += rng.expovariate(self.rate)
+            at += rng.expovariate(rate)
             times.append(at)
         return times
 
@@ -82,7 +85,7 @@ class StrategyRun:
 @dataclass
 class HeteroResult:
     spec: str
-    runs: dict[str, StrategyRun]
+    runs: dict[str, dict[str, StrategyRun]]  # rate ("8/s") -> strategy -> its runs
 
 
 async def _one(
@@ -109,7 +112,7 @@ async def _one(
         served.append(backend)
 
 
-async def _drive(gateway_url: str, spec: HeteroSpec, run: StrategyRun) -> None:
+async def _drive(gateway_url: str, spec: HeteroSpec, rate: float, run: StrategyRun) -> None:
     url = f"{gateway_url}/v1/chat/completions"
     served: list[str] = []
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
@@ -118,7 +121,7 @@ async def _drive(gateway_url: str, spec: HeteroSpec, run: StrategyRun) -> None:
         trio.open_nursery() as nursery,
     ):
         start = trio.current_time()
-        for at in spec.arrivals():
+        for at in spec.arrivals(rate):
             await trio.sleep_until(start + at)
             nursery.start_soon(_one, client, url, at >= spec.warmup, run, served)
     run.slow_share.append(served.count("slow") / len(served) if served else float("nan"))
@@ -161,18 +164,19 @@ def hetero_scenario(processes: Processes, logs: Path, spec: HeteroSpec) -> Heter
             ],
         ),
     ]
-    runs = {strategy: StrategyRun() for strategy in STRATEGIES}
+    runs = {f"{rate:g}/s": {s: StrategyRun() for s in STRATEGIES} for rate in spec.rates}
     # The mocks stay up until the run's `Processes` stops everything on its way out.
     for _ in range(spec.rounds):
-        for strategy in STRATEGIES:
-            config = logs / f"hetero-{strategy}.toml"
-            config.write_text(_config(mocks, strategy))
-            gateway = start_gateway(processes, config, 1)
-            try:
-                time.sleep(1.5)  # the first readings of both engines
-                trio.run(_drive, gateway.url, spec, runs[strategy])
-            finally:
-                processes.stop(gateway.process)
+        for rate in spec.rates:
+            for strategy in STRATEGIES:
+                config = logs / f"hetero-{strategy}.toml"
+                config.write_text(_config(mocks, strategy))
+                gateway = start_gateway(processes, config, 1)
+                try:
+                    time.sleep(1.5)  # the first readings of both engines
+                    trio.run(_drive, gateway.url, spec, rate, runs[f"{rate:g}/s"][strategy])
+                finally:
+                    processes.stop(gateway.process)
     return HeteroResult(spec.describe(), runs)
 
 
@@ -180,23 +184,25 @@ def render_hetero(result: HeteroResult) -> list[str]:
     def ms(value: float) -> str:
         return f"{1000 * value:.0f}"
 
-    base = result.runs["least-loaded"]
     lines = [
         result.spec + ".",
         "",
-        "| strategy | requests | errors | share to the slow one | TTFT p50 | TTFT p99 | "
+        "| load | strategy | requests | errors | to the slow one | TTFT p50 | TTFT p99 | "
         "completion p50 | completion p99 | TTFT p99 / least-loaded | completion p99 / "
         "least-loaded |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for strategy, run in result.runs.items():
-        share = sum(run.slow_share) / len(run.slow_share) if run.slow_share else float("nan")
-        lines.append(
-            f"| {strategy} | {len(run.ttft)} | {run.errors} | {100 * share:.0f}% | "
-            f"{ms(percentile(run.ttft, 0.5))} | {ms(percentile(run.ttft, 0.99))} | "
-            f"{ms(percentile(run.completion, 0.5))} | {ms(percentile(run.completion, 0.99))} | "
-            f"{percentile(run.ttft, 0.99) / percentile(base.ttft, 0.99):.2f} | "
-            f"{percentile(run.completion, 0.99) / percentile(base.completion, 0.99):.2f} |"
-        )
+    for rate, by_strategy in result.runs.items():
+        base = by_strategy["least-loaded"]
+        for strategy, run in by_strategy.items():
+            share = sum(run.slow_share) / len(run.slow_share) if run.slow_share else math.nan
+            lines.append(
+                f"| {rate} | {strategy} | {len(run.ttft)} | {run.errors} | {100 * share:.0f}% | "
+                f"{ms(percentile(run.ttft, 0.5))} | {ms(percentile(run.ttft, 0.99))} | "
+                f"{ms(percentile(run.completion, 0.5))} | "
+                f"{ms(percentile(run.completion, 0.99))} | "
+                f"{percentile(run.ttft, 0.99) / percentile(base.ttft, 0.99):.2f} | "
+                f"{percentile(run.completion, 0.99) / percentile(base.completion, 0.99):.2f} |"
+            )
     lines += ["", "Times in ms, measured by the client (first body bytes; `[DONE]`).", ""]
     return lines

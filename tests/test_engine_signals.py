@@ -376,11 +376,13 @@ async def test_status_metrics_and_the_dashboard_feed_show_each_backends_reading(
         load = record["load"]
         assert load["engine"] == "vllm"
         assert load["reading"] == {
-            "waiting": 0, "running": 2, "kv_usage": 1.0, "capacity": None,
+            "waiting": 0, "running": 2, "kv_usage": 1.0, "capacity": 2,
             "loaded_models": [{"name": "mock-llm", "expires_at": None}],
         }  # fmt: skip
         assert 0 <= load["age_seconds"] < 0.15 and not load["stale"]
-        assert load["score"] == pytest.approx(3.5)  # 3 running if it took one, KV full: 0.5
+        # Its KV cache is full with 2 running: capacity 2, so one more would queue (1), on top
+        # of a full house (1) and the full cache (0.5).
+        assert load["score"] == pytest.approx(2.5)
         other = await wait_for_backend(client, gateway, "o", lambda r: reading_of(r) != {})
         assert other["load"]["engine"] == "ollama"
         loaded = other["load"]["reading"]["loaded_models"]

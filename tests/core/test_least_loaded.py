@@ -121,11 +121,11 @@ def test_a_failed_read_keeps_the_last_reading_until_it_is_stale() -> None:
 
 
 def test_a_slow_backend_pays_for_its_latency_and_near_ties_go_to_the_faster() -> None:
-    fast = Candidate("fast", signals=Signals(load=2, ttfb=0.1))
+    fast = Candidate("fast", signals=Signals(load=3, ttfb=0.1))
     slow = Candidate("slow", signals=Signals(load=0, ttfb=0.3))  # idle, but 3x slower
-    assert scores([fast, slow]) == pytest.approx({"fast": 3.0, "slow": 1.0 + 1.0})
-    assert pick(LeastLoaded(), fast, slow) == "slow"  # two queued-free requests on fast cost more
-    fast = Candidate("fast", signals=Signals(load=1, ttfb=0.1))
+    assert scores([fast, slow]) == pytest.approx({"fast": 4.0, "slow": 1.0 + 2.0})
+    assert pick(LeastLoaded(), fast, slow) == "slow"  # three running on fast cost more
+    fast = Candidate("fast", signals=Signals(load=2, ttfb=0.1))
     assert pick(LeastLoaded(), fast, slow) == "fast"
     # 25% slower is no surcharge, but on an equal load the faster one wins every time.
     a = Candidate("a", signals=Signals(load=0, capacity=4, ttfb=0.10))
@@ -235,3 +235,12 @@ def test_residency_outlives_a_stale_queue_reading() -> None:
     assert book.signals("a", 0, "qwen", now=5.0).warm is False  # stale for the queue...
     assert book.signals("a", 0, "qwen", now=5.0).load is None
     assert book.signals("a", 0, "qwen", now=31.0).warm is None  # ...and, much later, for this
+
+
+def test_the_kv_cache_tells_a_capacity_before_any_queue() -> None:
+    book = book_with(a=LoadReading("vllm", 0, 3, kv_usage=0.25))
+    assert book.signals("a", 0, None, now=0.1).capacity == 12
+    book.record("a", LoadReading("vllm", 0, 0, kv_usage=0.0), taken_at=0.5)  # idle: remembered
+    assert book.signals("a", 0, None, now=0.6).capacity == 12
+    book.record("a", LoadReading("vllm", 1, 4, kv_usage=0.9), taken_at=1.0)  # a queue: learned
+    assert book.signals("a", 0, None, now=1.1).capacity == 4

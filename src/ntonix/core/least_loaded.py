@@ -15,9 +15,11 @@ The score of a backend is what it would carry if it took this request, per unit 
   (core/signals.py), so a burst between two readings spreads instead of herding;
 - it is divided by the weight times the slow-start ramp, so a backend back from an open circuit
   takes a growing share, not all new requests at once;
-- a backend whose time to first byte is 1.5x the fastest one's or worse pays for it (0.5 per
-  extra multiple, at most 1.5): it answers, but slowly; nearer than that, latency only breaks
-  near-ties (scores within 0.05).
+- a backend whose time to first byte is 1.5x the fastest one's or worse pays for it, as for
+  one queued request per extra multiple (at most 4): it answers, but slowly, and every token
+  of its answers is slow too; nearer than that, latency only breaks near-ties (scores within
+  0.05). The times are of streams' first body bytes, queueing included, so a fast backend
+  whose queue grows looks slower and the surcharge shrinks.
 Residency comes first: a backend with the model loaded and room for the request is preferred
 to one that would have to load it; a cold backend comes before a warm but full one.
 Exact ties share by smooth weighted round-robin.
@@ -33,8 +35,8 @@ WAITING_COST = 1.0  # per request queued beyond capacity
 UNKNOWN_CAPACITY_WAITING_COST = 2.0  # per request queued, when running ones count 1 each
 KV_COST = 0.5  # a full KV cache
 SLOW_RATIO = 1.5  # this much slower than the fastest: the backend pays for its latency
-SLOW_COST = 0.5  # per extra multiple of the fastest TTFB
-SLOW_CAP = 1.5
+SLOW_COST = 1.0  # per extra multiple of the fastest TTFB: as much as one queued request
+SLOW_CAP = 4.0
 NEAR_TIE = 0.05  # scores this close are near-ties, which latency breaks
 LATENCY_TIE_RATIO = 1.2  # ... when the faster answers at least this much sooner
 _EXACT = 1e-9

@@ -10,9 +10,10 @@ up to now with this worker's requests: what the engine reported, less our reques
 ours in flight now, so requests sent since the reading count once and requests since finished
 stop counting. An engine that does not report its
 capacity (vLLM, SGLang, TGI) shows it when it queues: the most requests it ran while others
-waited is its learned capacity (raised when it runs more without a queue); until it has queued,
-it is taken to be like its peers of the same engine that have (replicas usually are), and
-without any, unknown. Slow start ramps linearly from
+waited is its learned capacity (raised when it runs more without a queue). Until then its KV
+cache tells: r requests filling a fraction k of it make room for about r / k; and without
+either, it is taken to be like its peers of the same engine (replicas usually are), else
+unknown. Slow start ramps linearly from
 `RAMP_FLOOR` to 1 over `slow_start` seconds after a backend's circuit closes again or a reload
 adds it; backends present at start do not ramp.
 """
@@ -56,6 +57,7 @@ class _Entry:
     sent: dict[int, float] = attrs.Factory(dict)  # our requests in flight: ticket -> sent at
     error: str = ""
     learned_capacity: int | None = None
+    kv_capacity: int | None = None  # requests that would fill the KV cache, at the last reading
     closed: bool = True
     ramp_from: float | None = None
     ttfb: dict[str, float] = attrs.Factory(dict)
@@ -105,6 +107,8 @@ class LoadBook:
         running = reading.running or 0
         if (reading.waiting and running) or (entry.learned_capacity or running) < running:
             entry.learned_capacity = max(entry.learned_capacity or 0, running)
+        if running and reading.kv_usage:
+            entry.kv_capacity = max(running, round(running / reading.kv_usage))
         entry.error = ""
 
     def fail(self, name: str, error: str) -> None:
@@ -210,12 +214,13 @@ class LoadBook:
         return entry.reading
 
     def _capacity(self, entry: _Entry, reading: LoadReading) -> int | None:
-        if reading.capacity or entry.learned_capacity:
-            return reading.capacity or entry.learned_capacity
+        own = reading.capacity or entry.learned_capacity or entry.kv_capacity
+        if own:
+            return own
         peers = [
-            e.learned_capacity
+            capacity
             for e in self._entries.values()
-            if e.learned_capacity and e.engine == entry.engine
+            if e.engine == entry.engine and (capacity := e.learned_capacity or e.kv_capacity)
         ]
         return max(*peers, reading.running or 0) if peers else None
 
