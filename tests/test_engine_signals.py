@@ -24,7 +24,14 @@ from mocks.replies import whole_reply
 from ntonix.config import HealthSettings
 from ntonix.core.engines import read_llamacpp_slots, read_metrics, read_ollama_ps
 from tests.conftest import RunningMock, StartGatewayWith, StartMock
-from tests.support import backend, chat, gateway_config, wait_for_backend, wait_until
+from tests.support import (
+    backend,
+    backend_status,
+    chat,
+    gateway_config,
+    wait_for_backend,
+    wait_until,
+)
 
 # Signals read 20 times a second so that a test waits for a reading in milliseconds.
 QUICK_SIGNALS = HealthSettings(
@@ -427,3 +434,34 @@ async def test_latency_per_backend_and_model_is_in_status(
 
 def has_ttfb(model: str) -> Callable[[dict[str, Any]], bool]:
     return lambda record: model in record["load"]["ttfb_ewma_ms"]
+
+
+# --- Slow start, end to end ------------------------------------------------------------------
+
+
+async def test_a_backend_back_from_an_open_circuit_ramps_up(
+    start_steerable_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+) -> None:
+    good = await start_steerable_mock("good", engine="vllm")
+    flaky = await start_steerable_mock("flaky", engine="vllm")
+    health = attrs.evolve(
+        QUICK_SIGNALS, interval=0.2, failure_threshold=2, open_for=0.3, max_open_for=1
+    )
+    config = gateway_config(
+        backend(good.url, "good"), backend(flaky.url, "flaky"), strategy="least-loaded",
+        health=health, retries=1,
+    )  # fmt: skip
+    config = attrs.evolve(config, balancer=attrs.evolve(config.balancer, slow_start=10.0))
+    gateway = await start_gateway_with(config)
+    flaky.mock.forced_headers = {"x-mock-status": "500"}  # type: ignore[attr-defined]
+    for index in range(6):
+        await client.post(f"{gateway}{CHAT}", json=chat(f"{index}", stream=False))
+    await wait_for_backend(client, gateway, "flaky", lambda r: r["state"] != "closed")
+    flaky.mock.forced_headers = {}  # type: ignore[attr-defined]
+    record = await wait_for_backend(
+        client, gateway, "flaky", lambda r: r["state"] == "closed" and r["load"]["slow_start"] < 1
+    )
+    assert 0.1 <= record["load"]["slow_start"] < 0.3
+    assert (await backend_status(client, gateway, "good"))["load"]["slow_start"] == 1.0  # type: ignore[index]

@@ -106,31 +106,36 @@ async def read_forever(
     settings: HealthSettings,
     rng: random.Random,
 ) -> None:
-    """Read at once, then every `load_interval` (jittered); slower where nothing answers."""
+    """Read at once, then every `load_interval` (jittered); slower where nothing answers.
+
+    Every `load_interval` it also tells the book whether the backend's circuit is closed, so a
+    backend that comes back starts its slow start, signals or not.
+    """
     book.set_engine(backend.name, "" if backend.engine == "auto" else backend.engine)
-    if backend.engine == NO_SIGNAL:
-        return
     context: ssl.SSLContext | bool = backend_ssl_context(backend) or True
     engine = backend.engine
+    next_read = trio.current_time()
     # httpx's own timeout is a safety net; the deadline around each read is load_timeout.
     async with httpx.AsyncClient(timeout=settings.load_timeout * 2, verify=context) as client:
         while True:
-            try:
-                with trio.move_on_after(settings.load_timeout) as deadline:
-                    engine = await read_once(client, backend, book, engine)
-                if deadline.cancelled_caught:
-                    book.fail(
-                        backend.name,
-                        f"load signals did not arrive within {settings.load_timeout:g} s",
-                    )
-            except Exception:
-                log.exception("load read of %s crashed; reading again next period", backend.name)
+            if engine != NO_SIGNAL and trio.current_time() >= next_read:
+                try:
+                    with trio.move_on_after(settings.load_timeout) as deadline:
+                        engine = await read_once(client, backend, book, engine)
+                    if deadline.cancelled_caught:
+                        book.fail(
+                            backend.name,
+                            f"load signals did not arrive within {settings.load_timeout:g} s",
+                        )
+                except Exception:
+                    log.exception("load read of %s crashed; reading again later", backend.name)
+                quiet = book.engine(backend.name) == NO_SIGNAL
+                next_read = trio.current_time() + (
+                    max(settings.load_interval, settings.interval) if quiet else 0.0
+                )
             now = trio.current_time()
             book.note_closed(backend.name, _closed(health, backend.name, now), now)
-            period = settings.load_interval
-            if book.engine(backend.name) == NO_SIGNAL:
-                period = max(period, settings.interval)
-            await trio.sleep(period * rng.uniform(0.8, 1.2))
+            await trio.sleep(settings.load_interval * rng.uniform(0.8, 1.2))
 
 
 def _closed(health: HealthTable, name: str, now: float) -> bool:
