@@ -95,7 +95,7 @@ async def read_once(
     except httpx.HTTPError as failure:
         book.fail(backend.name, f"load signals unreadable: {failure or type(failure).__name__}")
         return engine
-    book.record(backend.name, reading, taken_at=taken_at)
+    book.record(backend.name, reading, taken_at=taken_at, received_at=trio.current_time())
     return reading.engine
 
 

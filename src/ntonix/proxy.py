@@ -352,7 +352,7 @@ class Proxy:
         finally:
             if connection is not None:
                 pool.checkin(connection)
-            self.loads.finished(ticket.name, ticket.id)
+            self.loads.finished(ticket.name, ticket.id, trio.current_time())
             tallies = self.tallies
             tallies.attempts[(ticket.name, report.outcome.value)] += 1
             if report.outcome is Outcome.CLIENT_DISCONNECTED:

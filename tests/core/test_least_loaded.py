@@ -65,7 +65,7 @@ def book_with(**readings: LoadReading) -> LoadBook:
     book = LoadBook(interval=1.0, slow_start=30.0)
     book.reconcile(readings, now=0.0)
     for name, reading in readings.items():
-        book.record(name, reading, taken_at=0.0)
+        book.record(name, reading, taken_at=0.0, received_at=0.0)
     return book
 
 
@@ -94,14 +94,24 @@ def test_load_from_other_clients_steers_new_requests_away() -> None:
 def test_our_requests_counted_by_the_reading_are_not_counted_twice() -> None:
     book = LoadBook(interval=1.0)
     book.reconcile(["a"], now=0.0)
-    for ticket in range(4):
-        book.sent("a", ticket, now=ticket * 0.1)
-    # 3 of ours had been sent when the engine reported 5 (2 from elsewhere); the fourth was
-    # still on its way. Two of the three have finished since.
-    book.record("a", LoadReading("vllm", 1, 4), taken_at=0.25)
-    book.finished("a", 0)
-    book.finished("a", 1)
+    for ticket, sent_at in enumerate((0.0, 0.1, 0.2, 0.25, 0.4)):
+        book.sent("a", ticket, now=sent_at)
+    book.finished("a", 0, now=0.05)  # before the reading was asked for: not in it
+    book.finished("a", 1, now=0.22)  # during the reading: it may have counted it
+    # Asked at 0.2, answered at 0.3: tickets 1, 2 and 3 may be in its 5 (2 from elsewhere);
+    # ticket 4 went out after the answer.
+    book.record("a", LoadReading("vllm", 1, 4), taken_at=0.2, received_at=0.3)
+    book.finished("a", 2, now=0.35)
     assert book.signals("a", in_flight=2, model=None, now=0.5).load == 2 + 2
+
+
+def test_a_request_that_finished_while_the_reading_travelled_leaves_no_phantom() -> None:
+    book = LoadBook(interval=1.0)
+    book.reconcile(["a"], now=0.0)
+    book.sent("a", 7, now=0.0)
+    book.finished("a", 7, now=0.15)  # the engine counted it at 0.12; the answer came at 0.2
+    book.record("a", LoadReading("vllm", 0, 1), taken_at=0.1, received_at=0.2)
+    assert book.signals("a", in_flight=0, model=None, now=0.3).load == 0
 
 
 def test_a_stale_reading_falls_back_to_local_counts() -> None:
@@ -215,17 +225,19 @@ def test_among_warm_backends_the_load_decides() -> None:
 def test_an_engine_that_queues_shows_its_capacity() -> None:
     book = book_with(a=LoadReading("vllm", 0, 3))
     assert book.signals("a", 0, None, now=0.1).capacity is None
-    book.record("a", LoadReading("vllm", 2, 4), taken_at=1.0)
-    book.record("a", LoadReading("vllm", 0, 1), taken_at=2.0)
+    book.record("a", LoadReading("vllm", 2, 4), taken_at=1.0, received_at=1.0)
+    book.record("a", LoadReading("vllm", 0, 1), taken_at=2.0, received_at=2.0)
     assert book.signals("a", 0, None, now=2.1).capacity == 4
     assert book.status("a", 0, now=2.1).capacity == 4
 
 
 def test_until_it_queues_a_backend_is_taken_to_be_like_its_peers() -> None:
     book = book_with(a=LoadReading("vllm", 1, 2), b=LoadReading("vllm", 0, 1))
-    book.record("c", LoadReading("tgi", 0, 1), taken_at=0.0)
+    book.record("c", LoadReading("tgi", 0, 1), taken_at=0.0, received_at=0.0)
     assert book.signals("b", 0, None, now=0.1).capacity == 2
-    book.record("b", LoadReading("vllm", 0, 3), taken_at=0.2)  # runs 3 without a queue
+    book.record(
+        "b", LoadReading("vllm", 0, 3), taken_at=0.2, received_at=0.2
+    )  # runs 3 without a queue
     assert book.signals("b", 0, None, now=0.3).capacity == 3
     assert book.signals("a", 0, None, now=0.3).capacity == 2
 
@@ -240,7 +252,11 @@ def test_residency_outlives_a_stale_queue_reading() -> None:
 def test_the_kv_cache_tells_a_capacity_before_any_queue() -> None:
     book = book_with(a=LoadReading("vllm", 0, 3, kv_usage=0.25))
     assert book.signals("a", 0, None, now=0.1).capacity == 12
-    book.record("a", LoadReading("vllm", 0, 0, kv_usage=0.0), taken_at=0.5)  # idle: remembered
+    book.record(
+        "a", LoadReading("vllm", 0, 0, kv_usage=0.0), taken_at=0.5, received_at=0.5
+    )  # idle: remembered
     assert book.signals("a", 0, None, now=0.6).capacity == 12
-    book.record("a", LoadReading("vllm", 1, 4, kv_usage=0.9), taken_at=1.0)  # a queue: learned
+    book.record(
+        "a", LoadReading("vllm", 1, 4, kv_usage=0.9), taken_at=1.0, received_at=1.0
+    )  # a queue: learned
     assert book.signals("a", 0, None, now=1.1).capacity == 4

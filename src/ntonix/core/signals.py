@@ -1,21 +1,20 @@
 """The load book: each backend's last engine reading, its age, our latency and slow start.
 
-Invariants: the readers write (`record`, `fail`, `note_closed`), the proxy writes what it
-alone knows (`observe_ttfb`) and reads `annotate`; nothing here awaits or reads a clock, time
-comes in as `now`. A reading older than `STALE_AFTER` load intervals is ignored: the backend
-then counts by this worker's own requests, as under least-connections (its loaded models count
-for `RESIDENCY_STALE_AFTER` intervals). A reading is brought
-up to now with this worker's requests: what the engine reported, less our requests it counted
-(those whose request had been sent when the reading was asked for, and still in flight), plus
-ours in flight now, so requests sent since the reading count once and requests since finished
-stop counting. An engine that does not report its
+Invariants: the readers write (`record`, `fail`, `note_closed`), the proxy writes what it alone
+knows (`sent`, `finished`, `observe_ttfb`) and reads `annotate`; nothing here awaits or reads a
+clock, time comes in as `now`. A reading older than `STALE_AFTER` load intervals is ignored: the
+backend then counts by this worker's own requests, as under least-connections (its loaded models
+count for `RESIDENCY_STALE_AFTER` intervals). A reading is brought up to now with this worker's
+requests: what the engine reported, less our requests it may have counted (those on the engine
+at some moment between asking for the reading and getting it: sent before the answer came, and
+not finished before the question went), plus ours in flight now, so requests sent since the
+reading count once and requests since finished stop counting. An engine that does not report its
 capacity (vLLM, SGLang, TGI) shows it when it queues: the most requests it ran while others
 waited is its learned capacity (raised when it runs more without a queue). Until then its KV
 cache tells: r requests filling a fraction k of it make room for about r / k; and without
 either, it is taken to be like its peers of the same engine (replicas usually are), else
-unknown. Slow start ramps linearly from
-`RAMP_FLOOR` to 1 over `slow_start` seconds after a backend's circuit closes again or a reload
-adds it; backends present at start do not ramp.
+unknown. Slow start ramps linearly from `RAMP_FLOOR` to 1 over `slow_start` seconds after a
+backend's circuit closes again or a reload adds it; backends present at start do not ramp.
 """
 
 from __future__ import annotations
@@ -55,6 +54,7 @@ class _Entry:
     taken_at: float = 0.0
     ours_then: int = 0  # this worker's requests the reading counted
     sent: dict[int, float] = attrs.Factory(dict)  # our requests in flight: ticket -> sent at
+    done: list[tuple[float, float]] = attrs.Factory(list)  # (sent, finished) since last reading
     error: str = ""
     learned_capacity: int | None = None
     kv_capacity: int | None = None  # requests that would fill the KV cache, at the last reading
@@ -92,16 +92,23 @@ class LoadBook:
         if (entry := self._entries.get(name)) is not None:
             entry.sent[ticket] = now
 
-    def finished(self, name: str, ticket: int) -> None:
-        if (entry := self._entries.get(name)) is not None:
-            entry.sent.pop(ticket, None)
+    def finished(self, name: str, ticket: int, now: float) -> None:
+        entry = self._entries.get(name)
+        if entry is not None and (sent_at := entry.sent.pop(ticket, None)) is not None:
+            entry.done.append((sent_at, now))
 
-    def record(self, name: str, reading: LoadReading, *, taken_at: float) -> None:
-        """A good reading, asked for at `taken_at`."""
+    def record(
+        self, name: str, reading: LoadReading, *, taken_at: float, received_at: float
+    ) -> None:
+        """A good reading, asked for at `taken_at`, answered at `received_at`."""
         entry = self._entries.get(name)
         if entry is None:
             return
-        ours = sum(sent_at <= taken_at for sent_at in entry.sent.values())
+        ours = sum(sent_at <= received_at for sent_at in entry.sent.values()) + sum(
+            sent_at <= received_at and finished_at >= taken_at
+            for sent_at, finished_at in entry.done
+        )
+        entry.done.clear()  # finished before this reading was answered: no later one counts them
         entry.reading, entry.taken_at, entry.ours_then = reading, taken_at, ours
         entry.engine = reading.engine
         running = reading.running or 0
