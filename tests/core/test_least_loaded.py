@@ -260,3 +260,16 @@ def test_the_kv_cache_tells_a_capacity_before_any_queue() -> None:
         "a", LoadReading("vllm", 1, 4, kv_usage=0.9), taken_at=1.0, received_at=1.0
     )  # a queue: learned
     assert book.signals("a", 0, None, now=1.1).capacity == 4
+
+
+def test_kv_use_follows_the_requests_that_finished_or_started_since_the_reading() -> None:
+    book = LoadBook(interval=1.0)
+    book.reconcile(["a"], now=0.0)
+    for ticket in (1, 2):
+        book.sent("a", ticket, now=0.0)
+    book.record("a", LoadReading("vllm", 0, 2, kv_usage=0.5), taken_at=0.1, received_at=0.1)
+    assert book.signals("a", in_flight=2, model=None, now=0.2).kv_usage == 0.5
+    book.finished("a", 1, now=0.3)
+    book.finished("a", 2, now=0.3)
+    assert book.signals("a", in_flight=0, model=None, now=0.4).kv_usage == 0.0
+    assert book.signals("a", in_flight=6, model=None, now=0.4).kv_usage == 1.0

@@ -189,11 +189,12 @@ class LoadBook:
             ):
                 warm = serves_loaded(last, model)
             return Signals(ttfb=ttfb, ramp=ramp, warm=warm)
+        load = self._estimate(entry, reading, in_flight)
         return Signals(
-            load=self._estimate(entry, reading, in_flight),
+            load=load,
             waiting=reading.waiting or 0,
             capacity=self._capacity(entry, reading),
-            kv_usage=reading.kv_usage,
+            kv_usage=_kv_now(reading, load),
             warm=None if model is None else serves_loaded(reading, model),
             ttfb=ttfb,
             ramp=ramp,
@@ -237,3 +238,11 @@ class LoadBook:
             return None  # residency only (Ollama): count locally
         reported = (reading.waiting or 0) + (reading.running or 0)
         return max(0, reported - entry.ours_then) + in_flight
+
+
+def _kv_now(reading: LoadReading, load: int | None) -> float | None:
+    """The KV use brought up to now like the load: each request holding its reported share."""
+    reported = (reading.waiting or 0) + (reading.running or 0)
+    if reading.kv_usage is None or load is None or not reported:
+        return reading.kv_usage
+    return min(1.0, reading.kv_usage * load / reported)
