@@ -414,13 +414,13 @@ def _cache(results: dict[int, CacheResult]) -> list[str]:
                     f"{workers} worker(s), cache {run.cache}: the mocks completed "
                     f"{run.backend_completed} of {run.backend_requests} requests"
                 )
-        caches = result.on.worker_caches
-        if len(caches) == workers:
-            # /ntonix/status of every worker, summed, must agree with the x-ntonix-cache
+        cache = result.on.status_cache
+        if cache:
+            # /ntonix/status (every worker's cache, summed) must agree with the x-ntonix-cache
             # headers the clients saw.
             told = {name: result.on.labels.get(name, 0) for name in ("hit", "coalesced", "miss")}
             kept = {
-                name: sum(cache.get(counter, 0) for cache in caches)
+                name: cache.get(counter, 0)
                 for name, counter in (
                     ("hit", "hits"),
                     ("coalesced", "coalesced"),
@@ -429,18 +429,14 @@ def _cache(results: dict[int, CacheResult]) -> list[str]:
             }
             if told != kept:
                 samples.append(f"/ntonix/status counted {kept}, the clients saw {told}")
-        held = "; ".join(
-            f"{c.get('entries', 0):,} entries, {c.get('bytes', 0):,} bytes, "
-            f"{c.get('hits', 0):,} hits, {c.get('misses', 0):,} misses, "
-            f"{c.get('coalesced', 0):,} coalesced"
-            for c in caches
+        held = (
+            f"{cache.get('entries', 0):,} entries, {cache.get('bytes', 0):,} bytes, "
+            f"{cache.get('hits', 0):,} hits, {cache.get('misses', 0):,} misses, "
+            f"{cache.get('coalesced', 0):,} coalesced"
+            if cache
+            else "-"
         )
-        seen = f"{len(caches)} of {workers} workers answered" if len(caches) != workers else ""
-        notes.append(
-            f"{workers} worker(s), /ntonix/status after the run, per worker: {held or '-'}"
-            + (f" ({seen})" if seen else "")
-            + "."
-        )
+        notes.append(f"{workers} worker(s), /ntonix/status after the run (all workers): {held}.")
         extra = result.on.backend_requests - result.distinct
         if extra:
             notes.append(

@@ -281,6 +281,7 @@ class MockProcess:
 
 SERVE = (PYTHON, "-m", "ntonix.cli", "serve", "--bind", "127.0.0.1:0")
 RUNNING_ON = rb"Running on (http://127\.0\.0\.1:\d+)"
+RUNNING_ON_PORT = rb"Running on (https?://127\.0\.0\.1:(\d+))"  # plain or TLS; the port
 
 
 async def spawn_serve(spawn: Spawn, tmp_path: Path, backend_url: str) -> tuple[ChildProcess, str]:
@@ -290,6 +291,32 @@ async def spawn_serve(spawn: Spawn, tmp_path: Path, backend_url: str) -> tuple[C
     config.write_text(f'[[backends]]\nname = "m"\nurl = "{backend_url}"\n')
     gateway = await spawn(*SERVE, "--config", str(config))
     return gateway, (await gateway.wait_for(RUNNING_ON)).group(1).decode()
+
+
+async def serving(child: ChildProcess, workers: int) -> int:
+    """Until every worker of `ntonix serve` has logged its `Running on` line; returns the
+    port."""
+    await child.wait_for(RUNNING_ON_PORT)  # fails with the output if the process exits first
+    with trio.fail_after(30):
+        while len(found := re.findall(RUNNING_ON_PORT, child.output)) < workers:
+            await trio.sleep(0.01)
+    return int(found[0][1])
+
+
+async def serve_two_workers(spawn: Spawn, config: Path) -> tuple[ChildProcess, int]:
+    """`ntonix serve --workers 2` with the config file `config`; the parent and the port."""
+    gateway = await spawn(*SERVE, "--config", str(config), "--workers", "2")
+    return gateway, await serving(gateway, 2)
+
+
+def workers_of(parent: int) -> list[int]:
+    """The worker processes of `ntonix serve` (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [pid for pid in map(int, children) if b"spawn_main" in _command_line(pid)]
+
+
+def _command_line(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 async def spawn_mock(spawn: Spawn, name: str, *options: str, port: int = 0) -> MockProcess:
@@ -340,3 +367,8 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
         while not await check():
             await trio.sleep(0.01)
     return time.monotonic() - start
+
+
+async def answers_200(client: httpx.AsyncClient, url: str) -> bool:
+    """Whether a GET of `url` is 200 now: for `eventually`, say until /ntonix/ready is."""
+    return (await client.get(url)).status_code == 200

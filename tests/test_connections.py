@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import ssl
@@ -31,7 +30,16 @@ from ntonix.listening import (
 )
 from ntonix.server import serve
 from tests.conftest import RunningMock, StartMock
-from tests.support import PYTHON, ChildProcess, Spawn, backend, chat, gateway_config
+from tests.support import (
+    PYTHON,
+    Spawn,
+    backend,
+    chat,
+    gateway_config,
+    serve_two_workers,
+    serving,
+    workers_of,
+)
 
 # A refused client must know within this (it takes about a millisecond); a hang would last
 # until the test's end.
@@ -41,7 +49,6 @@ REFUSED_WITHIN = 1.0
 SLOT_FREED_WITHIN = 2.0
 # Long enough for the gateway to have finished a response and gone idle on the connection.
 SETTLE = 0.1
-RUNNING_ON = rb"Running on (https?://127\.0\.0\.1:(\d+))"
 
 
 class Connection:
@@ -262,13 +269,6 @@ def test_workers_sharing_their_counts_are_capped_together() -> None:
 # --- `ntonix serve --workers 2`: one cap for all workers, and their supervisor --------------
 
 
-@pytest.fixture
-def spawn_job(spawn: Spawn) -> Spawn:
-    """Like `spawn`, but each child leads its own process group, as a shell's job does: a
-    signal to the group reaches the workers too, as Ctrl-C in a terminal does."""
-    return partial(spawn, start_new_session=True)
-
-
 def _config_file(tmp_path: Path, mock: RunningMock, **gateway: float) -> Path:
     lines = ["[gateway]", *(f"{key} = {value}" for key, value in gateway.items())]
     lines += ["[cache]", "enabled = false", "[[backends]]", 'name = "m"', f'url = "{mock.url}"']
@@ -277,38 +277,13 @@ def _config_file(tmp_path: Path, mock: RunningMock, **gateway: float) -> Path:
     return path
 
 
-async def _serving(child: ChildProcess, workers: int) -> int:
-    """Until every worker has logged its `Running on` line; returns the port."""
-    await child.wait_for(RUNNING_ON)  # fails with the output if the process exits first
-    with trio.fail_after(30):
-        while len(found := re.findall(RUNNING_ON, child.output)) < workers:
-            await trio.sleep(0.01)
-    return int(found[0][1])
-
-
-async def _serve_workers(spawn: Spawn, config: Path) -> tuple[ChildProcess, int]:
-    gateway = await spawn(
-        *[PYTHON, "-m", "ntonix.cli", "serve", "--bind", "127.0.0.1:0"],
-        *["--config", str(config), "--workers", "2"],
-    )
-    return gateway, await _serving(gateway, 2)
-
-
-def _workers_of(parent: int) -> list[int]:
-    """The worker processes of `ntonix serve` (not multiprocessing's resource tracker)."""
-    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    return [pid for pid in map(int, children) if b"spawn_main" in _command_line(pid)]
-
-
-def _command_line(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/cmdline").read_bytes()
-
-
 async def test_with_two_workers_max_connections_is_the_total_of_both(
     tmp_path: Path, start_mock: StartMock, spawn_job: Spawn
 ) -> None:
     mock = await start_mock()
-    gateway, port = await _serve_workers(spawn_job, _config_file(tmp_path, mock, max_connections=3))
+    gateway, port = await serve_two_workers(
+        spawn_job, _config_file(tmp_path, mock, max_connections=3)
+    )
     assert b"2 workers: 3 client connections at most in all" in gateway.output
     async with held(3, port, IDLE) as connections:
         for _ in range(4):  # whichever worker accepts it
@@ -335,7 +310,7 @@ async def test_with_two_workers_a_stop_signal_lets_streams_finish_then_exits_0(
     stop: Callable[[int], None], tmp_path: Path, start_mock: StartMock, spawn_job: Spawn
 ) -> None:
     mock = await start_mock(tokens=20, token_delay=0.1)
-    gateway, port = await _serve_workers(
+    gateway, port = await serve_two_workers(
         spawn_job, _config_file(tmp_path, mock, graceful_timeout=30)
     )
     async with held(2, port, STREAMING) as streams:
@@ -354,7 +329,7 @@ async def test_with_two_workers_sighup_reloads_each_worker_and_stops_none(
     tmp_path: Path, start_mock: StartMock, spawn_job: Spawn
 ) -> None:
     mock = await start_mock()
-    gateway, port = await _serve_workers(spawn_job, _config_file(tmp_path, mock))
+    gateway, port = await serve_two_workers(spawn_job, _config_file(tmp_path, mock))
     gateway.process.send_signal(signal.SIGHUP)
     with trio.fail_after(10):
         while gateway.output.count(b"config reloaded") < 2:
@@ -369,8 +344,8 @@ async def test_a_worker_that_dies_stops_the_others_and_the_exit_code_is_1(
     tmp_path: Path, start_mock: StartMock, spawn_job: Spawn
 ) -> None:
     mock = await start_mock()
-    gateway, _ = await _serve_workers(spawn_job, _config_file(tmp_path, mock))
-    victim, survivor = _workers_of(gateway.pid)
+    gateway, _ = await serve_two_workers(spawn_job, _config_file(tmp_path, mock))
+    victim, survivor = workers_of(gateway.pid)
     os.kill(victim, signal.SIGKILL)
     with trio.fail_after(15):
         assert await gateway.process.wait() == 1
@@ -415,6 +390,6 @@ async def test_the_plain_hypercorn_command_sets_the_send_timeout_on_its_listenin
             env={"NTONIX_CONFIG": str(_config_file(tmp_path, mock))},
             pass_fds=[listener.fileno()],
         )
-        await _serving(gateway, workers)
+        await serving(gateway, workers)
         assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 30_000
         assert await gateway.stop(signal.SIGTERM) == 0

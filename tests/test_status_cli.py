@@ -99,7 +99,7 @@ async def test_status_shows_each_backend_its_state_and_the_cache_and_exits_0(
     assert down[1] == "open"
     assert down[-2] != "-"  # the last error
     assert down[-1].startswith("circuit open for")
-    assert "strategy: least-connections  queued: 0" in run.out
+    assert "workers: 1  strategy: least-connections  queued: 0" in run.out
     assert "1 hits, 1 misses, 0 coalesced, hit ratio 50.0%, backend requests saved 1" in run.out
     assert "\x1b[" not in run.out  # stdout is a pipe: no colour
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import cache
 from importlib import resources
 
@@ -27,11 +27,11 @@ def page() -> bytes:
 async def stream_snapshots(
     receive: Receive,
     send: Send,
-    snapshot: Callable[[], dict[str, object]],
+    snapshot: Callable[[], Awaitable[dict[str, object]]],
     stopping: trio.Event,
     interval: float = 1.0,
 ) -> None:
-    """Serve one ASGI websocket: accept it, then send `snapshot()` as JSON at once and every
+    """Serve one ASGI websocket: accept it, then send `await snapshot()` as JSON at once and every
     `interval` seconds until the client goes away or `stopping` is set (the server is shutting
     down: the page is told "going away" and reconnects later, instead of holding up the drain).
 
@@ -71,13 +71,13 @@ async def _until_disconnect(receive: Receive, done: trio.CancelScope) -> None:
 
 
 async def _send_every(
-    send: Send, snapshot: Callable[[], dict[str, object]], interval: float
+    send: Send, snapshot: Callable[[], Awaitable[dict[str, object]]], interval: float
 ) -> None:
     """Returns only when sending fails: ASGI servers other than Hypercorn raise an OSError
     (the spec's IOError) on a closed connection."""
     while True:
         try:
-            await send({"type": "websocket.send", "text": json.dumps(snapshot())})
+            await send({"type": "websocket.send", "text": json.dumps(await snapshot())})
         except OSError:
             return
         await trio.sleep(interval)

@@ -1,38 +1,32 @@
 """The engines' load as /ntonix/status, the dashboard and /metrics show it, per backend.
 
-Built when asked (a status request, a dashboard tick, a scrape) from the load book and the
-health table, never kept: what it shows is what `least-loaded` would decide from now.
-The score is the backend's least-loaded score for the next request of an unnamed model.
+A worker builds its loads when its figures are taken (a status request, a dashboard tick, a
+scrape, a peer's ask) from its load book and health table, never kept: what they show is what
+`least-loaded` would decide from now. The score is the backend's least-loaded score for the next
+request of an unnamed model. The JSON and the metric families are built from the gateway's
+merged figures (core/load_figures.py says how N workers' loads merge).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 
-import attrs
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from ntonix.core.health import HealthTable
 from ntonix.core.least_loaded import scores
-from ntonix.core.signals import LoadBook, LoadStatus
+from ntonix.core.load_figures import BackendLoad
+from ntonix.core.signals import LoadBook
 
 
-@attrs.frozen
-class BackendLoad:
-    name: str
-    status: LoadStatus
-    score: float
-
-
-def backend_loads(book: LoadBook, health: HealthTable, now: float) -> list[BackendLoad]:
+def backend_loads(book: LoadBook, health: HealthTable, now: float) -> tuple[BackendLoad, ...]:
     candidates = book.annotate(health.candidates(health.names), None, now)
     score = scores(candidates)
     in_flight = {c.name: c.in_flight for c in candidates}
-    return [
+    return tuple(
         BackendLoad(name, book.status(name, in_flight[name], now), score[name])
         for name in in_flight
-    ]
+    )
 
 
 def as_json(load: BackendLoad) -> dict[str, object]:
@@ -72,51 +66,43 @@ _GAUGES = (
 )
 
 
-class LoadCollector(Collector):
-    """The engines' signals as metric families, read at each scrape."""
-
-    def __init__(self, loads: Callable[[], list[BackendLoad]]) -> None:
-        self._loads = loads
-
-    def collect(self) -> Iterator[Metric]:
-        loads = self._loads()
-        engine = InfoMetricFamily(
-            "ntonix_backend_engine", "The engine each backend runs, as configured or detected",
-            labels=["backend"],
-        )  # fmt: skip
-        gauges = {
-            key: GaugeMetricFamily(name, text, labels=["backend"]) for key, name, text in _GAUGES
-        }
-        loaded = GaugeMetricFamily(
-            "ntonix_backend_model_loaded", "1 for each model the engine holds in memory",
-            labels=["backend", "model"],
-        )  # fmt: skip
-        ttfb = GaugeMetricFamily(
-            "ntonix_backend_ttfb_ewma_seconds",
-            'Moving average of the time to first byte, by backend and model ("*": all)',
-            labels=["backend", "model"],
-        )
-        for load in loads:
-            status, reading, name = load.status, load.status.reading, load.name
-            engine.add_metric([name], {"engine": status.engine or "unknown"})
-            gauges["score"].add_metric([name], load.score)
-            gauges["ramp"].add_metric([name], status.ramp)
-            if status.age is not None:
-                gauges["age"].add_metric([name], status.age)
-            for model_name, seconds in sorted(status.ttfb.items()):
-                ttfb.add_metric([name, model_name or "*"], seconds)
-            if reading is None or status.stale:
-                continue
-            for key, value in (
-                ("waiting", reading.waiting),
-                ("running", reading.running),
-                ("kv", reading.kv_usage),
-            ):
-                if value is not None:
-                    gauges[key].add_metric([name], value)
-            for model in reading.models or ():
-                loaded.add_metric([name, model.name], 1)
-        yield engine
-        yield from gauges.values()
-        yield loaded
-        yield ttfb
+def load_metrics(loads: Sequence[BackendLoad]) -> Iterator[Metric]:
+    """The engines' signals as metric families."""
+    engine = InfoMetricFamily(
+        "ntonix_backend_engine", "The engine each backend runs, as configured or detected",
+        labels=["backend"],
+    )  # fmt: skip
+    gauges = {key: GaugeMetricFamily(name, text, labels=["backend"]) for key, name, text in _GAUGES}
+    loaded = GaugeMetricFamily(
+        "ntonix_backend_model_loaded", "1 for each model the engine holds in memory",
+        labels=["backend", "model"],
+    )  # fmt: skip
+    ttfb = GaugeMetricFamily(
+        "ntonix_backend_ttfb_ewma_seconds",
+        'Moving average of the time to first byte, by backend and model ("*": all)',
+        labels=["backend", "model"],
+    )
+    for load in loads:
+        status, reading, name = load.status, load.status.reading, load.name
+        engine.add_metric([name], {"engine": status.engine or "unknown"})
+        gauges["score"].add_metric([name], load.score)
+        gauges["ramp"].add_metric([name], status.ramp)
+        if status.age is not None:
+            gauges["age"].add_metric([name], status.age)
+        for model_name, seconds in sorted(status.ttfb.items()):
+            ttfb.add_metric([name, model_name or "*"], seconds)
+        if reading is None or status.stale:
+            continue
+        for key, value in (
+            ("waiting", reading.waiting),
+            ("running", reading.running),
+            ("kv", reading.kv_usage),
+        ):
+            if value is not None:
+                gauges[key].add_metric([name], value)
+        for model in reading.models or ():
+            loaded.add_metric([name, model.name], 1)
+    yield engine
+    yield from gauges.values()
+    yield loaded
+    yield ttfb

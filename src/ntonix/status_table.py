@@ -100,6 +100,7 @@ def gateway_line(status: Mapping[str, Any]) -> str:
     uptime = status.get("uptime_seconds")
     return GAP.join(
         [
+            f"workers: {_text(status.get('workers'))}",
             f"strategy: {_text(status.get('strategy'))}",
             f"queued: {_text(status.get('queued'))}",
             f"uptime: {'-' if uptime is None else human_duration(uptime)}",

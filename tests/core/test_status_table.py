@@ -35,6 +35,7 @@ STATUS: dict[str, Any] = {
     },
     "uptime_seconds": 3725.5,
     "strategy": "least-connections",
+    "workers": 2,
     "queued": 2,
     "backends": [
         {
@@ -92,7 +93,7 @@ def test_the_whole_output_for_a_typical_gateway() -> None:
         " answered 502                         draining; half-open: the trial request is in"
         " flight",
         "",
-        "strategy: least-connections  queued: 2  uptime: 1h 02m  version: 0.1.0",
+        "workers: 2  strategy: least-connections  queued: 2  uptime: 1h 02m  version: 0.1.0",
         "cache: 12 entries, 1.5 MiB, 30 hits, 10 misses, 10 coalesced, hit ratio 60.0%,"
         " backend requests saved 40",
     ]
@@ -138,7 +139,7 @@ def test_nulls_and_missing_keys_show_as_a_dash() -> None:
     sparse = {"backends": [{"name": "old", "state": "closed"}]}
     output = render_status(sparse)
     assert output.splitlines()[1].split() == ["old", "closed", "-", "-", "-", "any", "-", "-"]
-    assert "strategy: -  queued: -  uptime: -  version: -" in output
+    assert "workers: -  strategy: -  queued: -  uptime: -  version: -" in output
     assert "cache: off" in output
 
 
