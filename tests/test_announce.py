@@ -60,7 +60,7 @@ async def test_the_plain_hypercorn_command_logs_the_setup_too(tmp_path: Path, sp
     assert _messages(gateway.output, "ntonix") == [
         f"config: read from {config}",
         "backend m: http://10.0.0.9, models any, weight 1, max_concurrent unlimited",
-        "balancer: least-connections",
+        "balancer: least-loaded",  # the default
         "cache: off",
         "access log: stderr",
     ]

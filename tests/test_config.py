@@ -52,9 +52,11 @@ ca_file = ""                    # extra CA bundle for an https backend
 client_cert = ""                # client certificate and key for mTLS to this backend
 client_key = ""
 tls_verify = true               # false only on purpose: logged as a warning at start-up
+engine = "auto"                 # whose load signals to read: "vllm", "sglang", "llamacpp", "tgi", "ollama", "none"; "auto" detects
 
 [balancer]
-strategy = "least-connections"  # or "weighted-round-robin" (nginx's smooth WRR), "power-of-two", "prefix-affinity"
+strategy = "least-loaded"       # or "least-connections", "weighted-round-robin" (nginx's smooth WRR), "power-of-two", "prefix-affinity"
+slow_start = 30.0               # a backend back from an open circuit (or added by a reload) ramps from 10% to its weight
 
 [health]
 interval = 5.0                  # active probe period per backend (with jitter)
@@ -63,6 +65,8 @@ path = "/v1/models"             # served by vLLM, llama.cpp, Ollama and SGLang a
 failure_threshold = 3           # consecutive failures (probe or live traffic) that open the circuit
 open_for = 10.0                 # first ejection; doubles on each re-open, capped at max_open_for
 max_open_for = 300.0
+load_interval = 1.0             # how often each backend's own load signals are read (with jitter)
+load_timeout = 0.5              # one read of them; a slow one never delays a request
 
 [cache]
 enabled = true
@@ -393,8 +397,8 @@ def test_bad_config_is_refused_naming_the_key(bad: Bad) -> None:
         ("backends = []\n", "backends: at least one [[backends]] entry is required"),
         (
             ONE_BACKEND + "[balancer]\nstrategy = 'random'\n",
-            'balancer.strategy: must be one of "least-connections", "weighted-round-robin", '
-            '"power-of-two", "prefix-affinity" (got "random")',
+            'balancer.strategy: must be one of "least-loaded", "least-connections", '
+            '"weighted-round-robin", "power-of-two", "prefix-affinity" (got "random")',
         ),
         (
             '[[backends]]\nurl = "http://h:0"\n',

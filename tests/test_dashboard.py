@@ -359,8 +359,10 @@ async def test_clients_that_leave_leave_no_task_behind(
 DASHBOARD_HEALTH = HealthSettings(
     interval=0.2, timeout=0.5, failure_threshold=2, open_for=60, max_open_for=120
 )
-QUICK_MOCK = ("--tokens", "6", "--token-delay", "0.002")
+# Each mock reports its queue as vLLM does, so the rows show the engines' load too.
+QUICK_MOCK = ("--tokens", "6", "--token-delay", "0.002", "--engine", "vllm", "--slots", "4")
 BADGE = "document.getElementById('connection').textContent"
+ROW_TEXT = "document.querySelector('tr[data-backend=\"{name}\"]')?.textContent ?? ''"
 STATE_CHANGE_BOUND = 3.0  # seconds from the kill to the row turning "open" (issue 6)
 
 
@@ -411,6 +413,9 @@ async def test_a_killed_backend_turns_open_in_the_browser_within_3_s(
             ):
                 await trio.sleep(0.05)
         assert await page.evaluate(BADGE) == "live"
+        with trio.fail_after(10):  # the engine's own reading, once the reader has one
+            while "vllm" not in await page.evaluate(ROW_TEXT.format(name="alpha")):
+                await trio.sleep(0.05)
         await trio.sleep(3)  # a few seconds of traffic in the charts
 
         await mocks[2].child.kill()

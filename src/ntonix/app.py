@@ -40,6 +40,7 @@ from ntonix.downstream import new_request_id
 from ntonix.errors import Dialect, GatewayError, client_error, dialect_of
 from ntonix.gathering import WorkerGroup
 from ntonix.listening import set_send_timeout_on_listening_sockets
+from ntonix.load_reader import LoadReaders
 from ntonix.metrics import exposition
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
@@ -87,6 +88,7 @@ class Gateway:
         # A proxied session passes on the code and reason of the client's close frame.
         hypercorn_ws.install()
         self._probers: Probers | None = None
+        self._load_readers: LoadReaders | None = None
         self._keys = ApiKeys(())
         # Each tenant brings its own numbers (ApiKeys gives plain keys [auth]'s).
         self._limits = KeyLimits(ClientLimits(per_minute=0, max_concurrent=0))
@@ -280,6 +282,8 @@ class Gateway:
                 self.accounts.shared = SharedTokens(tier, supervisor)
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
+            self._load_readers = LoadReaders(supervisor, health, self.proxy.loads, config.health)
+            self._load_readers.reconcile(config.backends, config.health)
             supervisor.start_soon(self._reload_on_sighup)
             if self._workers is not None:
                 await supervisor.start(self._workers.serve, self._own_figures)
@@ -347,6 +351,8 @@ class Gateway:
         proxy.health.reconcile(config.backends, _breaker_settings(config))
         proxy.reconfigure(config, pools)
         probers.reconcile(config.backends, config.health)
+        if self._load_readers is not None:
+            self._load_readers.reconcile(config.backends, config.health)
         self._keys = keys
         self._config = config
         log.info("config reloaded from %s: %d backends", self._config_file, len(config.backends))

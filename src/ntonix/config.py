@@ -33,12 +33,15 @@ import attrs
 from ntonix.core.valkey_url import URL_FORMS, parse_valkey_url
 
 BALANCER_STRATEGIES = (
+    "least-loaded",
     "least-connections",
     "weighted-round-robin",
     "power-of-two",
     "prefix-affinity",
 )
 CACHE_SCOPES = ("key", "global")
+# Where a backend's load signals come from (core/engines.py); "auto" detects it.
+ENGINES = ("auto", "vllm", "sglang", "llamacpp", "tgi", "ollama", "none")
 EMBEDDED = "embedded"  # [shared] url: ntonix serve runs a private valkey-server
 PRIORITIES = ("interactive", "batch")
 CONFIG_ENV_VAR = "NTONIX_CONFIG"
@@ -91,6 +94,7 @@ class BackendSettings:
     client_cert: str = ""
     client_key: str = ""
     tls_verify: bool = True
+    engine: str = "auto"  # one of ENGINES: whose load signals to read
     scheme: str = attrs.field(init=False, repr=False, eq=False)  # "http" or "https"
     host: str = attrs.field(init=False, repr=False, eq=False)  # lower case, IPv6 without brackets
     port: int = attrs.field(init=False, repr=False, eq=False)  # 80/443 when the URL has none
@@ -110,7 +114,8 @@ class BackendSettings:
 class BalancerSettings:
     """[balancer]: how a backend is picked among the eligible ones."""
 
-    strategy: str = "least-connections"  # one of BALANCER_STRATEGIES
+    strategy: str = "least-loaded"  # one of BALANCER_STRATEGIES
+    slow_start: float = 30.0  # a backend back in service ramps to its weight over this; 0 = off
 
 
 @attrs.frozen
@@ -123,6 +128,8 @@ class HealthSettings:
     failure_threshold: int = 3
     open_for: float = 10.0
     max_open_for: float = 300.0
+    load_interval: float = 1.0  # how often each backend's load signals are read (with jitter)
+    load_timeout: float = 0.5  # one read of them
 
 
 @attrs.frozen
@@ -374,8 +381,9 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "weight": _COUNT_POSITIVE,
         "max_concurrent": _COUNT,
         "api_key": _SECRET,
+        "engine": _one_of(ENGINES),
     },
-    BalancerSettings: {"strategy": _one_of(BALANCER_STRATEGIES)},
+    BalancerSettings: {"strategy": _one_of(BALANCER_STRATEGIES), "slow_start": _SECONDS},
     HealthSettings: {
         "interval": _SECONDS_POSITIVE,
         "timeout": _SECONDS_POSITIVE,
@@ -383,6 +391,8 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "failure_threshold": _COUNT_POSITIVE,
         "open_for": _SECONDS_POSITIVE,
         "max_open_for": _SECONDS_POSITIVE,
+        "load_interval": _SECONDS_POSITIVE,
+        "load_timeout": _SECONDS_POSITIVE,
     },
     CacheSettings: {
         "max_entries": _COUNT_POSITIVE,

@@ -26,6 +26,7 @@ from ntonix.core.figures import Figures, tier_up
 from ntonix.core.ledger import KINDS
 from ntonix.core.sessions import DIRECTIONS, SessionTallies
 from ntonix.core.telemetry import Histogram
+from ntonix.load_view import load_metrics
 
 BREAKER_STATES = ("closed", "open", "half-open")
 
@@ -45,6 +46,7 @@ class GatewayCollector(Collector):
         yield from self._request_metrics()
         yield from self._attempt_metrics()
         yield from self._backend_metrics()
+        yield from load_metrics(self._figures.loads)
         yield from self._cache_metrics()
         yield from self._token_metrics()
 

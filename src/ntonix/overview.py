@@ -17,6 +17,7 @@ from ntonix import __version__
 from ntonix.core.figures import Figures, tier_up
 from ntonix.core.ledger import KINDS, UsageFigures, utc_date
 from ntonix.core.telemetry import RecentWindow, SecondSummary, Tallies, WindowSummary
+from ntonix.load_view import as_json, backend_loads
 from ntonix.proxy import Proxy
 from ntonix.tier import TierStatistics
 
@@ -46,6 +47,7 @@ def own_figures(
         window=_on_wall_clock(recent.summary(now), time.time() - now) if window else None,
         shared=None if tier is None else _tier_figures(tier),
         usage=usage or UsageFigures(),
+        loads=backend_loads(proxy.loads, proxy.health, now),
     )
 
 
@@ -75,6 +77,7 @@ def status(
 ) -> dict[str, object]:
     """/ntonix/status: the gateway's backends and cache; None before the gateway started."""
     backends: list[dict[str, object]] = []
+    loads = {load.name: as_json(load) for load in figures.loads} if figures else {}
     for snapshot in figures.backends if figures else ():
         pool = figures.pools.get(snapshot.name) if figures else None
         backends.append(
@@ -92,6 +95,7 @@ def status(
                 "draining": snapshot.draining,
                 "not_eligible_because": list(snapshot.reasons),
                 "pool": pool,
+                "load": loads.get(snapshot.name),
             }
         )
     return {

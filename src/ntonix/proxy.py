@@ -36,6 +36,7 @@ from ntonix.core.health import (
 from ntonix.core.keys import cache_key, cacheability, scope_for
 from ntonix.core.lru import CachedResponse
 from ntonix.core.requests import ProxiedRequest, classify
+from ntonix.core.signals import LoadBook
 from ntonix.core.telemetry import RequestRecord, Tallies
 from ntonix.core.usage import UsageMeter, prompt_estimate, with_stream_usage
 from ntonix.downstream import (
@@ -70,6 +71,8 @@ class Proxy:
         self.tallies = tallies or Tallies()
         self.accounts = accounts or Accounts()
         self.admission = Admission()
+        # What the engines say about their load, written by the readers (load_reader.py).
+        self.loads = LoadBook()
         self._strategy_name = ""
         self.reconfigure(config, pools)
 
@@ -80,6 +83,11 @@ class Proxy:
         self._settings = config.gateway
         self._limits = {b.name: b.max_concurrent for b in config.backends}
         self._affinity = config.balancer.strategy == "prefix-affinity"
+        self._load_aware = config.balancer.strategy == "least-loaded"
+        self.loads.configure(
+            interval=config.health.load_interval, slow_start=config.balancer.slow_start
+        )
+        self.loads.reconcile((b.name for b in config.backends), trio.current_time())
         self.admission.aging = config.gateway.batch_aging
         if config.balancer.strategy != self._strategy_name:
             self._strategy_name = config.balancer.strategy
@@ -313,6 +321,8 @@ class Proxy:
         now = trio.current_time()
         names = [n for n in self.health.eligible(exchange.model, now) if n not in exchange.tried]
         candidates = self.health.candidates(names)
+        if self._load_aware:
+            candidates = self.loads.annotate(candidates, exchange.model, now)
         in_flight = {c.name: c.in_flight for c in candidates}
         for name in self.strategy.order(candidates, affinity_key=exchange.affinity):
             limit = self._limits.get(name, 0)
@@ -363,6 +373,7 @@ class Proxy:
                     self._upstream_headers(exchange, pool),
                     exchange.body,
                 )
+                self.loads.sent(ticket.name, ticket.id, trio.current_time())
                 response = await connection.receive_response()
             if waiting.cancelled_caught:
                 report.outcome = Outcome.TIMED_OUT
@@ -395,7 +406,7 @@ class Proxy:
                 client_response_headers(response.headers, backend=ticket.name.encode()),
             )
             try:
-                await relay_body(
+                first_data_at = await relay_body(
                     connection,
                     exchange.downstream,
                     settings.idle_timeout,
@@ -403,6 +414,8 @@ class Proxy:
                     exchange.meter,
                     partial(self._charge, exchange),
                 )
+                if first_data_at is not None and exchange.request.stream:
+                    report.first_data = first_data_at - sent_at
             except GatewayError as error:
                 report.outcome = Outcome.FAILED_MIDSTREAM
                 report.error = error.message
@@ -422,6 +435,9 @@ class Proxy:
                 pool.checkin(connection)
             if exchange.meter is not None and not exchange.charged:
                 self._charge(exchange)  # cut short: what passed, estimated
+            self.loads.finished(ticket.name, ticket.id, trio.current_time())
+            if report.outcome is Outcome.COMPLETED and report.first_data is not None:
+                self.loads.observe_ttfb(ticket.name, exchange.request.model, report.first_data)
             self.release(ticket, report)
 
     def release(self, ticket: Ticket, report: Report) -> None:
@@ -550,12 +566,15 @@ class Exchange:
 class Report:
     """What one attempt tells the health table when it ends, whatever way it ends."""
 
-    __slots__ = ("error", "outcome", "retry_after", "ttfb")
+    __slots__ = ("error", "first_data", "outcome", "retry_after", "ttfb")
 
     def __init__(self) -> None:
         # Until something else is known, the client left (cancellation) and proved nothing.
         self.outcome = Outcome.CLIENT_DISCONNECTED
         self.ttfb: float | None = None
+        # Of a stream: to its first body bytes, which engines send with the first token (the
+        # head may come at once); what least-loaded's latency EWMA learns from.
+        self.first_data: float | None = None
         self.retry_after: float | None = None
         self.error = ""
 
@@ -570,20 +589,24 @@ async def relay_body(
     backend: str,
     meter: UsageMeter | None = None,
     charge: Callable[[], None] | None = None,
-) -> None:
+) -> float | None:
     """Phase stream body: each upstream read goes to the client as soon as it arrives.
 
-    The idle deadline covers only the wait for the backend: the write to the client is outside
-    it, so a slow reader is back-pressure (the socket fills up), not a backend timeout. The
-    `meter` reads the tokens on the way (and may hold back an event it strips); `charge` runs
-    once the body is complete, before its end reaches the client, so that whoever waits for
-    that end finds the tokens counted.
+    Returns when the first body bytes arrived (None for an empty body). The idle deadline
+    covers only the wait for the backend: the write to the client is outside it, so a slow
+    reader is back-pressure (the socket fills up), not a backend timeout. The `meter` reads
+    the tokens on the way (and may hold back an event it strips); `charge` runs once the body
+    is complete, before its end reaches the client, so that whoever waits for that end finds
+    the tokens counted.
     """
+    first_data_at: float | None = None
     with trio.CancelScope() as idle:
         while True:
             idle.deadline = trio.current_time() + idle_timeout
             data, done = await connection.receive_body()
             idle.deadline = math.inf
+            if data and first_data_at is None:
+                first_data_at = trio.current_time()
             if meter is not None:
                 data = meter.feed(data)
                 if done:
@@ -593,7 +616,7 @@ async def relay_body(
             if data or done:
                 await downstream.write(data, more=not done)
             if done:
-                return
+                return first_data_at
     raise upstream_error(
         504, "backend_idle_timeout", f"Backend {backend} sent nothing for {idle_timeout:g} s"
     )

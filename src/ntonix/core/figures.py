@@ -6,7 +6,9 @@ ones that are gone included, so that a worker that stopped or died never takes i
 of the gateway's (a counter shown never goes backwards while the gateway runs); gauges (what is
 in progress or held now) come only from the live workers. Per backend, what describes the
 backend rather than the traffic is the worst any live worker sees: the breaker state, the
-probe, the failures in a row. The shared tier's `workers_up` is a gauge like the others: summed
+probe, the failures in a row. The engines' load per backend merges as core/load_figures.py says:
+the freshest reading of any live worker, the answering worker's (the first live one's) score.
+The shared tier's `workers_up` is a gauge like the others: summed
 over the live workers, it says how many of them use the tier now (each worker's is 0 or 1).
 `decode(encode(f))` gives `f` back, but for a backend's
 `retry_after_until`: a time on one worker's Trio clock means nothing to another.
@@ -22,6 +24,7 @@ import attrs
 
 from ntonix.core.health import BackendSnapshot
 from ntonix.core.ledger import UsageFigures
+from ntonix.core.load_figures import BackendLoad, decode_loads, encode_loads, merge_loads
 from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import Histogram, SecondSummary, Tallies, WindowSummary
 
@@ -58,6 +61,8 @@ class Figures:
     # The shared tier (Valkey): workers_up, and its calls, failures, skipped and transitions;
     # None without a tier.
     shared: dict[str, int] | None = None
+    # The engines' load signals per backend and this worker's least-loaded score.
+    loads: tuple[BackendLoad, ...] = ()
 
 
 def tier_up(figures: Figures) -> bool:
@@ -86,6 +91,7 @@ def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
         usage=_merge_usage([figures.usage for figures in everyone]),
         sessions=_sum_sessions([figures.sessions for figures in everyone]),
         shared=_sum_numbers(tiers) if tiers else None,
+        loads=merge_loads([figures.loads for figures in live]),
     )
 
 
@@ -126,6 +132,7 @@ def _without_gauges(figures: Figures) -> Figures:
         usage=usage,
         sessions=sessions,
         shared=shared,
+        loads=(),
     )
 
 
@@ -313,6 +320,7 @@ def encode(figures: Figures) -> dict[str, Any]:
             "durations": _histogram_row(figures.sessions.durations),
         },
         "shared": figures.shared,
+        "loads": encode_loads(figures.loads),
     }
 
 
@@ -362,6 +370,7 @@ def decode(data: Mapping[str, Any]) -> Figures:
         ),
         sessions=sessions,
         shared=None if data["shared"] is None else {k: int(v) for k, v in data["shared"].items()},
+        loads=decode_loads(data["loads"]),
     )
 
 
