@@ -97,6 +97,7 @@ class UpstreamConnection:
                 if event is h11.NEED_DATA:
                     await self._receive()
                 elif isinstance(event, h11.Response):
+                    _check_head_size(event)
                     return event
                 elif not isinstance(event, h11.InformationalResponse):
                     raise h11.RemoteProtocolError("connection closed before a response")
@@ -241,6 +242,14 @@ class BackendPool:
                 raise _gateway_error(error, backend, "connecting") from error
             raise
         return UpstreamConnection(backend, socket_stream, tls)
+
+
+def _check_head_size(response: h11.Response) -> None:
+    """h11 checks `max_incomplete_event_size` only while a head is incomplete: a larger head
+    that arrives in two reads gets through, so the complete one is measured here."""
+    size = sum(len(name) + len(value) + 4 for name, value in response.headers)
+    if size > MAX_RESPONSE_HEAD:
+        raise h11.RemoteProtocolError(f"response head of {size} bytes, over {MAX_RESPONSE_HEAD}")
 
 
 def backend_ssl_context(backend: BackendSettings) -> ssl.SSLContext | None:

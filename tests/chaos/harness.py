@@ -232,15 +232,19 @@ async def start_cluster(
     *,
     binds: tuple[str, ...] = ("127.0.0.1:0",),
     env: dict[str, str] | None = None,
+    extra_toml: str = "",
+    backend_urls: list[str] | None = None,
     **sections: dict[str, object],
 ) -> Cluster:
-    """A mock in each namespace, then the gateway in front of them once all three answer."""
+    """A mock in each namespace, then the gateway in front of them (at `backend_urls` when
+    given) once all of them answer."""
     mocks = [Mock(node, f"m{index}", spawn) for index, node in enumerate(nodes)]
     async with trio.open_nursery() as nursery:
         for mock in mocks:
             nursery.start_soon(mock.start)
     config = tmp_path / "ntonix.toml"
-    config.write_text(config_text([mock.url for mock in mocks], **sections))
+    urls = backend_urls or [mock.url for mock in mocks]
+    config.write_text(config_text(urls, **sections) + extra_toml)
     census = Path(tempfile.mkdtemp(prefix="census-", dir=tmp_path))
     argv = [PYTHON, "-m", "tests.chaos.census", "serve", "--config", str(config)]
     for bind in binds:
@@ -256,3 +260,11 @@ async def start_cluster(
 
 def urls_of(gateway: ChildProcess) -> list[str]:
     return [match.decode() for match in re.findall(RUNNING_ON, gateway.output)]
+
+
+async def attempts(cluster: Cluster, backend: str, outcome: str) -> float:
+    """`ntonix_upstream_attempts_total` for one backend and outcome."""
+    text = (await cluster.client.get(f"{cluster.url}/metrics")).text
+    pattern = rf'ntonix_upstream_attempts_total{{backend="{backend}",outcome="{outcome}"}} (\S+)'
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else 0.0

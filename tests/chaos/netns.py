@@ -4,8 +4,8 @@
 whose other end moves into the namespace, with a /30 of a private /24 picked per run (one not
 routed on this machine yet). A process started with `exec_argv(node, ...)` runs in the node's
 namespace and is reached at `node.address`; the gateway runs on the host and reaches it through
-`node.host_link`. Faults act on a link: `tc netem` delay, jitter and loss on both ends, or 100%
-loss both ways (a partition: packets vanish, nothing is refused).
+`node.host_link`. A partition takes the namespace's end of the link down: packets vanish,
+nothing is refused. (Latency is `tests/chaos/delay.py`: this machine's kernel has no netem.)
 
 Invariants: every name carries the creating process's pid and a per-topology token, so this
 touches only what it created; `Topology` removes its namespaces and links whatever happens
@@ -36,8 +36,8 @@ MAX_NODES = 63  # /30s in a /24
 
 def available() -> str | None:
     """None when namespaces can be made here; else why not."""
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "iproute2 (ip, tc) is not installed"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
     if os.geteuid() != 0:
         return "network namespaces need root"
     try:
@@ -65,26 +65,13 @@ class Node:
         """`argv` run inside this node's namespace (`ip netns exec` execs it: same pid)."""
         return ["ip", "netns", "exec", self.namespace, *argv]
 
-    def netem(self, *, delay_ms: float = 0, jitter_ms: float = 0, loss: float = 0) -> None:
-        """Delay (with jitter) and random loss (a percentage) on both directions of the link."""
-        rule = ["netem"]
-        if delay_ms:
-            rule += ["delay", f"{delay_ms}ms"]
-            if jitter_ms:
-                rule += [f"{jitter_ms}ms"]
-        if loss:
-            rule += ["loss", f"{loss}%"]
-        _run("tc", "qdisc", "replace", "dev", self.host_link, "root", *rule)
-        _run("tc", "-n", self.namespace, "qdisc", "replace", "dev", self.peer_link, "root", *rule)
-
     def partition(self) -> None:
-        """Every packet lost both ways: connects time out, open connections go silent."""
-        self.netem(loss=100)
+        """The namespace's end of the link goes down: the host's end loses its carrier and
+        drops what it is given, silently. Connects time out, open connections go quiet."""
+        _run("ip", "-n", self.namespace, "link", "set", self.peer_link, "down")
 
     def heal(self) -> None:
-        """Back to a plain link (no qdisc of ours)."""
-        _run("tc", "qdisc", "del", "dev", self.host_link, "root", check=False)
-        _run("tc", "-n", self.namespace, "qdisc", "del", "dev", self.peer_link, "root", check=False)
+        _run("ip", "-n", self.namespace, "link", "set", self.peer_link, "up")
 
 
 def _free_subnet(rng: random.Random) -> ipaddress.IPv4Network:
