@@ -19,7 +19,7 @@ import trio
 
 from ntonix.config import BackendSettings, HealthSettings
 from ntonix.core.health import HealthTable, Outcome, outcome_of_status
-from ntonix.upstream import backend_ssl_context
+from ntonix.upstream import backend_ssl_context, out_of_resources
 
 log = logging.getLogger("ntonix.prober")
 
@@ -57,10 +57,9 @@ async def probe_once(
     except httpx.TimeoutException:
         outcome, error = Outcome.TIMED_OUT, "health probe timed out"
     except httpx.HTTPError as failure:
-        outcome, error = (
-            Outcome.CONNECT_FAILED,
-            f"health probe failed: {failure or type(failure).__name__}",
-        )
+        # Out of descriptors here says nothing about the backend.
+        failed = Outcome.GATEWAY_FAILED if out_of_resources(failure) else Outcome.CONNECT_FAILED
+        outcome, error = (failed, f"health probe failed: {failure or type(failure).__name__}")
     finally:
         health.end(ticket, outcome, trio.current_time(), error=error, models=models)
 

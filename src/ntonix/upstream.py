@@ -11,6 +11,7 @@ timeouts (`trio.fail_after` around each phase); nothing here waits on a clock.
 
 from __future__ import annotations
 
+import errno
 import ssl
 from typing import cast
 
@@ -52,6 +53,25 @@ def _gateway_error(
         "backend_unreachable" if doing == "connecting" else "backend_connection_broken",
         f"Backend {backend.name} failed while {doing}: {_describe(error.__cause__ or error)}",
     )
+
+
+# The gateway's own limits, not the backend's fault: descriptors (per process, system-wide),
+# socket buffers, memory.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def out_of_resources(error: BaseException) -> OSError | None:
+    """The OSError saying the gateway ran out of descriptors or memory, found in `error`, its
+    causes, or the attempts trio's `open_tcp_stream` groups behind its own OSError."""
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, OSError) and current.errno in _EXHAUSTED:
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
 
 
 def _describe(error: BaseException) -> str:
@@ -230,6 +250,15 @@ class BackendPool:
         try:
             socket_stream = await trio.open_tcp_stream(backend.host, backend.port)
         except _FOREIGN_ERRORS as error:
+            exhausted = out_of_resources(error)
+            if exhausted is not None:
+                raise GatewayError(
+                    503,
+                    "gateway_out_of_resources",
+                    f"The gateway cannot open a connection to backend {backend.name}: {exhausted}",
+                    source="gateway",
+                    retry_after=1,
+                ) from error
             raise _gateway_error(error, backend, "connecting") from error
         if self._ssl_context is None:
             return UpstreamConnection(backend, socket_stream, socket_stream)
