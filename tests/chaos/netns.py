@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -71,7 +72,17 @@ class Node:
         _run("ip", "-n", self.namespace, "link", "set", self.peer_link, "down")
 
     def heal(self) -> None:
+        """The link up again; returns once the host's end has its carrier back."""
         _run("ip", "-n", self.namespace, "link", "set", self.peer_link, "up")
+        deadline = time.monotonic() + 5
+        while "NO-CARRIER" in _run("ip", "-o", "link", "show", self.host_link).stdout:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.host_link} has no carrier 5 s after going up")
+            time.sleep(0.01)
+        # Addresses that failed to resolve during the partition would wait for the next ARP
+        # attempt (a dropped SYN, a second's retransmission): forget them now.
+        _run("ip", "neigh", "flush", "dev", self.host_link)
+        _run("ip", "-n", self.namespace, "neigh", "flush", "dev", self.peer_link)
 
 
 def _free_subnet(rng: random.Random) -> ipaddress.IPv4Network:
