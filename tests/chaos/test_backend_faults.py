@@ -42,6 +42,13 @@ async def _under_load(cluster: Cluster, nursery: trio.Nursery, **options: float)
     return load
 
 
+async def _serves_again(load: Load, backend: str, since: float, timeout: float = 10) -> None:
+    """Until a non-streaming request that started after `since` was answered by `backend`."""
+    with trio.fail_after(timeout):
+        while not any(seen.backend == backend and seen.started > since for seen in load.plain()):
+            await trio.sleep(0.05)
+
+
 async def test_a_killed_backend_costs_no_request_and_rejoins_after_restart(
     cluster: Cluster,
 ) -> None:
@@ -54,17 +61,15 @@ async def test_a_killed_backend_costs_no_request_and_rejoins_after_restart(
         await cluster.wait_backend("m0", "open", timeout=5)
         await trio.sleep(1.0)
         await victim.start()
-        rejoined = await cluster.wait_backend("m0", "closed", timeout=10)
-        await trio.sleep(1.0)
+        restarted = time.monotonic()
+        await cluster.wait_backend("m0", "closed", timeout=10)
+        await _serves_again(load, "m0", restarted)
         load.stop()
     assert not failures(load.seen), failures(load.seen)[:5]
     streams = load.streamed()
-    # A stream on the killed backend ends with the error event, never like a finished one.
+    # The streams on the killed backend end with the error event, never like finished ones.
     assert all(seen.end in {"done", "error"} for seen in streams), streams
-    assert sum(seen.end == "done" for seen in streams) >= len(streams) - 6
-    assert rejoined < 10
-    after_restart = [seen for seen in load.plain() if seen.started > load.seen[-1].started - 1]
-    assert any(seen.backend == "m0" for seen in load.plain()[-40:]), after_restart[:5]
+    assert 1 <= sum(seen.end == "error" for seen in streams) <= 6, streams
     await cluster.settled(baseline)
 
 
@@ -80,19 +85,21 @@ async def test_a_frozen_backend_is_failed_over_after_first_byte_timeout_and_come
         os.kill(victim.pid, signal.SIGSTOP)
         try:
             await cluster.wait_backend("m0", "open", timeout=10)
-            frozen_at = time.monotonic()
             await trio.sleep(1.0)
         finally:
             os.kill(victim.pid, signal.SIGCONT)
+        thawed = time.monotonic()
         await cluster.wait_backend("m0", "closed", timeout=10)
-        await trio.sleep(1.0)
+        await _serves_again(load, "m0", thawed)
         load.stop()
     assert not failures(load.seen), failures(load.seen)[:5]
     # A request that met the frozen backend waited first_byte_timeout (1 s) then went on.
     slowest = max(seen.elapsed for seen in load.plain())
     assert slowest < 1.0 + SLACK, slowest
-    assert all(seen.end in {"done", "error"} for seen in load.streamed())
-    assert any(seen.backend == "m0" and seen.started > frozen_at for seen in load.plain())
+    # The streams that were on it end with the error event after idle_timeout.
+    streams = load.streamed()
+    assert all(seen.end in {"done", "error"} for seen in streams), streams
+    assert any(seen.end == "error" for seen in streams), streams
     await cluster.settled(baseline)
 
 
@@ -113,7 +120,7 @@ async def test_a_partitioned_backend_fails_over_by_timeouts_and_rejoins_when_hea
             victim.heal()
         healed_at = time.monotonic()
         await cluster.wait_backend("m0", "closed", timeout=10)
-        await trio.sleep(1.0)
+        await _serves_again(load, "m0", healed_at)
         load.stop()
     assert not failures(load.seen), failures(load.seen)[:5]
     # At worst: a pooled connection gone silent (first_byte_timeout, 1 s), then a connect
@@ -121,7 +128,6 @@ async def test_a_partitioned_backend_fails_over_by_timeouts_and_rejoins_when_hea
     slowest = max(seen.elapsed for seen in load.plain())
     assert slowest < 1.0 + 0.5 + SLACK, slowest
     assert all(seen.end in {"done", "error"} for seen in load.streamed())
-    assert any(seen.backend == "m0" and seen.started > healed_at for seen in load.plain())
     await cluster.settled(baseline)
 
 
@@ -154,7 +160,7 @@ async def test_latency_on_one_link_adds_its_delay_and_shifts_load_away(
     # One round trip on a pooled connection (200 ms), two on a new one: not seconds.
     assert 0.15 < added < 0.6, added
     picks = Counter(seen.backend for seen in load.plain())
-    assert picks["m0"] < min(picks["m1"], picks["m2"]), picks
+    assert picks["m0"] < (picks["m1"] + picks["m2"]) / 2, picks
     await cluster.settled(baseline)
 
 
