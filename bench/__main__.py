@@ -206,8 +206,8 @@ def _soak(minutes: float, command: str) -> int:
         _log(f"soak: {minutes:g} minutes")
         soak = soak_run.start(processes, logs)
         trio.run(soak_run.drive, soak, minutes * 60)
-        passed, fits = soak_run.verdict(soak)
-        soak_report.write(soak, passed, fits, command, RESULTS)
+        passed, fits, steepest = soak_run.verdict(soak)
+        soak_report.write(soak, passed, fits, steepest, command, RESULTS)
     _log(f"soak {'passed' if passed else 'FAILED'}; report in {RESULTS / 'soak.md'}")
     return 0 if passed else 1
 

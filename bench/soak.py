@@ -12,7 +12,10 @@ Pass: no unexpected client error (a request that started from 5 s before a worke
 expected; a non-streaming request
 that fails otherwise is not), and RSS, fds and tasks flat: the slope of a least-squares fit over
 the last 20 minutes (after a 2-minute warm-up, leaving out the 90 s after each worker kill,
-whose replacement starts small) under 1% of the mean per 10 minutes. Writes soak.md, soak.json
+while the replacement warms up) under 1% of the mean per 10 minutes. The steepest fit within
+one stretch between kills is reported too: a growth that each replacement's smaller start
+would hide from the whole-window fit shows there. Ctrl-C or SIGTERM ends the run early, with
+the report of what it saw. Writes soak.md, soak.json
 and soak.png (matplotlib, the `bench` extra) to bench/results/.
 """
 
@@ -264,12 +267,16 @@ async def drive(soak: Soak, seconds: float) -> None:
     # them: a request sent just as the server closes its connection fails (keep-alive's race).
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=2)
     client = httpx.AsyncClient(timeout=30, limits=limits)
-    async with client, trio.open_nursery() as nursery:
-        nursery.start_soon(_sample, soak, client)
-        nursery.start_soon(_load, soak, client)
-        nursery.start_soon(_faults, soak)
-        await trio.sleep(seconds)
-        nursery.cancel_scope.cancel()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with client, trio.open_nursery() as nursery:
+            nursery.start_soon(_sample, soak, client)
+            nursery.start_soon(_load, soak, client)
+            nursery.start_soon(_faults, soak)
+            with trio.move_on_after(seconds):
+                async for number in signals:
+                    soak.note(f"stopped early by {signal.Signals(number).name}")
+                    break
+            nursery.cancel_scope.cancel()
 
 
 def slope_per_10_min(samples: list[Sample], field: str) -> tuple[float, float]:
@@ -283,15 +290,18 @@ def slope_per_10_min(samples: list[Sample], field: str) -> tuple[float, float]:
     return slope * 600, mean_y
 
 
-def fitted(soak: Soak) -> list[Sample]:
+def segments(soak: Soak) -> list[list[Sample]]:
+    """The samples of the last `FIT_WINDOW`, after the warm-up, cut at each worker kill and
+    without the `AFTER_KILL` that follow one: stretches where the same processes ran."""
     end = soak.samples[-1].at if soak.samples else 0.0
     start = max(WARMUP, end - FIT_WINDOW)
-    return [
-        sample
-        for sample in soak.samples
-        if sample.at >= start
-        and not any(0 <= sample.at - killed < AFTER_KILL for killed in soak.worker_killed_at)
-    ]
+    cuts = [*sorted(soak.worker_killed_at), float("inf")]
+    pieces: list[list[Sample]] = [[] for _ in cuts]
+    for sample in soak.samples:
+        if sample.at < start or any(0 <= sample.at - k < AFTER_KILL for k in cuts):
+            continue
+        pieces[next(i for i, cut in enumerate(cuts) if sample.at < cut)].append(sample)
+    return [piece for piece in pieces if len(piece) >= 12]  # a minute at least
 
 
 def start(processes: Processes, logs: Path) -> Soak:
@@ -327,16 +337,26 @@ def start(processes: Processes, logs: Path) -> Soak:
     return soak
 
 
-def verdict(soak: Soak) -> tuple[bool, dict[str, Any]]:
-    fits = {}
-    window = fitted(soak)
-    flat = len(window) >= 3
+def _fit(samples: list[Sample], field: str) -> dict[str, float]:
+    slope, mean = slope_per_10_min(samples, field)
+    minutes = (samples[-1].at - samples[0].at) / 60
+    return {"slope_per_10_min": slope, "mean": mean, "share": slope / mean, "minutes": minutes}
+
+
+def verdict(soak: Soak) -> tuple[bool, dict[str, Any], dict[str, Any]]:
+    """Pass or not; the fits the verdict rests on (the last 20 minutes after the warm-up, less
+    the `AFTER_KILL` that follow each kill); and for information the steepest fit within one
+    stretch between kills, where the same processes ran (short and noisy, but a slow growth
+    that each replacement's smaller start would hide shows there)."""
+    window = [sample for piece in segments(soak) for sample in piece]
+    fits: dict[str, Any] = {}
+    steepest: dict[str, Any] = {}
+    flat = len(window) >= 12
     for field in ("rss_mib", "fds", "tasks"):
-        if len(window) < 3:
+        if len(window) < 12:
             break
-        slope, mean = slope_per_10_min(window, field)
-        share = slope / mean if mean else 0.0
-        fits[field] = {"slope_per_10_min": slope, "mean": mean, "share": share}
-        flat = flat and abs(share) < FLAT
-    passed = flat and not soak.tally.unexpected
-    return passed, fits
+        fits[field] = _fit(window, field)
+        flat = flat and abs(fits[field]["share"]) < FLAT
+        within = [_fit(piece, field) for piece in segments(soak)]
+        steepest[field] = max(within, key=lambda fit: abs(fit["share"]))
+    return flat and not soak.tally.unexpected, fits, steepest

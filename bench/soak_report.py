@@ -11,7 +11,9 @@ import attrs
 from bench.soak import Sample, Soak
 
 
-def markdown(soak: Soak, passed: bool, fits: dict[str, Any], command: str) -> str:
+def markdown(
+    soak: Soak, passed: bool, fits: dict[str, Any], steepest: dict[str, Any], command: str
+) -> str:
     tally = soak.tally
     lines = [
         f"# Soak: `{command}`",
@@ -21,14 +23,18 @@ def markdown(soak: Soak, passed: bool, fits: dict[str, Any], command: str) -> st
         f"long streams, {tally.dropped_by_client} streams dropped by their client, "
         f"{tally.expected_errors} failures where a fault was injected.",
         "",
-        "| series | slope per 10 min | mean | slope / mean |",
-        "| --- | --- | --- | --- |",
+        "Least-squares fits: over the window the verdict uses, and the steepest within one",
+        "stretch between worker kills (for information):",
+        "",
+        "| series | fit | slope per 10 min | mean | slope / mean | minutes |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for field, fit in fits.items():
-        lines.append(
-            f"| {field} | {fit['slope_per_10_min']:+.3f} | {fit['mean']:.1f} | "
-            f"{100 * fit['share']:+.2f}% |"
-        )
+    for name, table in (("window", fits), ("steepest stretch", steepest)):
+        for field, fit in table.items():
+            lines.append(
+                f"| {field} | {name} | {fit['slope_per_10_min']:+.3f} | {fit['mean']:.1f} | "
+                f"{100 * fit['share']:+.2f}% | {fit['minutes']:.1f} |"
+            )
     lines += ["", "| minute | RSS MiB | fds | tasks | pooled | queued | events |"]
     lines.append("| --- | --- | --- | --- | --- | --- | --- |")
     for minute, sample in _per_minute(soak.samples):
@@ -52,12 +58,20 @@ def _per_minute(samples: list[Sample]) -> list[tuple[int, Sample]]:
     return sorted(rows.items())
 
 
-def write(soak: Soak, passed: bool, fits: dict[str, Any], command: str, results: Path) -> None:
+def write(
+    soak: Soak,
+    passed: bool,
+    fits: dict[str, Any],
+    steepest: dict[str, Any],
+    command: str,
+    results: Path,
+) -> None:
     results.mkdir(exist_ok=True)
-    (results / "soak.md").write_text(markdown(soak, passed, fits, command))
+    (results / "soak.md").write_text(markdown(soak, passed, fits, steepest, command))
     record = {
         "passed": passed,
         "fits": fits,
+        "steepest": steepest,
         "tally": attrs.asdict(soak.tally),
         "events": soak.events,
         "samples": [attrs.asdict(sample) for sample in soak.samples],
