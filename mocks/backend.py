@@ -26,6 +26,7 @@ from hypercorn.typing import (
 from .answers import answer, is_generation
 from .options import MockOptions
 from .playback import Connection, Outcome, play
+from .realtime import Realtime, RealtimeStats
 from .replies import Reply, Request, error_reply, json_reply
 
 STATS_PATH = "/mock/stats"
@@ -48,6 +49,7 @@ class MockStats(TypedDict):
     by_path: dict[str, int]
     last_headers: dict[str, str]
     disconnects: list[Disconnect]
+    realtime: RealtimeStats  # the WebSocket sessions of /v1/realtime
 
 
 @attrs.define
@@ -70,6 +72,7 @@ class MockLLM:
         self.rng = rng if rng is not None else random.Random()
         self._active = 0
         self._counters = _Counters()
+        self.realtime = Realtime(self.options)
 
     def stats(self) -> MockStats:
         """A snapshot of the counters, as `GET /mock/stats` returns them."""
@@ -83,6 +86,7 @@ class MockLLM:
             "by_path": dict(counters.by_path),
             "last_headers": dict(counters.last_headers),
             "disconnects": list(counters.disconnects),
+            "realtime": self.realtime.stats(),
         }
 
     def reset_stats(self) -> None:
@@ -139,7 +143,8 @@ class MockLLM:
             await _lifespan(receive, send)
         elif scope["type"] == "http":
             await self._asgi_http(scope, receive, send)
-        # A websocket scope is refused by returning: Hypercorn then answers 403.
+        else:
+            await self.realtime.serve(dict(scope), receive, send)
 
     async def _asgi_http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable

@@ -6,6 +6,8 @@ import hypercorn.trio
 import trio
 from hypercorn.config import Config
 
+from ntonix import hypercorn_ws
+
 from .backend import MockLLM
 from .lean import serve_lean
 
@@ -30,6 +32,8 @@ async def serve_mock(
     if lean:
         await serve_lean(mock, host=host, port=port, task_status=task_status)
         return
+    # Hypercorn then tells /v1/realtime the close code the gateway sent, not always 1006.
+    hypercorn_ws.install()
     async with trio.open_nursery() as nursery:
         serve = partial(hypercorn.trio.serve, mock, _hypercorn_config(host, port), mode="asgi")
         binds: list[str] = await nursery.start(serve)

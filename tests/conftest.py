@@ -101,17 +101,18 @@ def start_steerable_mock(nursery: trio.Nursery) -> StartMock:
 
 @pytest.fixture
 async def spawn(nursery: trio.Nursery) -> AsyncIterator[Spawn]:
-    """Start child processes; those still running when the test ends are stopped, by PID.
-    Extra keywords go to `open_process` (start_new_session, pass_fds, say)."""
+    """Start child processes (in the repository, unless `cwd` says otherwise); those still
+    running when the test ends are stopped, by PID. Extra keywords go to `open_process`
+    (start_new_session, pass_fds, say)."""
     children: list[ChildProcess] = []
 
     async def start(*args: str, env: dict[str, str] | None = None, **options: Any) -> ChildProcess:
+        options.setdefault("cwd", REPO_ROOT)
         process = await trio.lowlevel.open_process(
             list(args),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            cwd=REPO_ROOT,
             **options,
         )
         child = ChildProcess(process)

@@ -367,3 +367,8 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
         while not await check():
             await trio.sleep(0.01)
     return time.monotonic() - start
+
+
+async def answers_200(client: httpx.AsyncClient, url: str) -> bool:
+    """Whether a GET of `url` is 200 now: for `eventually`, say until /ntonix/ready is."""
+    return (await client.get(url)).status_code == 200

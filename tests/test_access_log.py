@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from ntonix.accesslog import access_line
@@ -15,12 +20,22 @@ from ntonix.config import AuthSettings, BackendSettings, Config, GatewaySettings
 from ntonix.core.telemetry import RequestRecord
 from ntonix.server import serve
 from tests.conftest import StartGatewayWith, StartMock
-from tests.support import RawClient, Spawn, chat, spawn_serve, wait_until
+from tests.support import (
+    PYTHON,
+    RUNNING_ON,
+    SERVE,
+    RawClient,
+    Spawn,
+    chat,
+    spawn_serve,
+    wait_until,
+)
 
 FIELDS = {
     "time",
     "request_id",
     "client",
+    "key",
     "method",
     "path",
     "model",
@@ -34,6 +49,9 @@ FIELDS = {
     "duration_ms",
     "bytes_in",
     "bytes_out",
+    "prompt_tokens",
+    "completion_tokens",
+    "tokens_estimated",
 }
 API_KEY = "sk-client-key-never-logged"
 PROMPT = "a prompt that must never reach the log"
@@ -170,3 +188,72 @@ def test_a_line_is_compact_json_with_a_utc_millisecond_time() -> None:
     assert entry["path"] == '/v1/"odd"\npath'
     assert (entry["ttfb_ms"], entry["duration_ms"]) == (12.5, 500.0)
     assert entry["cache"] is None and entry["backend"] is None
+
+
+# --- No line lost at shutdown, whatever the command and the signal --------------------------
+
+COMMANDS = {
+    "serve": [*SERVE],
+    "serve_2_workers": [*SERVE, "--workers", "2"],
+    "hypercorn": [PYTHON, "-m", "hypercorn", "--worker-class", "trio", "--bind", "127.0.0.1:0"],
+}
+STOPS: dict[str, Callable[[int], None]] = {
+    "ctrl_c": lambda pid: os.killpg(pid, signal.SIGINT),  # a terminal signals the whole group
+    "sigterm": lambda pid: os.kill(pid, signal.SIGTERM),  # kill, docker stop: the parent only
+    "sigterm_to_the_group": lambda pid: os.killpg(pid, signal.SIGTERM),  # systemd's default
+}
+REQUESTS_BEFORE_THE_STOP = 10
+
+
+@pytest.mark.parametrize("stop", STOPS.values(), ids=STOPS.keys())
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
+async def test_every_request_has_its_line_after_a_stop_signal(
+    command: list[str],
+    stop: Callable[[int], None],
+    tmp_path: Path,
+    start_mock: StartMock,
+    spawn: Spawn,
+) -> None:
+    """Requests that ended just before the signal, and a stream drained after it: one line
+    each, written before the process exits."""
+    log_file = tmp_path / "access.log"
+    mock = await start_mock(ttft=0, token_delay=0, tokens=2)
+    config = tmp_path / "ntonix.toml"
+    config.write_text(
+        f'[log]\naccess_log = "{log_file}"\n[cache]\nenabled = false\n'
+        f'[[backends]]\nname = "m"\nurl = "{mock.url}"\n'
+    )
+    workers = 2 if "--workers" in command else 1
+    gateway = await spawn(
+        *command,
+        *(["ntonix:app"] if "hypercorn" in command else ["--config", str(config)]),
+        env={"NTONIX_CONFIG": str(config)},
+        start_new_session=True,  # a group of its own, as a shell's job has
+    )
+    await gateway.wait_for(RUNNING_ON)
+    with trio.fail_after(30):
+        while len(found := re.findall(RUNNING_ON, gateway.output)) < workers:
+            await trio.sleep(0.01)
+    url = found[0].decode()
+    ids = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        slow = {"x-mock-tokens": "15", "x-mock-token-delay": "0.1"}
+        async with client.stream(
+            "POST", f"{url}/v1/chat/completions", json=chat(), headers=slow
+        ) as stream:
+            body = stream.aiter_raw()
+            received = [await anext(body)]
+            for index in range(REQUESTS_BEFORE_THE_STOP):
+                response = await client.post(
+                    f"{url}/v1/chat/completions", json=chat(f"q{index}", stream=False)
+                )
+                assert response.status_code == 200
+                ids.append(response.headers["x-request-id"])
+            stop(gateway.pid)
+            received += [chunk async for chunk in body]  # drained after the signal
+            ids.append(stream.headers["x-request-id"])
+    assert b"".join(received).endswith(b"data: [DONE]\n\n")
+    with trio.fail_after(20):
+        assert await gateway.process.wait() == 0
+    assert sorted(line["request_id"] for line in _lines(log_file)) == sorted(ids)
+    assert b"Traceback" not in gateway.output

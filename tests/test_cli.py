@@ -92,13 +92,18 @@ async def test_demo_answers_a_stream_and_stops_cleanly_on_ctrl_c(spawn: Spawn) -
         assert response.status_code == 200
         assert response.content.endswith(b"data: [DONE]\n\n")
         backends = set()
+        ids = [response.headers["x-request-id"]]
         for index in range(3):
             answer = await client.post(f"{url}/api/chat", json=chat(f"q{index}", stream=False))
             backends.add(answer.headers["x-ntonix-backend"])
+            ids.append(answer.headers["x-request-id"])
         assert backends == {"mock-1", "mock-2", "mock-3"}
     mock_pids = [int(pid) for pid in re.findall(rb"\(pid (\d+)\)", demo.output)]
     assert len(mock_pids) == 3
     assert await demo.stop(signal.SIGINT) == 0
+    # Each request's access-log line, the last one's too (it ended just before the Ctrl-C).
+    logged = re.findall(rb'^\{"time":"[^"]*","request_id":"([^"]+)"', demo.output, re.MULTILINE)
+    assert sorted(logged) == sorted(i.encode() for i in ids)
     assert b"Traceback" not in demo.output
     assert b"ntonix demo: stopped" in demo.output
     for pid in mock_pids:  # the mock processes went with it

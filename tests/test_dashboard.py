@@ -46,7 +46,10 @@ PAGE = "/ntonix/dashboard"
 FEED = "/ntonix/dashboard/ws"
 SCREENSHOT = REPO_ROOT / "test-artifacts" / "dashboard.png"
 
-STATUS_KEYS = {"version", "workers", "cache", "uptime_seconds", "strategy", "queued", "backends"}
+STATUS_KEYS = {
+    "version", "workers", "cache", "shared_tier", "uptime_seconds", "strategy", "queued",
+    "backends",
+}  # fmt: skip
 BACKEND_KEYS = {
     "name", "url", "weight", "state", "consecutive_failures", "active_requests", "latency_ms",
     "last_error", "models", "probe", "draining", "not_eligible_because", "pool", "ttft_p50_ms",
@@ -268,6 +271,10 @@ async def test_the_feed_sends_a_full_snapshot_about_every_second(
     assert sum(point["requests"] for point in first["series"]) == 3
     assert first["backends"][0]["ttft_p50_ms"] is not None
     assert second["uptime_seconds"] > first["uptime_seconds"]
+    # The per-key token table: no keys configured, so every client is "anonymous".
+    (tokens,) = first["usage"]
+    assert tokens["key"] == "anonymous" and tokens["completion"] == 3 * 8
+    assert tokens["minute"] == tokens["today"] == tokens["prompt"] + tokens["completion"]
 
 
 async def test_with_an_admin_token_the_feed_needs_it_as_query_parameter_or_cookie(

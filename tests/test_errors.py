@@ -1,17 +1,30 @@
-"""Every failure the client can see is a clear OpenAI-shaped JSON error or stream error."""
+"""Every failure the client can see is a clear JSON error or stream error in its own API's
+dialect: OpenAI's `{"error": {"message", "type", "code"}}`, Ollama's `{"error": "message"}` on
+/api/, with the same status codes."""
 
 from __future__ import annotations
 
 import json
 import socket
+from functools import partial
 
 import attrs
 import httpx
+import ollama
 import pytest
 import trio
 
 from tests.conftest import StartGateway, StartMock
-from tests.support import RawClient, chat, pool_totals, sse_events, status, wait_until
+from tests.support import (
+    RawClient,
+    answers_200,
+    chat,
+    eventually,
+    pool_totals,
+    sse_events,
+    status,
+    wait_until,
+)
 
 
 def _closed_port() -> int:
@@ -27,6 +40,15 @@ def _error(response: httpx.Response) -> dict[str, str]:
     return error
 
 
+def _ollama_error(response: httpx.Response) -> str:
+    """Ollama's shape: an object with one key, `error`, whose value is the message."""
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+    message: str = body["error"]
+    return message
+
+
 @attrs.frozen
 class BadRequest:
     name: str
@@ -35,8 +57,11 @@ class BadRequest:
     content: bytes
     status: int
     code: str
+    says: str = ""  # in the message, whatever the dialect
+    allow: str = ""  # a 405's Allow header
 
 
+ENCODED = "Encoded '/', '\\' or '.' is not allowed in paths"
 BAD_REQUESTS = [
     BadRequest(
         "malformed json", "POST", "/v1/chat/completions", b'{"model": ', 400, "invalid_json"
@@ -48,7 +73,18 @@ BAD_REQUESTS = [
     BadRequest(
         "missing model", "POST", "/v1/chat/completions", b'{"messages": []}', 400, "model_required"
     ),
-    BadRequest("model not a string", "POST", "/api/chat", b'{"model": 1}', 400, "model_required"),
+    BadRequest(
+        "model not a string (ollama)",
+        "POST",
+        "/api/chat",
+        b'{"model": 1}',
+        400,
+        "model_required",
+        says="'model' is required and must be a string",
+    ),
+    BadRequest(
+        "malformed json (ollama)", "POST", "/api/generate", b"{", 400, "invalid_json", "Malformed"
+    ),
     BadRequest(
         "stream not a bool",
         "POST",
@@ -62,6 +98,44 @@ BAD_REQUESTS = [
     BadRequest("dot segment", "GET", "/v1/../ntonix/status", b"", 400, "invalid_path"),
     BadRequest("encoded slash", "GET", "/v1/models%2F..%2Fx", b"", 400, "invalid_path"),
     BadRequest("trace", "TRACE", "/v1/models", b"", 405, "method_not_allowed"),
+    BadRequest(
+        "get on chat completions",
+        "GET",
+        "/v1/chat/completions",
+        b"",
+        405,
+        "method_not_allowed",
+        says="GET is not allowed on /v1/chat/completions: use POST",
+        allow="POST",
+    ),
+    BadRequest(
+        "post on models", "POST", "/v1/models", b"{}", 405, "method_not_allowed", allow="GET, HEAD"
+    ),
+    BadRequest(
+        "get on ollama chat (ollama)",
+        "GET",
+        "/api/chat",
+        b"",
+        405,
+        "method_not_allowed",
+        says="GET is not allowed on /api/chat: use POST",
+        allow="POST",
+    ),
+    BadRequest("put on tags (ollama)", "PUT", "/api/tags", b"", 405, "", allow="GET, HEAD"),
+    # Encoded separators: the same answer wherever the %2F stands.
+    BadRequest("encoded prefix slash", "GET", "/v1%2Fmodels", b"", 400, "invalid_path", ENCODED),
+    BadRequest(
+        "encoded route slash",
+        "POST",
+        "/v1/chat%2Fcompletions",
+        b"{}",
+        400,
+        "invalid_path",
+        ENCODED,
+    ),
+    BadRequest(
+        "encoded slash (ollama)", "POST", "/api%2Fchat", b"{}", 400, "invalid_path", ENCODED
+    ),
 ]
 
 
@@ -81,8 +155,33 @@ async def test_bad_requests_get_clear_errors_and_never_reach_a_backend(
             raw.received += data
     head_bytes, _, body = raw.received.partition(b"\r\n\r\n")
     assert head_bytes.split(b" ")[1] == str(case.status).encode()
-    assert json.loads(body)["error"]["code"] == case.code
+    error = json.loads(body)["error"]
+    if "(ollama)" in case.name:
+        assert isinstance(error, str)
+        message = error
+    else:
+        assert error["code"] == case.code
+        message = error["message"]
+    assert case.says in message
+    allow = [v for k, _, v in (line.partition(b": ") for line in head_bytes.split(b"\r\n"))
+             if k.lower() == b"allow"]  # fmt: skip
+    assert allow == ([case.allow.encode()] if case.allow else [])
     assert mock.stats["requests"] == 0
+
+
+async def test_ollama_routes_answer_the_gateways_errors_in_ollamas_shape(
+    start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    gateway = await start_gateway(f"http://127.0.0.1:{_closed_port()}", retries=0)
+    unreachable = await client.post(f"{gateway}/api/chat", json=chat())
+    assert unreachable.status_code == 502
+    assert "failed while connecting: connection refused by" in _ollama_error(unreachable)
+    not_served = await client.post(f"{gateway}/api/generate", json={"model": "x", "prompt": "y"})
+    # The only backend's circuit may have opened by now: 503 then, else 502.
+    assert not_served.status_code in (502, 503)
+    _ollama_error(not_served)
+    same_on_openai = await client.post(f"{gateway}/v1/chat/completions", json=chat())
+    assert _error(same_on_openai)["code"] in ("backend_unreachable", "no_healthy_backend")
 
 
 async def test_body_over_the_limit_is_413_before_it_is_read(
@@ -138,7 +237,11 @@ async def test_no_first_byte_in_time_is_504_and_closes_upstream(
         f"{gateway}/v1/chat/completions", json=chat(), headers={"x-mock-hang": "1"}
     )
     assert response.status_code == 504
-    assert _error(response)["code"] == "backend_timeout"
+    error = _error(response)
+    assert error["code"] == "backend_timeout"
+    assert error["message"] == "Backend backend-0 sent no response: timed out after 0.3 s"
+    last_error = (await status(client, gateway))["backends"][0]["last_error"]
+    assert last_error == error["message"]
     # The gateway gave up on the backend, so it closed the upstream: generation stops.
     await wait_until(lambda: mock.stats["client_disconnects"] == 1, timeout=2)
 
@@ -180,7 +283,8 @@ async def test_ndjson_stream_broken_mid_way_ends_with_an_error_line(
         f"{gateway}/api/chat", json=chat(), headers={"x-mock-drop-after": "3"}
     )
     last = json.loads(response.content.splitlines()[-1])
-    assert last["error"]["code"] == "backend_connection_broken"
+    # Ollama's own shape: its clients raise with this message.
+    assert last == {"error": "Backend backend-0 closed the connection while streaming the response"}
 
 
 async def test_broken_non_streaming_body_is_an_error_for_the_client(
@@ -213,7 +317,38 @@ async def test_gateway_routes(
 ) -> None:
     gateway = await start_gateway(await start_mock())
     assert (await client.get(f"{gateway}/ntonix/health")).status_code == 200
-    assert (await client.get(f"{gateway}/ntonix/ready")).status_code == 200
+    # Ready once the backend has answered its first probe.
+    await eventually(lambda: answers_200(client, f"{gateway}/ntonix/ready"))
     snapshot = await status(client, gateway)
     assert snapshot["backends"][0]["name"] == "backend-0"
     assert snapshot["backends"][0]["state"] == "closed"
+
+
+async def test_the_ollama_client_shows_the_gateways_message_not_an_object(
+    start_mock: StartMock, start_gateway: StartGateway
+) -> None:
+    refused = await start_gateway(f"http://127.0.0.1:{_closed_port()}", retries=0)
+    broken = await start_gateway(await start_mock(tokens=20))
+    messages = [{"role": "user", "content": "Hello"}]
+
+    def chat_with(host: str, *, stream: bool, **headers: str) -> None:
+        answer = ollama.Client(host=host, headers=headers).chat(
+            model="mock-llm", messages=messages, stream=stream
+        )
+        if stream:
+            for _ in answer:
+                pass
+
+    with pytest.raises(ollama.ResponseError) as before_commit:
+        await trio.to_thread.run_sync(partial(chat_with, refused, stream=False))
+    assert before_commit.value.status_code == 502
+    assert before_commit.value.error.startswith(
+        "Backend backend-0 failed while connecting: connection refused by 127.0.0.1:"
+    )
+    with pytest.raises(ollama.ResponseError) as mid_stream:
+        await trio.to_thread.run_sync(
+            partial(chat_with, broken, stream=True, **{"x-mock-drop-after": "3"})
+        )
+    assert str(mid_stream.value).startswith(
+        "Backend backend-0 closed the connection while streaming the response"
+    )

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import attrs
 import httpx
 import pytest
 import trio
 
+from mocks.llm import MockLLM, MockOptions, serve_mock
 from tests.conftest import RunningMock, StartGatewayWith, StartMock
 from tests.support import (
     FAST_HEALTH,
@@ -24,6 +26,7 @@ from tests.support import (
     RawClient,
     Spawn,
     SteerableMock,
+    answers_200,
     backend,
     backend_status,
     chat,
@@ -360,16 +363,19 @@ class BrokenStream:
     path: str
     payload: dict[str, object]
 
-    def error_of(self, body: bytes) -> dict[str, str]:
-        """The error that ends the stream (an SSE `error` event or a final NDJSON line)."""
+    def message_of(self, body: bytes) -> str:
+        """The message of the error that ends the stream: an SSE `error` event in OpenAI's
+        shape, or a final NDJSON line in Ollama's (`{"error": "message"}`)."""
         if self.path == CHAT:
             last = sse_events(body)[-1]
             assert last.startswith(b"event: error\ndata: ")
-            payload = json.loads(last.split(b"data: ", 1)[1])
-        else:
-            payload = json.loads(body.splitlines()[-1])
-        error: dict[str, str] = payload["error"]
-        return error
+            error = json.loads(last.split(b"data: ", 1)[1])["error"]
+            assert error["code"] == "backend_connection_broken"
+            message: str = error["message"]
+            return message
+        payload = json.loads(body.splitlines()[-1])
+        assert set(payload) == {"error"} and isinstance(payload["error"], str)
+        return str(payload["error"])
 
 
 BROKEN_STREAMS = [
@@ -393,7 +399,8 @@ async def test_a_failure_after_the_first_byte_is_never_retried_and_ends_the_stre
         f"{gateway}{broken.path}", json=broken.payload, headers={"x-mock-drop-after": "3"}
     )
     assert response.status_code == 200  # committed before the backend broke
-    assert broken.error_of(response.content)["code"] == "backend_connection_broken"
+    message = broken.message_of(response.content)
+    assert message.endswith("closed the connection while streaming the response")
     assert b"[DONE]" not in response.content
     assert b'"done":true' not in response.content
     answered = response.headers["x-ntonix-backend"]
@@ -426,7 +433,7 @@ async def test_ready_is_200_while_a_backend_is_healthy_and_503_once_all_are_open
     a, b = await start_steerable_mock("a"), await start_steerable_mock("b")
     gateway = await start_gateway_with(gateway_config(backend(a.url, "a"), backend(b.url, "b")))
     ready = f"{gateway}/ntonix/ready"
-    assert (await client.get(ready)).status_code == 200
+    await eventually(lambda: answers_200(client, ready))  # once the first probes have answered
     await eject(client, gateway, a, "a")
     assert (await client.get(ready)).status_code == 200
     await eject(client, gateway, b, "b")
@@ -435,6 +442,24 @@ async def test_ready_is_200_while_a_backend_is_healthy_and_503_once_all_are_open
     assert response.json() == {"ready": False}
     # Liveness is another matter: the gateway itself is fine.
     assert (await client.get(f"{gateway}/ntonix/health")).status_code == 200
+
+
+async def test_not_ready_from_the_start_until_the_only_backend_has_answered(
+    nursery: trio.Nursery, start_gateway_with: StartGatewayWith, client: httpx.AsyncClient
+) -> None:
+    url = closed_port_url()
+    gateway = await start_gateway_with(gateway_config(backend(url, "only"), health=FAST_HEALTH))
+    ready = f"{gateway}/ntonix/ready"
+    response = await client.get(ready)
+    assert (response.status_code, response.json()) == (503, {"ready": False})
+    # One probe refused: the circuit is still closed, and nothing has ever answered.
+    found = await wait_for_backend(client, gateway, "only", lambda b: b["probe"] == "failing")
+    assert found["state"] == "closed"
+    assert (await client.get(ready)).status_code == 503
+    port = int(url.rsplit(":", 1)[1])
+    await nursery.start(partial(serve_mock, MockLLM(MockOptions(name="only")), port=port))
+    await eventually(lambda: answers_200(client, ready))
+    assert (await record(client, gateway, "only"))["probe"] == "ok"
 
 
 async def test_all_backends_open_answers_503_with_retry_after_at_once(

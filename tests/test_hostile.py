@@ -393,6 +393,38 @@ CASES = [
         closes=True,
     ),
     Case(
+        # The app refuses while h11 still parses the rest: the bytes after the request were
+        # an error to h11, and Hypercorn cut the response (or sent none) and logged a
+        # BusyResourceError.
+        "transfer_encoding_and_content_length_then_more_bytes",
+        raw(
+            _head("POST", CHAT, ("content-length", "5"), ("transfer-encoding", "chunked"))
+            + b"0\r\n\r\n"
+            + _head("GET", "/v1/models"),
+            check_close=True,
+        ),
+        400,
+        b"Both Content-Length and Transfer-Encoding",
+        closes=True,
+    ),
+    Case(
+        # A size no body may reach: answered at once, not after body_timeout (408).
+        "chunk_size_2_to_the_64",
+        raw(
+            _head("POST", CHAT, ("transfer-encoding", "chunked")) + b"10000000000000000\r\nxx",
+            check_close=True,
+        ),
+        413,
+        closes=True,
+    ),
+    Case(
+        # RFC 9112 section 5.2: a 400, or a space in its place; h11 would join it quietly.
+        "obs_fold_header_line",
+        raw(_head("GET", "/v1/models", ("x-a", "b\r\n folded")), check_close=True),
+        400,
+        closes=True,
+    ),
+    Case(
         "transfer_encoding_gzip",
         raw(_head("POST", CHAT, ("transfer-encoding", "gzip")) + b"0\r\n\r\n"),
         501,
@@ -427,7 +459,18 @@ CASES = [
     Case("encoded_slash", raw(_head("GET", "/v1/chat%2fcompletions")), 400, b"invalid_path"),
     Case("double_slash", raw(_head("GET", "/v1//169.254.169.254/x")), 400, b"invalid_path"),
     Case("backslash", raw(_head("GET", "/v1/..\\..\\x")), 400, b"invalid_path"),
-    Case("leading_double_slash", raw(_head("GET", "//evil.example/v1/models")), 404),
+    Case(
+        "leading_double_slash",
+        raw(_head("GET", "//evil.example/v1/models")),
+        400,
+        b"invalid_path",
+    ),
+    # An encoded separator is refused wherever it stands, with the same message.
+    Case("encoded_slash_in_prefix", raw(_head("GET", "/v1%2Fmodels")), 400, b"invalid_path"),
+    Case("encoded_slash_in_own_route", raw(_head("GET", "/ntonix%2fstatus")), 400, b"invalid_path"),
+    # A known route asked with the wrong method is the gateway's own 405, never forwarded.
+    Case("get_on_a_post_route", raw(_head("GET", CHAT)), 405, b"method_not_allowed"),
+    Case("delete_on_ollama_chat", raw(_head("DELETE", "/api/chat")), 405, b"POST"),
     Case(
         # `@` is legal in a path; the request still goes only to the configured backend (whose
         # 404 the client gets), never to evil.example.
@@ -512,7 +555,7 @@ def config_text(mock_url: str, raw_url: str, tls_url: str) -> str:
     return f"""
 [gateway]
 max_request_body = {BODY_LIMIT}
-first_byte_timeout = 1.0
+first_byte_timeout = 3.0  # short for backend_hangs, yet above a loaded CI machine's first byte
 retries = 0
 queue_timeout = 5.0
 

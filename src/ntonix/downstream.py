@@ -1,7 +1,8 @@
 """The client side of a request: its body, its disconnect, and the response towards it.
 
-Invariant: after commit an error never ends the body cleanly: SSE and NDJSON streams get an
-error frame at a frame boundary, any other body is left unfinished so Hypercorn aborts it.
+Invariants: after commit an error never ends the body cleanly: SSE and NDJSON streams get an
+error frame at a frame boundary, any other body is left unfinished so Hypercorn aborts it. A
+client that leaves cancels its request, also while the last send of the response waits for it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import trio
 from ntonix.asgi import Receive, Send, send_body
 from ntonix.core.framing import StreamKind, stream_error_frame, stream_kind
 from ntonix.core.telemetry import RequestRecord
-from ntonix.errors import GatewayError, client_error
+from ntonix.errors import GatewayError, client_error, dialect_of
 
 
 class ClientGone(Exception):
@@ -22,6 +23,12 @@ class ClientGone(Exception):
 
 # nginx's status for a client that left before its response began; no client ever sees it.
 CLIENT_CLOSED_REQUEST = 499
+
+# How long a last send may go on after a disconnect was reported from inside it (Hypercorn's
+# notice that the response ended comes that way, and the send returns right after it). One
+# still waiting then is waiting for a client that is gone: over HTTP/2 under the plain
+# `hypercorn` command, a send waiting for window never returns once the connection has closed.
+LAST_SEND_GRACE = 1.0
 
 
 class Downstream:
@@ -33,6 +40,8 @@ class Downstream:
     __slots__ = (
         "_send",
         "committed",
+        "delivered",
+        "dialect",
         "finished",
         "kind",
         "record",
@@ -44,8 +53,10 @@ class Downstream:
         self._send = send
         self.record = record
         self.request_id = record.request_id
+        self.dialect = dialect_of(record.path)  # the shape of its errors: OpenAI's or Ollama's
         self.committed = False
-        self.finished = False
+        self.finished = False  # the last send has begun
+        self.delivered = trio.Event()  # the last send has returned
         self.kind = StreamKind.OTHER
         self.tail = b""
 
@@ -73,6 +84,8 @@ class Downstream:
         # inside this very send, and that one must not cancel Hypercorn's own bookkeeping.
         self.finished = not more
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
+        if not more:
+            self.delivered.set()
 
     async def fail(self, error: GatewayError) -> None:
         """Tell the client: a JSON error before commit, an error frame after it."""
@@ -83,12 +96,13 @@ class Downstream:
             self.finished = True  # as in `write`: the end of this send is no disconnect
             record.status = error.status
             record.outcome = "error"
-            body = error.body()
+            body = error.body(self.dialect)
             record.note_body(len(body), trio.current_time)
             await send_body(self._send, error.status, body, error.headers() + self._own_headers())
+            self.delivered.set()
             return
         record.outcome = "stream_error"
-        frame = stream_error_frame(self.kind, self.tail, error.payload())
+        frame = stream_error_frame(self.kind, self.tail, error.payload(self.dialect))
         if frame is not None:
             await self.write(frame, more=False)
         # Else return without ending the body: Hypercorn then closes the connection mid-body,
@@ -99,7 +113,7 @@ class Downstream:
         headers = [(b"x-request-id", self.request_id)]
         if self.record.cache != "off":
             headers.append((b"x-ntonix-cache", self.record.cache.encode()))
-        return headers
+        return headers + self.record.extra_headers
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
@@ -129,9 +143,13 @@ async def cancel_on_disconnect(
     """
     while (await receive())["type"] != "http.disconnect":
         pass
-    if not downstream.finished:
-        client_left(downstream.record, committed=downstream.committed)
-        scope.cancel()
+    if downstream.finished:
+        with trio.move_on_after(LAST_SEND_GRACE):
+            await downstream.delivered.wait()
+        if downstream.delivered.is_set():
+            return  # the response ended (or the client left just as it did)
+    client_left(downstream.record, committed=downstream.committed)
+    scope.cancel()
 
 
 def client_left(record: RequestRecord, *, committed: bool) -> None:

@@ -1,15 +1,30 @@
-"""Gateway errors and their OpenAI-shaped JSON bodies.
+"""Gateway errors and their JSON bodies, in the dialect of the client's API.
 
 Every error a client can see is a `GatewayError`: it knows its HTTP status, a machine-readable
-`code` and a human message, and renders itself as `{"error": {"message", "type", "code"}}`.
+`code` and a human message. It renders itself as OpenAI does, `{"error": {"message", "type",
+"code"}}`, except on Ollama's routes (`/api/`), where it is Ollama's `{"error": "message"}`
+(Ollama's clients show that string; an object would reach the user as its repr). The status
+is the same in both.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from typing import Literal
 
 Source = Literal["client", "upstream", "gateway"]
+
+
+class Dialect(enum.Enum):
+    OPENAI = "openai"
+    OLLAMA = "ollama"
+
+
+def dialect_of(path: str) -> Dialect:
+    """Ollama's API lives under /api/; every other route speaks OpenAI's error shape."""
+    return Dialect.OLLAMA if path.startswith("/api/") else Dialect.OPENAI
+
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -35,6 +50,7 @@ class GatewayError(Exception):
         *,
         source: Source,
         retry_after: float | None = None,
+        allow: tuple[str, ...] = (),
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -42,21 +58,26 @@ class GatewayError(Exception):
         self.message = message
         self.source = source
         self.retry_after = retry_after
+        self.allow = allow  # a 405's methods, for its Allow header
 
     @property
     def type(self) -> str:
         return _TYPE_BY_STATUS.get(self.status, "server_error")
 
-    def payload(self) -> dict[str, dict[str, str]]:
+    def payload(self, dialect: Dialect = Dialect.OPENAI) -> dict[str, object]:
+        if dialect is Dialect.OLLAMA:
+            return {"error": self.message}
         return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
-    def body(self) -> bytes:
-        return json.dumps(self.payload()).encode()
+    def body(self, dialect: Dialect = Dialect.OPENAI) -> bytes:
+        return json.dumps(self.payload(dialect)).encode()
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json")]
         if self.retry_after is not None:
             headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
+        if self.allow:
+            headers.append((b"allow", ", ".join(self.allow).encode()))
         return headers
 
     def __repr__(self) -> str:

@@ -1,9 +1,10 @@
 """The front door's listening sockets: the client send timeout and the connection cap.
 
 Invariants:
-- At most `limit` client connections are open: `ConnectionSlots.take()` is the only way in,
-  and each successful `take()` is matched by exactly one `free()`, when the handler of that
-  connection ends, however it ends.
+- At most `limit` client connections are open, and at most `per_client` of them from one
+  client address (in this worker): `ConnectionSlots.take()` is the only way in, and each
+  successful `take()` is matched by exactly one `free()`, when the handler of that connection
+  ends, however it ends.
 - A connection past the limit is accepted and reset at once, so the client learns it was
   refused instead of waiting in the kernel's backlog.
 """
@@ -20,9 +21,10 @@ import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable, MutableSequence
-from typing import TypeVar
 
 import trio
+
+from ntonix.core.budgets import ClientConnections
 
 log = logging.getLogger("ntonix.listening")
 
@@ -40,7 +42,7 @@ REFUSAL_WARNING_INTERVAL = 10.0
 # accept() failures that concern one connection already gone, not the listening socket.
 _GONE_BEFORE_ACCEPT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
-StreamT = TypeVar("StreamT")
+ClientStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 
 def set_send_timeout(sock: socket.socket, seconds: float) -> None:
@@ -84,59 +86,79 @@ def _is_tcp(sock: socket.socket) -> bool:
 
 
 class ConnectionSlots:
-    """The client connections open at once, at most `limit`.
+    """The client connections open at once, at most `limit`, and at most `per_client` (0: no
+    such limit) from one client address.
 
     `counts` holds one count per worker process, in memory they share; each worker writes only
     its own (`index`) and reads the sum. So the limit is the gateway's, whatever the number of
     workers; workers accepting at the same instant may pass it by one each, for that instant.
+    The count per client address is this worker's own: with N workers one address may hold up
+    to N times `per_client` (the kernel spreads its connections over the workers).
     """
 
     def __init__(
         self,
         limit: int,
         *,
+        per_client: int = 0,
         counts: MutableSequence[int] | None = None,
         index: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limit = limit
         self.refused = 0  # by this worker, since start
+        self._per_client = ClientConnections(per_client)
         self._counts = [0] if counts is None else counts
         self._index = index
         self._clock = clock
         self._warned_at: float | None = None
         self._refused_before_warning = 0
+        # The client address each accepted connection counts against, until its handler ends.
+        self._client_of: dict[trio.SocketStream, str] = {}
 
     @property
     def open(self) -> int:
         """Open in every worker."""
         return sum(self._counts)
 
-    def take(self) -> bool:
-        """A slot for a new connection; False (counted, maybe logged) at the limit."""
+    def take(self, client: str = "") -> bool:
+        """A slot for a new connection from `client`; False (counted, maybe logged) at either
+        limit."""
         open_now = self.open
-        if open_now < self.limit:
-            self._counts[self._index] += 1
-            return True
+        if open_now >= self.limit:
+            self._refuse(f"max_connections reached ({open_now} open)")
+            return False
+        if not self._per_client.take(client):
+            limit = self._per_client.limit
+            self._refuse(f"max_connections_per_client ({limit}) reached by {client}")
+            return False
+        self._counts[self._index] += 1
+        return True
+
+    def free(self, client: str = "") -> None:
+        self._counts[self._index] -= 1
+        self._per_client.release(client)
+
+    def accepted(self, stream: trio.SocketStream, client: str) -> None:
+        """`stream` holds the slot `take(client)` gave; `holding` frees it."""
+        self._client_of[stream] = client
+
+    def _refuse(self, reason: str) -> None:
         self.refused += 1
         now = self._clock()
         if self._warned_at is None or now - self._warned_at >= REFUSAL_WARNING_INTERVAL:
             log.warning(
-                "max_connections reached (%d open): refused %d new connection(s), %d in all",
-                open_now,
+                "%s: refused %d new connection(s), %d in all",
+                reason,
                 self.refused - self._refused_before_warning,
                 self.refused,
             )
             self._warned_at = now
             self._refused_before_warning = self.refused
-        return False
-
-    def free(self) -> None:
-        self._counts[self._index] -= 1
 
     def holding(
-        self, handler: Callable[[StreamT], Awaitable[object]]
-    ) -> Callable[[StreamT], Awaitable[None]]:
+        self, handler: Callable[[ClientStream], Awaitable[object]]
+    ) -> Callable[[ClientStream], Awaitable[None]]:
         """`handler`, giving its connection's slot back when it ends.
 
         `trio.serve_listeners` starts one handler for each stream a listener accepted (the task
@@ -144,11 +166,13 @@ class ConnectionSlots:
         `CappedListener.accept` took.
         """
 
-        async def handle(stream: StreamT) -> None:
+        async def handle(stream: ClientStream) -> None:
+            transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+            client = self._client_of.pop(transport, "")
             try:
                 await handler(stream)
             finally:
-                self.free()
+                self.free(client)
 
         return handle
 
@@ -171,15 +195,18 @@ class CappedListener(trio.abc.Listener[trio.SocketStream]):
             # refused at once, not one connection per wake-up.
             while True:
                 try:
-                    connection, _ = self.socket.accept()
+                    connection, address = self.socket.accept()
                 except BlockingIOError:
                     break  # none left, or another worker took it
                 except OSError as error:
                     if error.errno in _GONE_BEFORE_ACCEPT:
                         continue
                     raise
-                if self._slots.take():
-                    return trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+                client = _host(address)
+                if self._slots.take(client):
+                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+                    self._slots.accepted(stream, client)
+                    return stream
                 _reset(connection)
 
     async def aclose(self) -> None:
@@ -187,6 +214,11 @@ class CappedListener(trio.abc.Listener[trio.SocketStream]):
             trio.lowlevel.notify_closing(self.socket)  # wakes an accept() waiting on it
             self.socket.close()
         await trio.lowlevel.checkpoint()
+
+
+def _host(address: object) -> str:
+    """The client's IP address; "" for a unix socket's peer (one local client)."""
+    return address[0] if isinstance(address, tuple) else ""
 
 
 def _reset(connection: socket.socket) -> None:

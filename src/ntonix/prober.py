@@ -19,7 +19,7 @@ import trio
 
 from ntonix.config import BackendSettings, HealthSettings
 from ntonix.core.health import HealthTable, Outcome, outcome_of_status
-from ntonix.upstream import backend_ssl_context, out_of_resources
+from ntonix.upstream import backend_ssl_context, describe_failure, out_of_resources
 
 log = logging.getLogger("ntonix.prober")
 
@@ -40,6 +40,7 @@ def models_in(payload: Any) -> list[str] | None:
 async def probe_once(
     client: httpx.AsyncClient, backend: BackendSettings, health: HealthTable, path: str
 ) -> None:
+    """One GET of `path`; its outcome (and the models it lists) goes to the health table."""
     ticket = health.begin_probe(backend.name, trio.current_time())
     if ticket is None:  # removed by a reload meanwhile
         return
@@ -55,11 +56,13 @@ async def probe_once(
             except ValueError:
                 models = None
     except httpx.TimeoutException:
-        outcome, error = Outcome.TIMED_OUT, "health probe timed out"
+        timeout = client.timeout.read or client.timeout.connect
+        outcome, error = Outcome.TIMED_OUT, f"health probe timed out after {timeout} s"
     except httpx.HTTPError as failure:
         # Out of descriptors here says nothing about the backend.
         failed = Outcome.GATEWAY_FAILED if out_of_resources(failure) else Outcome.CONNECT_FAILED
-        outcome, error = (failed, f"health probe failed: {failure or type(failure).__name__}")
+        outcome = failed
+        error = f"health probe failed: {describe_failure(failure, backend)}"
     finally:
         health.end(ticket, outcome, trio.current_time(), error=error, models=models)
 

@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
 import trio
 
+from ntonix.accounts import Accounts
 from ntonix.admission import Admission
 from ntonix.asgi import Receive, Scope, Send, header
-from ntonix.cache import ResponseCache, listen, replay
+from ntonix.cache import Flight, ResponseCache, listen, replay
 from ntonix.config import Config
 from ntonix.core.balancer import affinity_key, make_strategy
+from ntonix.core.framing import stream_kind
 from ntonix.core.headers import client_response_headers, upstream_request_headers
 from ntonix.core.health import (
     HealthTable,
@@ -31,8 +34,10 @@ from ntonix.core.health import (
     retry_after_of,
 )
 from ntonix.core.keys import cache_key, cacheability, scope_for
+from ntonix.core.lru import CachedResponse
 from ntonix.core.requests import ProxiedRequest, classify
 from ntonix.core.telemetry import RequestRecord, Tallies
+from ntonix.core.usage import UsageMeter, prompt_estimate, with_stream_usage
 from ntonix.downstream import (
     ClientGone,
     Downstream,
@@ -42,6 +47,7 @@ from ntonix.downstream import (
     too_large,
 )
 from ntonix.errors import GatewayError, client_error, upstream_error
+from ntonix.shared_flights import Follow
 from ntonix.upstream import BackendPool, UpstreamConnection
 
 log = logging.getLogger("ntonix.proxy")
@@ -57,10 +63,12 @@ class Proxy:
         health: HealthTable,
         cache: ResponseCache | None = None,
         tallies: Tallies | None = None,
+        accounts: Accounts | None = None,
     ) -> None:
         self.health = health
         self.cache = cache
         self.tallies = tallies or Tallies()
+        self.accounts = accounts or Accounts()
         self.admission = Admission()
         self._strategy_name = ""
         self.reconfigure(config, pools)
@@ -72,6 +80,7 @@ class Proxy:
         self._settings = config.gateway
         self._limits = {b.name: b.max_concurrent for b in config.backends}
         self._affinity = config.balancer.strategy == "prefix-affinity"
+        self.admission.aging = config.gateway.batch_aging
         if config.balancer.strategy != self._strategy_name:
             self._strategy_name = config.balancer.strategy
             self.strategy = make_strategy(config.balancer.strategy, random.Random())
@@ -79,7 +88,9 @@ class Proxy:
     async def handle(
         self, scope: Scope, receive: Receive, send: Send, record: RequestRecord
     ) -> None:
-        """Run one request through every phase; returns when the client has its answer."""
+        """Run one request through every phase; returns when the client has its answer.
+
+        `record.tenant`, when set, is who asks: a model its key may not use is refused (403)."""
         downstream = Downstream(send, record)
         try:
             body = await self.accept(scope, receive)
@@ -95,10 +106,19 @@ class Proxy:
             await downstream.fail(error)
             return
         record.model = request.model
+        tenant = record.tenant
+        if tenant is not None and not tenant.may_use(request.model):
+            message = f"The key {tenant.name!r} may not use the model {request.model!r}"
+            await downstream.fail(client_error(403, "model_not_allowed", message))
+            return
+        asked = None
+        if self.config.usage.request_stream_usage and request.payload is not None:
+            # The client did not ask for usage in its stream: ask for it, and strip it again.
+            asked = with_stream_usage(scope["raw_path"], request.payload)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cancel_on_disconnect, receive, downstream, nursery.cancel_scope)
             try:
-                await self.respond(scope, request, body, downstream)
+                await self.respond(scope, request, asked or body, downstream, strip=bool(asked))
             except GatewayError as error:
                 if error.source != "upstream":  # upstream failures were logged per attempt
                     log.warning("request %s: %s", downstream.request_id.decode(), error.message)
@@ -117,13 +137,23 @@ class Proxy:
         raise client_error(408, "request_timeout", "The request body did not arrive in time")
 
     async def respond(
-        self, scope: Scope, request: ProxiedRequest, body: bytes, downstream: Downstream
+        self,
+        scope: Scope,
+        request: ProxiedRequest,
+        body: bytes,
+        downstream: Downstream,
+        *,
+        strip: bool = False,
     ) -> None:
         """Phase cache lookup: a hit is replayed, an identical request in flight is joined, a
-        cacheable miss becomes a shared flight; anything else goes straight upstream."""
+        cacheable miss becomes a shared flight; anything else goes straight upstream.
+
+        `body` is what goes upstream; `strip` says it asks for stream usage the client's
+        `request` did not, so the usage-only event is taken out of the response."""
         cache = self.cache
+        forward = partial(self.forward, scope, request, body, strip=strip)
         if cache is None:
-            await self.forward(scope, request, body, downstream, downstream.record)
+            await forward(downstream, downstream.record)
             return
         plan = (
             cacheability(
@@ -138,7 +168,7 @@ class Proxy:
         if plan is None or not (plan.lookup or plan.store):
             cache.bypass += 1
             downstream.record.cache = "bypass"
-            await self.forward(scope, request, body, downstream, downstream.record)
+            await forward(downstream, downstream.record)
             return
         assert request.payload is not None
         key = cache_key(
@@ -147,16 +177,34 @@ class Proxy:
             scope_for(_bearer_token(scope), cache.settings.scope),
             request.payload,
         )
+        remote = None
         if plan.lookup:
             if (hit := cache.lookup(key)) is not None:
                 downstream.record.cache = "hit"
                 await replay(hit, downstream)
+                if hit.usage is not None:
+                    self.accounts.served(downstream.record, hit.usage)
                 return
             if (flight := cache.joinable(key)) is not None:
                 downstream.record.cache = "coalesced"
                 await listen(flight, downstream)
+                self._served_by(flight, downstream.record)
                 return
-        downstream.record.cache = "miss"
+            found = await cache.lookup_shared(key)
+            if isinstance(found, CachedResponse):
+                downstream.record.cache = "hit"
+                await replay(found, downstream)
+                if found.usage is not None:
+                    self.accounts.served(downstream.record, found.usage)
+                return
+            remote = found
+            # While L2 was asked, an identical request may have started a flight.
+            if (flight := cache.joinable(key)) is not None:
+                downstream.record.cache = "coalesced"
+                await listen(flight, downstream)
+                self._served_by(flight, downstream.record)
+                return
+        downstream.record.cache = "coalesced" if isinstance(remote, Follow) else "miss"
         # The flight outlives this client if others joined it: what it notes on this record
         # after the client left is never read.
         flight = cache.start_flight(
@@ -164,9 +212,18 @@ class Proxy:
             downstream.request_id,
             coalesce=plan.lookup,
             store=plan.store,
-            run=partial(self.forward, scope, request, body, record=downstream.record),
+            dialect=downstream.dialect,
+            run=partial(forward, record=downstream.record),
+            remote=remote,
         )
         await listen(flight, downstream)
+        if flight.follower:  # another worker's backend request answered: served, not generated
+            self._served_by(flight, downstream.record)
+
+    def _served_by(self, flight: Flight, record: RequestRecord) -> None:
+        """A request answered by a flight it did not run counts its tokens as cached."""
+        if flight.usage is not None and not flight.failed:
+            self.accounts.served(record, flight.usage)
 
     async def forward(
         self,
@@ -175,6 +232,8 @@ class Proxy:
         body: bytes,
         downstream: ResponseSink,
         record: RequestRecord,
+        *,
+        strip: bool = False,
     ) -> None:
         """Phases pick upstream and admission, then tries on backends until one answers.
 
@@ -183,6 +242,7 @@ class Proxy:
         is the client's (for a shared flight: its first client's).
         """
         exchange = Exchange(scope, request, body, downstream, record)
+        exchange.strip = strip
         if self._affinity and request.payload is not None:
             exchange.affinity = affinity_key(request.payload)
         tallies = self.tallies
@@ -204,25 +264,30 @@ class Proxy:
                 if failed:
                     tallies.failovers[ticket.name] += 1
                 return
+            # Logged even when another backend then answers: a refused connection, a timeout
+            # or a TLS certificate that does not verify must not pass unnoticed behind a retry.
+            log.warning("request %s: %s", downstream.request_id.decode(), last_error.message)
             if last_error.source == "gateway":  # another backend would fail the same way
                 break
             failed = ticket.name
         assert last_error is not None
         raise last_error
 
-    async def admit(self, exchange: Exchange, *, first: bool) -> Ticket | None:
+    async def admit(self, exchange: Placement, *, first: bool) -> Ticket | None:
         """Phases pick upstream and admission: the best eligible backend with a free slot.
 
-        Waits up to `queue_timeout`, first come first served, when every eligible backend is at
-        `max_concurrent`; None when failover has no untried backend left.
+        Waits up to `queue_timeout`, in fair order (ntonix.admission), when every eligible
+        backend is at `max_concurrent`; None when failover has no untried backend left.
         """
         # Requests already waiting go first: a slot they can use is theirs.
         self.admission.admit_waiting()
         try_admit = partial(self._try_admit, exchange)
+        tenant = exchange.record.tenant
         ticket = try_admit()
         if ticket is not None:
+            self.admission.served(tenant)
             return ticket
-        model = exchange.request.model
+        model = exchange.model
         now = trio.current_time()
         if not any(n not in exchange.tried for n in self.health.eligible(model, now)):
             if not first:
@@ -230,7 +295,9 @@ class Proxy:
             raise self._no_route(model, now)
         deadline = now + self._settings.queue_timeout
         exchange.record.phase = "queue"
-        ticket = await self.admission.wait(try_admit, deadline, self._abandon)
+        # Same model, same backends tried: the same slots will do (affinity only orders them).
+        group = (model, frozenset(exchange.tried))
+        ticket = await self.admission.wait(try_admit, deadline, self._abandon, tenant, group)
         exchange.record.phase = "first_byte"
         self.tallies.queue_wait.observe(trio.current_time() - now)
         if ticket is None:
@@ -243,12 +310,10 @@ class Proxy:
             )
         return ticket
 
-    def _try_admit(self, exchange: Exchange) -> Ticket | None:
+    def _try_admit(self, exchange: Placement) -> Ticket | None:
         """The strategy's first choice among untried eligible backends below their limit."""
         now = trio.current_time()
-        names = [
-            n for n in self.health.eligible(exchange.request.model, now) if n not in exchange.tried
-        ]
+        names = [n for n in self.health.eligible(exchange.model, now) if n not in exchange.tried]
         candidates = self.health.candidates(names)
         in_flight = {c.name: c.in_flight for c in candidates}
         for name in self.strategy.order(candidates, affinity_key=exchange.affinity):
@@ -284,11 +349,14 @@ class Proxy:
                     connection = await pool.connect()
                 if connection is None:
                     report.outcome = Outcome.TIMED_OUT
-                    return upstream_error(
+                    timeout = settings.upstream_connect_timeout
+                    error = upstream_error(
                         504,
                         "backend_connect_timeout",
-                        f"Connecting to backend {ticket.name} timed out",
+                        f"Connecting to backend {ticket.name} timed out after {timeout} s",
                     )
+                    report.error = error.message
+                    return error
             sent_at = trio.current_time()
             with trio.move_on_after(settings.first_byte_timeout) as waiting:
                 await connection.send_request(
@@ -300,9 +368,14 @@ class Proxy:
                 response = await connection.receive_response()
             if waiting.cancelled_caught:
                 report.outcome = Outcome.TIMED_OUT
-                return upstream_error(
-                    504, "backend_timeout", f"Backend {ticket.name} sent no response in time"
+                timeout = settings.first_byte_timeout
+                error = upstream_error(
+                    504,
+                    "backend_timeout",
+                    f"Backend {ticket.name} sent no response: timed out after {timeout} s",
                 )
+                report.error = error.message
+                return error
             report.ttfb = trio.current_time() - sent_at
             status = response.status_code
             answered = outcome_of_status(status)
@@ -313,13 +386,24 @@ class Proxy:
                 return upstream_error(
                     502, "backend_error", f"Backend {ticket.name} answered {status}"
                 )
+            if 200 <= status < 300 and exchange.request.payload is not None:
+                exchange.meter = UsageMeter(
+                    stream_kind(response.headers),
+                    strip=exchange.strip,
+                    prompt=prompt_estimate(exchange.request.payload),
+                )
             await exchange.downstream.start(
                 status,
                 client_response_headers(response.headers, backend=ticket.name.encode()),
             )
             try:
                 await relay_body(
-                    connection, exchange.downstream, settings.idle_timeout, ticket.name
+                    connection,
+                    exchange.downstream,
+                    settings.idle_timeout,
+                    ticket.name,
+                    exchange.meter,
+                    partial(self._charge, exchange),
                 )
             except GatewayError as error:
                 report.outcome = Outcome.FAILED_MIDSTREAM
@@ -335,26 +419,39 @@ class Proxy:
             gateways = error.source == "gateway"  # out of descriptors: not the backend's fault
             report.outcome = Outcome.GATEWAY_FAILED if gateways else Outcome.CONNECT_FAILED
             report.error = error.message
-            # Logged even when another backend then answers: a refused connection or a TLS
-            # certificate that does not verify must not pass unnoticed behind a retry.
-            log.warning("request %s: %s", exchange.downstream.request_id.decode(), error.message)
             return error
         finally:
             if connection is not None:
                 pool.checkin(connection)
-            tallies = self.tallies
-            tallies.attempts[(ticket.name, report.outcome.value)] += 1
-            if report.outcome is Outcome.CLIENT_DISCONNECTED:
-                tallies.cancellations[ticket.name] += 1
-            self.health.end(
-                ticket,
-                report.outcome,
-                trio.current_time(),
-                ttfb=report.ttfb,
-                retry_after=report.retry_after,
-                error=report.error,
-            )
-            self.admission.admit_waiting()
+            if exchange.meter is not None and not exchange.charged:
+                self._charge(exchange)  # cut short: what passed, estimated
+            self.release(ticket, report)
+
+    def release(self, ticket: Ticket, report: Report) -> None:
+        """An attempt (or a WebSocket session) on a backend ended: count it, report its outcome
+        to the health table and offer its slot to the requests waiting for one."""
+        tallies = self.tallies
+        tallies.attempts[(ticket.name, report.outcome.value)] += 1
+        if report.outcome is Outcome.CLIENT_DISCONNECTED:
+            tallies.cancellations[ticket.name] += 1
+        self.health.end(
+            ticket,
+            report.outcome,
+            trio.current_time(),
+            ttfb=report.ttfb,
+            retry_after=report.retry_after,
+            error=report.error,
+        )
+        self.admission.admit_waiting()
+
+    def _charge(self, exchange: Exchange) -> None:
+        """The response's tokens are known (or it ended early): count and charge them once."""
+        assert exchange.meter is not None
+        exchange.charged = True
+        usage = exchange.meter.usage()
+        if isinstance(exchange.downstream, Flight):
+            exchange.downstream.usage = usage  # for those who join it and for the cache
+        self.accounts.generated(exchange.record, usage)
 
     def _has_alternative(self, exchange: Exchange) -> bool:
         now = trio.current_time()
@@ -389,6 +486,17 @@ class Proxy:
         )
 
 
+class Placement(Protocol):
+    """What picking a backend needs to know of a request or a WebSocket session."""
+
+    tried: set[str]  # backends already tried: never the same one twice
+    affinity: str | None
+    record: RequestRecord  # its phase shows "queue" while it waits for a slot
+
+    @property
+    def model(self) -> str | None: ...
+
+
 class ResponseSink(Protocol):
     """Where an exchange writes its response: one client (`Downstream`) or a shared `Flight`."""
 
@@ -406,11 +514,14 @@ class Exchange:
     __slots__ = (
         "affinity",
         "body",
+        "charged",
         "downstream",
+        "meter",
         "method",
         "record",
         "request",
         "scope",
+        "strip",
         "tried",
     )
 
@@ -430,6 +541,13 @@ class Exchange:
         self.method = scope["method"].encode()
         self.tried: set[str] = set()
         self.affinity: str | None = None
+        self.strip = False  # take the usage-only event the gateway asked for out of the stream
+        self.meter: UsageMeter | None = None  # reads the committed response's tokens
+        self.charged = False
+
+    @property
+    def model(self) -> str | None:
+        return self.request.model
 
 
 class Report:
@@ -449,19 +567,34 @@ _RETRYABLE = frozenset({Outcome.UPSTREAM_5XX, Outcome.UPSTREAM_429})
 
 
 async def relay_body(
-    connection: UpstreamConnection, downstream: ResponseSink, idle_timeout: float, backend: str
+    connection: UpstreamConnection,
+    downstream: ResponseSink,
+    idle_timeout: float,
+    backend: str,
+    meter: UsageMeter | None = None,
+    charge: Callable[[], None] | None = None,
 ) -> None:
     """Phase stream body: each upstream read goes to the client as soon as it arrives.
 
     The idle deadline covers only the wait for the backend: the write to the client is outside
-    it, so a slow reader is back-pressure (the socket fills up), not a backend timeout.
+    it, so a slow reader is back-pressure (the socket fills up), not a backend timeout. The
+    `meter` reads the tokens on the way (and may hold back an event it strips); `charge` runs
+    once the body is complete, before its end reaches the client, so that whoever waits for
+    that end finds the tokens counted.
     """
     with trio.CancelScope() as idle:
         while True:
             idle.deadline = trio.current_time() + idle_timeout
             data, done = await connection.receive_body()
             idle.deadline = math.inf
-            await downstream.write(data, more=not done)
+            if meter is not None:
+                data = meter.feed(data)
+                if done:
+                    data += meter.flush()
+                    if charge is not None:
+                        charge()
+            if data or done:
+                await downstream.write(data, more=not done)
             if done:
                 return
     raise upstream_error(

@@ -34,9 +34,10 @@ import trio
 from hypercorn.typing import AppWrapper, Framework
 from hypercorn.utils import wrap_app
 
-from ntonix.app import Gateway
+from ntonix.app import Gateway, websocket_settings
 from ntonix.config import Config
 from ntonix.core.restarts import RestartPolicy
+from ntonix.embedded import EmbeddedValkey
 from ntonix.gathering import WorkerGroup
 from ntonix.listening import CLIENT_SEND_TIMEOUT, ConnectionSlots, set_send_timeout
 from ntonix.tls import server_ssl_context
@@ -95,7 +96,7 @@ def hypercorn_config(
     certfile: str | None = None,
     keyfile: str | None = None,
     send_timeout: float = CLIENT_SEND_TIMEOUT,
-) -> hypercorn.config.Config:
+) -> _Settings:
     settings = _Settings()
     settings.send_timeout = send_timeout
     settings.bind = list(binds)
@@ -103,6 +104,9 @@ def hypercorn_config(
     settings.backlog = LISTEN_BACKLOG
     # Hypercorn's default of 3 s would cut LLM streams in the middle on every restart.
     settings.graceful_timeout = config.gateway.graceful_timeout
+    websocket_settings(settings, config)
+    # Hypercorn's default of 60 s lets silent connections hold slots of max_connections.
+    settings.ssl_handshake_timeout = config.gateway.handshake_timeout
     settings.accesslog = None
     # Hypercorn's own stderr handler would print every line twice next to ours.
     settings.errorlog = logging.getLogger("ntonix.server")
@@ -139,19 +143,43 @@ async def serve(
     """Serve until `shutdown_trigger` returns (default: SIGINT or SIGTERM), then drain for up
     to `graceful_timeout`.
 
-    Reports the bound URLs (port 0 becomes the real port) through `task_status`.
+    Reports the bound URLs (port 0 becomes the real port) through `task_status`. With
+    `[shared] url = "embedded"`, a private valkey-server runs until the drain is over.
     """
     settings = hypercorn_config(
         config, binds, certfile=certfile, keyfile=keyfile, send_timeout=send_timeout
     )
-    gateway = Gateway(config, config_file=config_file)
-    await serve_worker(
-        _asgi(gateway, settings),
-        settings,
-        listening_sockets(settings),
-        ConnectionSlots(config.gateway.max_connections),
-        shutdown_trigger=_telling(gateway, shutdown_trigger or wait_for_stop_signal),
-        task_status=task_status,
+    embedded = None
+    if config.shared.embedded:
+        embedded = await trio.to_thread.run_sync(EmbeddedValkey.start, config.cache.max_bytes)
+    try:
+        gateway = Gateway(
+            config, config_file=config_file, embedded_tier=embedded.url if embedded else None
+        )
+        await serve_worker(
+            _asgi(gateway, settings),
+            settings,
+            listening_sockets(settings),
+            _slots(config),
+            send_timeout=settings.send_timeout,
+            max_request_body=config.gateway.max_request_body,
+            shutdown_trigger=_telling(gateway, shutdown_trigger or wait_for_stop_signal),
+            task_status=task_status,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _slots(
+    config: Config, *, counts: MutableSequence[int] | None = None, index: int = 0
+) -> ConnectionSlots:
+    gateway = config.gateway
+    return ConnectionSlots(
+        gateway.max_connections,
+        per_client=gateway.max_connections_per_client,
+        counts=counts,
+        index=index,
     )
 
 
@@ -181,7 +209,6 @@ def serve_workers(
     *,
     certfile: str | None = None,
     keyfile: str | None = None,
-    restarts: RestartPolicy = RESTARTS,
 ) -> int:
     """N worker processes on shared sockets, holding max_connections client connections in
     all. Returns the exit code: 0 after a stop, 1 if a worker kept dying."""
@@ -191,6 +218,30 @@ def serve_workers(
     except OSError as error:
         print(f"ntonix: cannot serve on {', '.join(binds)}: {error}", file=sys.stderr)
         return 1
+    embedded = None
+    if config.shared.embedded:
+        # One server for all the workers, started before them and stopped after their drain.
+        try:
+            embedded = EmbeddedValkey.start(config.cache.max_bytes)
+        except OSError as error:
+            print(f"ntonix: {error}", file=sys.stderr)
+            return 1
+    try:
+        tier = embedded.url if embedded else None
+        return _spawn_and_supervise(settings, sockets, config_path, config, workers, tier)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _spawn_and_supervise(
+    settings: _Settings,
+    sockets: hypercorn.config.Sockets,
+    config_path: str | None,
+    config: Config,
+    workers: int,
+    embedded_tier: str | None,
+) -> int:
     # Spawned, not forked: a fork would copy whatever state and threads the parent holds.
     spawn = multiprocessing.get_context("spawn")
     stop_reader, stop_writer = spawn.Pipe(duplex=False)
@@ -199,7 +250,7 @@ def serve_workers(
     # Where the workers' figures meet, so that each answers for the whole gateway: private to
     # this run (mode 0700), removed after it.
     figures = tempfile.mkdtemp(prefix="ntonix-workers-")
-    work = (settings, sockets, config, config_path, counts, stop_reader, figures)
+    work = (settings, sockets, config, config_path, counts, stop_reader, figures, embedded_tier)
 
     def start(index: int) -> BaseProcess:
         # The dead worker's connections died with it.
@@ -234,7 +285,7 @@ def serve_workers(
         processes = {index: start(index) for index in range(workers)}
         maximum = config.gateway.max_connections
         log.info("%d workers: %d client connections at most in all", workers, maximum)
-        supervisor = _Supervisor(start, stop_writer, settings.graceful_timeout, restarts)
+        supervisor = _Supervisor(start, stop_writer, settings.graceful_timeout, RESTARTS)
         return supervisor.run(processes, stop_listening)
     finally:
         stop_listening()
@@ -369,13 +420,14 @@ def _signals_received(wakeup: socket.socket) -> list[int]:
 
 
 def _worker_process(
-    settings: hypercorn.config.Config,
+    settings: _Settings,
     sockets: hypercorn.config.Sockets,
     config: Config,
     config_file: str | None,
     counts: MutableSequence[int],
     stop: Connection,
     figures: str,
+    embedded_tier: str | None,
     index: int,
 ) -> None:
     """One spawned worker. Its SIGINT, SIGTERM and SIGHUP start ignored (and blocked, if it
@@ -384,7 +436,13 @@ def _worker_process(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
     # Spawned, so the parent's logging set-up did not come along.
     logging.config.dictConfig(WORKER_LOGGING)
-    gateway = Gateway(config, config_file=config_file, workers=WorkerGroup(figures))
+    gateway = Gateway(
+        config,
+        config_file=config_file,
+        workers=WorkerGroup(figures),
+        announce=index == 0,
+        embedded_tier=embedded_tier,
+    )
     # The parent closes the pipe to stop every worker (and the kernel does it if the parent
     # dies); a Ctrl-C in a terminal reaches the workers too.
     until_stopped = partial(
@@ -396,7 +454,9 @@ def _worker_process(
             _asgi(gateway, settings),
             settings,
             sockets,
-            ConnectionSlots(config.gateway.max_connections, counts=counts, index=index),
+            _slots(config, counts=counts, index=index),
+            send_timeout=settings.send_timeout,
+            max_request_body=config.gateway.max_request_body,
             shutdown_trigger=_telling(gateway, until_stopped),
         )
     )

@@ -5,13 +5,16 @@ pool slots when requests were cancelled while waiting (docs/BENCHMARKS.md). Why 
 the connection is the one cancel signal every LLM server understands, so a cancelled request
 closes its socket at once and the backend stops generating.
 
-This is the one place where socket, TLS and h11 errors become `GatewayError`s. Callers own the
-timeouts (`trio.fail_after` around each phase); nothing here waits on a clock.
+This is the one place where socket, TLS and h11 errors become `GatewayError`s, and where any
+failed connection (the probers' too) is put in plain words: "connection refused by
+127.0.0.1:11434", never the text of the exception groups that Trio raises for a connect.
+Callers own the timeouts (`trio.fail_after` around each phase); nothing here waits on a clock.
 """
 
 from __future__ import annotations
 
 import errno
+import socket
 import ssl
 from typing import cast
 
@@ -28,6 +31,8 @@ MAX_RESPONSE_HEAD = 64 * 1024
 # Idle keep-alive connections kept per backend; more are closed when they come back.
 MAX_IDLE_PER_BACKEND = 512
 
+
+BackendStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 # What a socket, TLS or HTTP/1.1 failure can raise; translated in one place, below.
 _FOREIGN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError)
@@ -51,7 +56,7 @@ def _gateway_error(
     return upstream_error(
         502,
         "backend_unreachable" if doing == "connecting" else "backend_connection_broken",
-        f"Backend {backend.name} failed while {doing}: {_describe(error.__cause__ or error)}",
+        f"Backend {backend.name} failed while {doing}: {describe_failure(error, backend)}",
     )
 
 
@@ -61,22 +66,59 @@ _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def out_of_resources(error: BaseException) -> OSError | None:
-    """The OSError saying the gateway ran out of descriptors or memory, found in `error`, its
-    causes, or the attempts trio's `open_tcp_stream` groups behind its own OSError."""
-    pending = [error]
-    while pending:
-        current = pending.pop()
-        if isinstance(current, OSError) and current.errno in _EXHAUSTED:
-            return current
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
-        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    """The OSError saying the gateway ran out of descriptors or memory, among the root causes
+    of `error` (say, one of the attempts trio's `open_tcp_stream` groups behind its OSError)."""
+    for cause in _root_causes(error):
+        if isinstance(cause, OSError) and cause.errno in _EXHAUSTED:
+            return cause
     return None
 
 
-def _describe(error: BaseException) -> str:
+def describe_failure(error: BaseException, backend: BackendSettings) -> str:
+    """What went wrong with a connection to `backend`, in plain words: "connection refused by
+    127.0.0.1:11434". Each distinct root cause once (a host name may have several addresses)."""
+    host = f"[{backend.host}]" if ":" in backend.host else backend.host
+    address = f"{host}:{backend.port}"
+    words = (_in_words(cause, backend.host, address) for cause in _root_causes(error))
+    return "; ".join(dict.fromkeys(words))
+
+
+def _root_causes(error: BaseException) -> list[BaseException]:
+    """The errors at the bottom of `error`'s chain: Trio raises an OSError from an exception
+    group of one error per address tried; httpx wraps httpcore's error, which holds the
+    original as its argument."""
+    if isinstance(error, BaseExceptionGroup):
+        return [cause for inner in error.exceptions for cause in _root_causes(inner)]
+    inner = error.__cause__
+    if inner is None and error.args and isinstance(error.args[0], BaseException):
+        inner = error.args[0]
+    return [error] if inner is None else _root_causes(inner)
+
+
+_ERRNO_WORDS = {
+    errno.ECONNREFUSED: "connection refused by {}",
+    errno.ECONNRESET: "connection reset by {}",
+    errno.ECONNABORTED: "connection aborted by {}",
+    errno.EPIPE: "connection closed by {}",
+    errno.EHOSTUNREACH: "no route to host {}",
+    errno.ENETUNREACH: "network unreachable for {}",
+    errno.ETIMEDOUT: "connection to {} timed out",
+}
+
+
+def _in_words(error: BaseException, host: str, address: str) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed ({error.verify_message})"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS handshake with {address} failed ({error.reason or error})"
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve {host} ({error.strerror})"
+    if isinstance(error, OSError) and error.errno in _ERRNO_WORDS:
+        return _ERRNO_WORDS[error.errno].format(address)
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror.lower()} ({address})"
+    if isinstance(error, trio.BrokenResourceError | trio.ClosedResourceError):
+        return f"connection to {address} broken"
     return str(error) or type(error).__name__
 
 
@@ -245,7 +287,16 @@ class BackendPool:
         connection.close()
         self._closed += 1
 
+    async def open_stream(self) -> BackendStream:
+        """A new connection of its own (TLS done), outside the pool's keep-alive accounting:
+        a WebSocket session holds its connection until the session ends."""
+        return (await self._open())[1]
+
     async def _connect(self) -> UpstreamConnection:
+        socket_stream, stream = await self._open()
+        return UpstreamConnection(self.backend, socket_stream, stream)
+
+    async def _open(self) -> tuple[trio.SocketStream, BackendStream]:
         backend = self.backend
         try:
             socket_stream = await trio.open_tcp_stream(backend.host, backend.port)
@@ -261,7 +312,7 @@ class BackendPool:
                 ) from error
             raise _gateway_error(error, backend, "connecting") from error
         if self._ssl_context is None:
-            return UpstreamConnection(backend, socket_stream, socket_stream)
+            return socket_stream, socket_stream
         try:
             tls = trio.SSLStream(socket_stream, self._ssl_context, server_hostname=backend.host)
             await tls.do_handshake()
@@ -270,7 +321,7 @@ class BackendPool:
             if isinstance(error, _FOREIGN_ERRORS):
                 raise _gateway_error(error, backend, "connecting") from error
             raise
-        return UpstreamConnection(backend, socket_stream, tls)
+        return socket_stream, tls
 
 
 def _check_head_size(response: h11.Response) -> None:

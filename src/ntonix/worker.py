@@ -2,8 +2,9 @@
 
 Hypercorn's `worker_serve` builds its listeners itself and has no connection cap (and ASGI
 never sees connections), so this runs its parts ourselves: the lifespan, Hypercorn's TCPServer
-for each connection, and a `CappedListener` in front of every socket. The lifespan outlives the
-listeners: it starts before the first accept and shuts down after the drain.
+for each connection (speaking HTTP/2 through `protocols.GuardedH2Protocol`), and a
+`CappedListener` in front of every socket. The lifespan outlives the listeners: it starts
+before the first accept and shuts down after the drain.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from functools import partial
 import hypercorn.config
 import trio
 from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
-from hypercorn.utils import repr_socket_addr
+from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
 from ntonix.listening import CappedListener, ConnectionSlots
+from ntonix.protocols import Guard, GuardedProtocol
 
 log = logging.getLogger("ntonix.server")  # the `Running on` lines' logger, as it always was
 
@@ -34,13 +37,17 @@ async def serve_worker(
     sockets: hypercorn.config.Sockets,
     slots: ConnectionSlots,
     *,
+    send_timeout: float,
+    max_request_body: int,
     shutdown_trigger: Callable[[], Awaitable[object]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `sockets` (listening already) until `shutdown_trigger` returns, then stop accepting
     and let open connections finish for up to `settings.graceful_timeout`.
 
-    A connection is accepted only when `slots` has room. Reports the URLs it serves through
+    A connection is accepted only when `slots` has room; an HTTP/2 stream whose client leaves
+    its window shut for `send_timeout` is reset; a chunk over `max_request_body` gets 413.
+    Reports the URLs it serves through
     `task_status`. Closes the sockets.
     """
     all_sockets = [*sockets.secure_sockets, *sockets.insecure_sockets]
@@ -52,7 +59,10 @@ async def serve_worker(
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
             listeners, urls = _listeners(settings, sockets, slots)
-            tcp_server = partial(_TCPServer, app, settings, context, ConnectionState(state.copy()))
+            guard = Guard(send_timeout=send_timeout, max_request_body=max_request_body)
+            tcp_server = partial(
+                _TCPServer, guard, app, settings, context, ConnectionState(state.copy())
+            )
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
                     accepting.start_soon(
@@ -80,12 +90,78 @@ async def serve_worker(
 
 
 class _TCPServer(TCPServer):
-    """Hypercorn's handler of one connection, ending as soon as the client has closed it.
+    """Hypercorn's handler of one connection, with HTTP/2 guarded (`protocols`), ending as soon
+    as the client has closed it.
 
     Hypercorn 0.18 sees the end of a kept-alive connection that is idle (between requests) but
     then waits for its keep-alive timer (5 s) before the handler ends: the socket, and its slot
     of max_connections, would stay taken that long after every such close.
     """
+
+    def __init__(
+        self,
+        guard: Guard,
+        app: AppWrapper,
+        config: hypercorn.config.Config,
+        context: WorkerContext,
+        state: ConnectionState,
+        stream: trio.SSLStream[trio.SocketStream],
+    ) -> None:
+        super().__init__(app, config, context, state, stream)
+        self.guard = guard
+
+    async def run(self) -> None:
+        # Hypercorn's own run, with GuardedProtocol in place of its ProtocolWrapper.
+        try:
+            if isinstance(self.stream, trio.SSLStream):
+                # A client that never completes its handshake holds a connection slot for
+                # this long (`gateway.handshake_timeout`) at most.
+                try:
+                    with trio.fail_after(self.config.ssl_handshake_timeout):
+                        await self.stream.do_handshake()
+                except (trio.BrokenResourceError, trio.TooSlowError):
+                    return
+                alpn_protocol = self.stream.selected_alpn_protocol()
+                sock = self.stream.transport_stream.socket
+                ssl = True
+            else:
+                alpn_protocol = "http/1.1"
+                sock = self.stream.socket
+                ssl = False
+            client = parse_socket_addr(sock.family, sock.getpeername())
+            server = parse_socket_addr(sock.family, sock.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = GuardedProtocol(
+                    self.guard,
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    ssl,
+                    client,
+                    server,
+                    self.protocol_send,
+                    alpn_protocol,
+                )
+                await self.protocol.initiate()
+                await self.idle_task.restart(task_group, self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass  # the client is gone
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        # Hypercorn's close sends EOF without its send lock: when h11 refuses what follows a
+        # request (its own 400) while the app writes its response, the two sends collided and
+        # one raised BusyResourceError (the client then got no answer at all).
+        if self.send_lock.statistics().owner is trio.lowlevel.current_task():
+            await super()._close()
+            return
+        async with self.send_lock:
+            await super()._close()
 
     async def _read_data(self) -> None:
         await super()._read_data()

@@ -3,14 +3,19 @@ per-backend state is the worst any worker sees, and the JSON form carries everyt
 
 from __future__ import annotations
 
+import calendar
 import json
+import time
 from collections import Counter
 
 import attrs
 
-from ntonix.core.figures import Figures, decode, encode, merge
+from ntonix.core.figures import Figures, decode, encode, merge, tier_up
 from ntonix.core.health import BackendSnapshot
+from ntonix.core.ledger import UsageBook, UsageFigures
+from ntonix.core.sessions import SessionCounts, SessionTallies
 from ntonix.core.telemetry import RequestRecord, SecondSummary, Tallies, WindowSummary
+from ntonix.core.usage import Usage
 
 
 def _backend(name: str = "a", **changes: object) -> BackendSnapshot:
@@ -174,3 +179,73 @@ def test_a_worker_without_a_cache_adds_nothing_to_it() -> None:
     assert merge([_figures(1, cache=None), _figures(1, cache=None)]).cache is None
     merged = merge([_figures(2), _figures(1, cache=None)])
     assert merged.cache is not None and merged.cache["hits"] == 2
+
+
+def _usage(prompt: int, completion: int, cached: int, *, date: str = "2026-12-06") -> UsageFigures:
+    book = UsageBook()
+    wall = calendar.timegm(time.strptime(date + " 12", "%Y-%m-%d %H"))
+    book.add("team-a", "m", Usage(prompt, completion), cached=False, now=10.0, wall=wall)
+    book.add("team-a", "m", Usage(cached, 0, True), cached=True, now=10.0, wall=wall)
+    return book.figures(30.0)
+
+
+def test_tokens_add_up_over_workers_and_a_gone_workers_minute_is_not_this_minute() -> None:
+    one = _figures(1, usage=_usage(10, 20, 5))
+    two = _figures(1, usage=_usage(1, 2, 0))
+    gone = _figures(1, usage=_usage(100, 200, 0, date="2026-12-05"))
+    merged = merge([one, two], [gone])
+    total = merged.usage.total
+    assert total[("team-a", "m", "prompt")] == 111
+    assert total[("team-a", "m", "completion")] == 222
+    assert total[("team-a", "m", "cached")] == 5
+    assert merged.usage.minute[("team-a", "m", "prompt")] == 11  # the live workers' only
+    assert merged.usage.days["2026-12-06"][("team-a", "m", "completion")] == 22
+    assert merged.usage.days["2026-12-05"][("team-a", "m", "completion")] == 200
+    assert decode(json.loads(json.dumps(encode(merged)))).usage == merged.usage
+
+
+def _sessions(ended: int, *, active: int) -> SessionTallies:
+    sessions = SessionTallies(active=active)
+    counts = SessionCounts()
+    counts.messages_in, counts.messages_out, counts.closed_by = 2, 5, "client"
+    for _ in range(ended):
+        sessions.finish(
+            backend="a", status=101, counts=counts, bytes_in=10, bytes_out=50, duration=3.0
+        )
+    return sessions
+
+
+def test_websocket_sessions_add_up_and_travel_as_json() -> None:
+    live = _figures(1, sessions=_sessions(2, active=1))
+    gone = _figures(1, sessions=_sessions(3, active=4))
+    merged = merge([live, live], [gone])
+    assert merged.sessions.active == 2  # a gone worker's open sessions are not open
+    assert merged.sessions.sessions == Counter({("a", "101"): 7})
+    assert merged.sessions.messages == Counter({"to_backend": 14, "to_client": 35})
+    assert merged.sessions.bytes == Counter({"to_backend": 70, "to_client": 350})
+    assert merged.sessions.closes == Counter({"client": 7})
+    assert merged.sessions.durations.count == 7
+    back = decode(json.loads(json.dumps(encode(merged))))
+    assert encode(back) == encode(merged)
+
+
+def _tier(*, up: bool, calls: int) -> dict[str, int]:
+    return {"workers_up": int(up), "calls": calls, "failures": 1, "skipped": 2, "transitions": 0}
+
+
+def test_the_shared_tier_counts_add_up_and_only_live_workers_say_whether_it_is_up() -> None:
+    merged = merge(
+        [_figures(1, shared=_tier(up=True, calls=5)), _figures(1, shared=_tier(up=False, calls=3))],
+        [_figures(1, shared=_tier(up=True, calls=7))],
+    )
+    assert merged.shared == {
+        "workers_up": 1,  # of the 2 live workers: the gone one's view is not counted
+        "calls": 15,
+        "failures": 3,
+        "skipped": 6,
+        "transitions": 0,
+    }
+    assert merge([_figures(1), _figures(1)]).shared is None
+    back = decode(json.loads(json.dumps(encode(merged))))
+    assert back.shared == merged.shared
+    assert not tier_up(merged) and tier_up(merge([_figures(1, shared=_tier(up=True, calls=1))]))

@@ -217,6 +217,65 @@ def test_failing_probes_take_a_backend_out_even_with_live_successes_between() ->
     assert table.snapshot(0)[0].probe == "ok"
 
 
+def test_not_ready_until_a_backend_has_answered() -> None:
+    table = _table()
+    assert not table.ready(0)  # closed circuits, but nothing has answered yet
+    _probe(table, "a", Outcome.CONNECT_FAILED)
+    _request(table, "b", Outcome.TIMED_OUT)
+    _request(table, "b", Outcome.CLIENT_DISCONNECTED)  # proves nothing
+    _probe(table, "b", Outcome.UPSTREAM_5XX)
+    assert not table.ready(0)
+    _probe(table, "a", Outcome.COMPLETED)
+    assert table.ready(0)
+
+
+@pytest.mark.parametrize("outcome", [Outcome.COMPLETED, Outcome.UPSTREAM_4XX, Outcome.UPSTREAM_429])
+def test_a_request_answered_by_a_backend_makes_the_table_ready(outcome: Outcome) -> None:
+    table = _table()
+    _request(table, "a", outcome)
+    assert table.ready(0)  # a 429's back-off is a moment, not ill health
+
+
+def test_not_ready_once_every_backend_that_answered_is_out() -> None:
+    table = _table()
+    _probe(table, "a", Outcome.COMPLETED)
+    for _ in range(3):
+        _request(table, "a", Outcome.UPSTREAM_5XX)
+    assert _state(table, "a") == "open"
+    assert not table.ready(1)  # b never answered: it does not count
+    trial = table.begin("a", 10)  # half-open, its trial in flight: not ejected any more
+    assert trial is not None and trial.trial and table.ready(10)
+    table.end(trial, Outcome.COMPLETED, 10)
+    for _ in range(3):
+        _probe(table, "a", Outcome.TIMED_OUT, 11)
+    assert not table.ready(11)
+
+
+def test_every_circuit_change_is_told_once_with_its_reason() -> None:
+    changes: list[str] = []
+    table = HealthTable([Backend("a")], SETTINGS, on_change=lambda c: changes.append(str(c)))
+    stale = table.begin("a", 0)
+    assert stale is not None
+    _request(table, "a", Outcome.CONNECT_FAILED, 0)
+    _probe(table, "a", Outcome.CONNECT_FAILED, 0, error="connection refused by h:1")
+    _request(table, "a", Outcome.TIMED_OUT, 0)
+    table.end(stale, Outcome.COMPLETED, 0)  # began before the opening: changes nothing
+    abandoned = table.begin("a", 10)  # the open period is over: a request is the trial
+    assert abandoned is not None
+    table.end(abandoned, Outcome.CLIENT_DISCONNECTED, 10)  # no verdict: still half-open
+    _probe(table, "a", Outcome.TIMED_OUT, 10, error="health probe timed out after 2.0 s")
+    _probe(table, "a", Outcome.COMPLETED, 30)
+    assert changes == [
+        "backend a: circuit closed -> open: 3 failures in a row, the last: timed_out; "
+        "open for 10 s",
+        "backend a: circuit open -> half-open: open for 10 s; a request is the trial",
+        "backend a: circuit half-open -> open: the trial failed: "
+        "health probe timed out after 2.0 s; open for 20 s",
+        "backend a: circuit open -> half-open: open for 20 s; a health probe is the trial",
+        "backend a: circuit half-open -> closed: the trial (a health probe) succeeded",
+    ]
+
+
 def test_in_flight_counts_requests_not_probes() -> None:
     table = _table()
     one, two = table.begin("a", 0), table.begin("a", 0)

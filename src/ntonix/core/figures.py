@@ -6,7 +6,9 @@ ones that are gone included, so that a worker that stopped or died never takes i
 of the gateway's (a counter shown never goes backwards while the gateway runs); gauges (what is
 in progress or held now) come only from the live workers. Per backend, what describes the
 backend rather than the traffic is the worst any live worker sees: the breaker state, the
-probe, the failures in a row. `decode(encode(f))` gives `f` back, but for a backend's
+probe, the failures in a row. The shared tier's `workers_up` is a gauge like the others: summed
+over the live workers, it says how many of them use the tier now (each worker's is 0 or 1).
+`decode(encode(f))` gives `f` back, but for a backend's
 `retry_after_until`: a time on one worker's Trio clock means nothing to another.
 """
 
@@ -19,12 +21,15 @@ from typing import Any
 import attrs
 
 from ntonix.core.health import BackendSnapshot
+from ntonix.core.ledger import UsageFigures
+from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import Histogram, SecondSummary, Tallies, WindowSummary
 
 # Fields of the pools' and the cache's statistics that say what is held now, not what happened:
 # a gone worker's count of them is zero. Every other field is a counter.
 POOL_GAUGES = frozenset({"idle", "in_use"})
 CACHE_GAUGES = frozenset({"entries", "bytes", "flights", "max_entries", "max_bytes"})
+SHARED_GAUGES = frozenset({"workers_up"})
 
 # Worst first: a backend one worker sees open is open for the gateway.
 _STATE_ORDER = ("open", "half-open", "closed")
@@ -46,6 +51,20 @@ class Figures:
     # The dashboard's last minute, on the wall clock (each process has its own Trio clock);
     # None when the reader did not ask for it.
     window: WindowSummary | None
+    # Tokens per key and model: since start and per UTC day are counters, the last minute a
+    # gauge (what a gone worker served a minute ago is not shown as this minute's).
+    usage: UsageFigures = attrs.field(factory=UsageFigures)
+    sessions: SessionTallies = attrs.field(factory=SessionTallies)  # WebSocket sessions
+    # The shared tier (Valkey): workers_up, and its calls, failures, skipped and transitions;
+    # None without a tier.
+    shared: dict[str, int] | None = None
+
+
+def tier_up(figures: Figures) -> bool:
+    """The shared tier is up for the gateway only while every live worker uses it: one that
+    went on without it caches and limits on its own."""
+    tier = figures.shared
+    return tier is not None and 0 < figures.workers == tier["workers_up"]
 
 
 def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
@@ -53,6 +72,7 @@ def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
     everyone = [*live, *(_without_gauges(figures) for figures in gone)]
     windows = [figures.window for figures in live if figures.window is not None]
     caches = [figures.cache for figures in everyone if figures.cache is not None]
+    tiers = [figures.shared for figures in everyone if figures.shared is not None]
     return Figures(
         workers=len(live),
         tallies=_sum_tallies([figures.tallies for figures in everyone]),
@@ -63,12 +83,27 @@ def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
         access_log_dropped=sum(figures.access_log_dropped for figures in everyone),
         queued=sum(figures.queued for figures in live),
         window=_merge_windows(windows) if windows else None,
+        usage=_merge_usage([figures.usage for figures in everyone]),
+        sessions=_sum_sessions([figures.sessions for figures in everyone]),
+        shared=_sum_numbers(tiers) if tiers else None,
     )
+
+
+def _merge_usage(all_usage: Sequence[UsageFigures]) -> UsageFigures:
+    merged = UsageFigures()
+    for usage in all_usage:
+        merged.total.update(usage.total)
+        merged.minute.update(usage.minute)
+        for date, rows in usage.days.items():
+            merged.days.setdefault(date, Counter()).update(rows)
+    return merged
 
 
 def _without_gauges(figures: Figures) -> Figures:
     tallies = _copy_tallies(figures.tallies)
     tallies.active = 0
+    sessions = _sum_sessions([figures.sessions])
+    sessions.active = 0
     pools = {
         name: {key: 0 if key in POOL_GAUGES else value for key, value in stats.items()}
         for name, stats in figures.pools.items()
@@ -76,8 +111,21 @@ def _without_gauges(figures: Figures) -> Figures:
     cache = None
     if figures.cache is not None:
         cache = {k: 0 if k in CACHE_GAUGES else v for k, v in figures.cache.items()}
+    shared = None
+    if figures.shared is not None:
+        shared = {k: 0 if k in SHARED_GAUGES else v for k, v in figures.shared.items()}
+    usage = UsageFigures(figures.usage.total, Counter(), figures.usage.days)
     return attrs.evolve(
-        figures, tallies=tallies, backends=(), pools=pools, cache=cache, queued=0, window=None
+        figures,
+        tallies=tallies,
+        backends=(),
+        pools=pools,
+        cache=cache,
+        queued=0,
+        window=None,
+        usage=usage,
+        sessions=sessions,
+        shared=shared,
     )
 
 
@@ -97,6 +145,18 @@ def _sum_tallies(all_tallies: Sequence[Tallies]) -> Tallies:
         total.failovers.update(tallies.failovers)
         total.disconnects.update(tallies.disconnects)
         total.cancellations.update(tallies.cancellations)
+    return total
+
+
+def _sum_sessions(all_sessions: Sequence[SessionTallies]) -> SessionTallies:
+    total = SessionTallies()
+    for sessions in all_sessions:
+        total.active += sessions.active
+        total.sessions.update(sessions.sessions)
+        total.closes.update(sessions.closes)
+        total.messages.update(sessions.messages)
+        total.bytes.update(sessions.bytes)
+        _add_histogram(total.durations, sessions.durations)
     return total
 
 
@@ -239,6 +299,20 @@ def encode(figures: Figures) -> dict[str, Any]:
         "access_log_dropped": figures.access_log_dropped,
         "queued": figures.queued,
         "window": None if figures.window is None else attrs.asdict(figures.window),
+        "usage": {
+            "total": _rows(figures.usage.total),
+            "minute": _rows(figures.usage.minute),
+            "days": {date: _rows(rows) for date, rows in figures.usage.days.items()},
+        },
+        "sessions": {
+            "active": figures.sessions.active,
+            "sessions": _rows(figures.sessions.sessions),
+            "closes": dict(figures.sessions.closes),
+            "messages": dict(figures.sessions.messages),
+            "bytes": dict(figures.sessions.bytes),
+            "durations": _histogram_row(figures.sessions.durations),
+        },
+        "shared": figures.shared,
     }
 
 
@@ -261,6 +335,16 @@ def decode(data: Mapping[str, Any]) -> Figures:
         cancellations=Counter(raw["cancellations"]),
     )
     window = data["window"]
+    usage = data["usage"]
+    raw_sessions = data["sessions"]
+    sessions = SessionTallies(
+        active=int(raw_sessions["active"]),
+        sessions=_counter(raw_sessions["sessions"]),
+        closes=Counter(raw_sessions["closes"]),
+        messages=Counter(raw_sessions["messages"]),
+        bytes=Counter(raw_sessions["bytes"]),
+        durations=_histogram(raw_sessions["durations"]),
+    )
     return Figures(
         workers=int(data["workers"]),
         tallies=tallies,
@@ -271,6 +355,13 @@ def decode(data: Mapping[str, Any]) -> Figures:
         access_log_dropped=int(data["access_log_dropped"]),
         queued=int(data["queued"]),
         window=None if window is None else _window(window),
+        usage=UsageFigures(
+            _counter(usage["total"]),
+            _counter(usage["minute"]),
+            {str(date): _counter(rows) for date, rows in usage["days"].items()},
+        ),
+        sessions=sessions,
+        shared=None if data["shared"] is None else {k: int(v) for k, v in data["shared"].items()},
     )
 
 

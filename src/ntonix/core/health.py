@@ -15,7 +15,7 @@ import enum
 import itertools
 import math
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
 import attrs
@@ -122,6 +122,21 @@ class BackendSnapshot:
     reasons: tuple[str, ...]  # why it takes no traffic now; empty when eligible
 
 
+@attrs.frozen
+class CircuitChange:
+    """A backend's circuit moved (closed -> open -> half-open -> closed), and why: a log line."""
+
+    backend: str
+    before: State
+    after: State
+    reason: str
+
+    def __str__(self) -> str:
+        return f"backend {self.backend}: circuit {self.before.value} -> {self.after.value}: " + (
+            self.reason
+        )
+
+
 @attrs.define
 class _Record:
     id: int
@@ -138,6 +153,8 @@ class _Record:
     probe_error: str = ""
     backoff_until: float | None = None
     draining: bool = False
+    answered: bool = False  # a probe or a request has had a live answer from it since start
+    announced: State = State.CLOSED  # the circuit state last told to `on_change`
 
     @property
     def in_flight(self) -> int:
@@ -164,9 +181,12 @@ class HealthTable:
         breaker: BreakerSettings | None = None,
         *,
         latency_alpha: float = LATENCY_ALPHA,
+        on_change: Callable[[CircuitChange], None] | None = None,
     ) -> None:
+        """`on_change` hears of every circuit change of every backend, once, as it happens."""
         self._settings = breaker or BreakerSettings()
         self._alpha = latency_alpha
+        self._on_change = on_change
         self._ids = itertools.count(1)
         self._records: dict[str, _Record] = {}
         # (backend, from state, to state) -> how often an outcome moved its breaker so.
@@ -287,8 +307,11 @@ class HealthTable:
         transition = None if event is None else record.breaker.apply(event, now)
         if transition is not None:
             self.transitions[(record.name, transition.before.value, transition.after.value)] += 1
+            self._announce(record, transition, error or outcome.value, ticket, now)
         if verdict is Verdict.FAILED:
             record.last_error = error or outcome.value
+        elif verdict is Verdict.ALIVE:
+            record.answered = True
         if outcome is Outcome.UPSTREAM_429:
             record.backoff_until = max(
                 record.backoff_until or now, now + self._backoff(retry_after)
@@ -328,6 +351,21 @@ class HealthTable:
                 waits.append(ready_at - now)
         return max(1, math.ceil(min(waits, default=DEFAULT_RETRY_AFTER)))
 
+    def ready(self, now: float) -> bool:
+        """Some backend has answered (a probe or a request) since start and is well now: its
+        circuit is not open, its probes pass, it is not draining.
+
+        Until a first answer, nothing says a backend is there at all. A 429 back-off or a
+        half-open trial in flight keeps the backend's place: they are moments, not ill health.
+        """
+        return any(
+            record.answered
+            and not record.draining
+            and record.breaker.statistics(now).state is not State.OPEN
+            and record.probe_failures < self._settings.failure_threshold
+            for record in self._records.values()
+        )
+
     def served_models(self, now: float) -> list[str]:
         """The union of known models over eligible backends, for /v1/models and /api/tags."""
         models: set[str] = set()
@@ -361,9 +399,34 @@ class HealthTable:
         trial = record.breaker.needs_trial(now)
         if trial:
             record.breaker.begin_trial(now)
+            # Time alone made the circuit half-open; this is the moment that shows it.
+            if record.announced is State.OPEN:
+                open_for = record.breaker.statistics(now).open_for
+                kind = "a health probe" if probe else "a request"
+                self._tell(record, State.HALF_OPEN, f"open for {open_for:g} s; {kind} is the trial")
         ticket = Ticket(next(self._ids), record.name, record.id, trial=trial, probe=probe)
         record.tickets[ticket.id] = ticket
         return ticket
+
+    def _announce(
+        self, record: _Record, transition: Transition, error: str, ticket: Ticket, now: float
+    ) -> None:
+        stats = record.breaker.statistics(now)
+        if transition.event is Event.FAILURE:
+            reason = (
+                f"{stats.consecutive_failures} failures in a row, the last: {error}; "
+                f"open for {stats.open_for:g} s"
+            )
+        elif transition.event is Event.TRIAL_FAILED:
+            reason = f"the trial failed: {error}; open for {stats.open_for:g} s"
+        else:
+            reason = f"the trial ({'a health probe' if ticket.probe else 'a request'}) succeeded"
+        self._tell(record, transition.after, reason)
+
+    def _tell(self, record: _Record, state: State, reason: str) -> None:
+        before, record.announced = record.announced, state
+        if self._on_change is not None and state is not before:
+            self._on_change(CircuitChange(record.name, before, state, reason))
 
     def _backoff(self, retry_after: float | None) -> float:
         if retry_after is None or not retry_after > 0:  # also catches NaN

@@ -13,8 +13,15 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
+
+from ntonix.core.tenants import Tenant
+from ntonix.core.usage import Usage
+
+if TYPE_CHECKING:
+    from ntonix.core.sessions import SessionCounts
 
 # Seconds: from a cache hit (a few ms) to a long generation (a minute).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -59,6 +66,7 @@ class RequestRecord:
         "client",
         "disconnected",
         "error",
+        "extra_headers",
         "first_byte_at",
         "method",
         "model",
@@ -67,8 +75,11 @@ class RequestRecord:
         "phase",
         "request_id",
         "retries",
+        "session",
         "started",
         "status",
+        "tenant",
+        "usage",
         "wall_time",
     )
 
@@ -91,6 +102,10 @@ class RequestRecord:
         self.path = path
         self.cache = cache
         self.model: str | None = None
+        self.tenant: Tenant | None = None  # who asked, once the API key is checked
+        self.usage: Usage | None = None  # tokens generated, or served from the cache
+        # The gateway's own response headers for this key (x-ratelimit-*), on every answer.
+        self.extra_headers: list[tuple[bytes, bytes]] = []
         self.backend = ""
         self.status = 0
         self.outcome = "ok"
@@ -102,6 +117,8 @@ class RequestRecord:
         self.bytes_in = 0
         self.bytes_out = 0
         self.chunks = 0
+        # A WebSocket session's messages and closes (ntonix.core.sessions.SessionCounts).
+        self.session: SessionCounts | None = None
 
     def note_body(self, size: int, clock: Callable[[], float]) -> None:
         """A body chunk of `size` bytes went to the client; `clock` is read for the first."""
