@@ -513,3 +513,51 @@ async def test_a_websocket_session_holds_its_key_s_slot_on_every_instance(
     async with open_websocket_url(ws_url(b), extra_headers=key) as ws:
         assert event(await ws.get_message())["type"] == "session.created"
     assert mock.stats["realtime"]["sessions"] == 2
+
+
+async def test_delete_clears_every_shared_entry_and_only_those(
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    mock = await start_mock()
+    config = tier_config(mock.url, valkey.url)
+    writer = await start_gateway_with(config)
+    for name in ("one", "two", "three"):
+        await client.post(f"{writer}{CHAT}", json=chat(name))
+    await stored_in_tier(client, writer, 3)
+    async with valkey.client() as raw:
+        await raw.set("someone-else:key", "kept")
+
+    cleared = await client.delete(f"{writer}/ntonix/cache")
+
+    assert cleared.status_code == 200
+    assert cleared.json() == {"cleared": 3, "cleared_shared": 3}
+    async with valkey.client() as raw:
+        assert await raw.custom_command(["KEYS", "ntonix:cache:*"]) == []
+        assert await raw.get("someone-else:key") == b"kept"
+    reader = await start_gateway_with(config)  # a fresh L1: only L2 could answer
+    for gateway, name in ((reader, "one"), (writer, "two")):
+        again = await client.post(f"{gateway}{CHAT}", json=chat(name))
+        assert again.headers["x-ntonix-cache"] == "miss"
+    assert mock.stats["requests"] == 5
+
+
+async def test_delete_with_the_tier_gone_clears_l1_and_says_l2_was_not(
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    mock = await start_mock()
+    gateway = await start_gateway_with(tier_config(mock.url, valkey.url))
+    await client.post(f"{gateway}{CHAT}", json=chat("one"))
+    await valkey.kill()
+
+    cleared = await client.delete(f"{gateway}/ntonix/cache")
+
+    assert cleared.status_code == 503
+    assert cleared.json()["cleared"] == 1
+    assert "the shared tier's was not" in cleared.json()["error"]
+    assert (await cache_stats(client, gateway))["entries"] == 0

@@ -10,6 +10,10 @@ A call to Valkey costs the gateway about as much CPU as a tenth of a request, so
 shared: the lookups that arrive within one scheduling round go out as one script call (per
 key: the entry, or else the key's flight lease, shared_flights.py), and the writer sends the
 entries waiting for it as one pipeline of SETs.
+
+`clear` (DELETE /ntonix/cache) unlinks every entry and flight lease, a page of SCAN at a time,
+each call under a budget twice a request's and the whole sweep under CLEAR_BUDGET: it is an
+admin action, rare, and a large L2 takes many pages.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -32,6 +37,9 @@ if TYPE_CHECKING:
     import glide
 
 log = logging.getLogger("ntonix.shared")
+
+CLEAR_BUDGET = 30.0  # seconds for the whole sweep of `clear`
+CLEAR_PAGE = 1000  # keys asked of each SCAN
 
 
 class _Lookups:
@@ -105,6 +113,40 @@ class SharedCache:
         except TierUnavailable:
             return
         self.stored += sum(1 for answer in answers or () if answer == "OK")
+
+    async def clear(self) -> int:
+        """Unlink every L2 entry, then every flight lease (SCAN + UNLINK on each prefix); how
+        many entries went. TierUnavailable if the tier fails or the sweep outruns CLEAR_BUDGET.
+
+        The leases go too: a flight that succeeded leaves its lease to expire while its answer
+        is in L2, and a lease whose answer is gone would make the next request follow a silent
+        flight until the lease ran out. A flight still running loses its followers' watch: the
+        ones that sent nothing take over, as when a leader dies."""
+        with trio.move_on_after(CLEAR_BUDGET):
+            unlinked = await self._unlink_all(entry_name("*"))
+            await self._unlink_all(lease_name("*"))
+            return unlinked
+        raise TierUnavailable(f"the sweep did not end within {CLEAR_BUDGET:g} s")
+
+    async def _unlink_all(self, pattern: str) -> int:
+        budget = 2 * self.tier.settings.timeout  # glide's own bound on one command
+
+        async def page(client: glide.GlideClient, at: bytes) -> list[bytes | list[bytes]]:
+            return await client.scan(at, match=pattern, count=CLEAR_PAGE)
+
+        async def unlink(client: glide.GlideClient, names: list[bytes]) -> int:
+            return await client.unlink(list(names))
+
+        cursor, unlinked = b"0", 0
+        while True:
+            answer = await self.tier.call(partial(page, at=cursor), budget)
+            next_cursor, names = answer[0], answer[1]
+            assert isinstance(next_cursor, bytes) and isinstance(names, list)
+            cursor = next_cursor
+            if names:
+                unlinked += await self.tier.call(partial(unlink, names=names), budget)
+            if cursor == b"0":
+                return unlinked
 
     async def _lookup(self, key: str) -> tuple[list[object], str]:
         """The script's answer for `key`, from the call of this round's lookups, and the id
