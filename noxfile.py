@@ -64,9 +64,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Gateway vs. direct-to-backend benchmarks; writes bench/results/latest.md."""
+    """Gateway vs. direct-to-backend benchmarks, then (g)'s workload on one worker, two and two
+    instances of the shared tier; writes bench/results/latest.md and tier-zipf.md."""
     session.install("-e", ".[shared]")
     session.run("python", "-m", "bench", *session.posargs)
+    quick = ["--quick"] if "--quick" in session.posargs else []
+    session.run("python", "-m", "bench.tier_zipf", *quick)
 
 
 @nox.session
