@@ -257,6 +257,7 @@ class Gateway:
                 shared = SharedCache(tier, config.cache.ttl, flights)
                 supervisor.start_soon(flights.publish_forever)
                 supervisor.start_soon(flights.read_forever)
+                supervisor.start_soon(shared.store_forever)
             cache = (
                 ResponseCache(config.cache, supervisor, shared) if config.cache.enabled else None
             )

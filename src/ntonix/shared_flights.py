@@ -60,16 +60,25 @@ QUEUED = 1024  # entries a following flight may hold unapplied before reading pa
 # abandoned (its last local listener left): its followers go on without it.
 _END_OK, _END_FAILED, _END_ABANDONED = b"ok", b"failed", b"abandoned"
 
-# KEYS: per key its entry, then its flight's lease. ARGV: the lease in ms, then per key the
-# id to lead under. Per key: {1, the entry}, {2} (the lease is ours: lead) or {3, its holder}.
+# The one call a lookup round makes: first the entries waiting to be stored (SET with the TTL),
+# then per key its entry, else its flight's lease. KEYS: per key looked up its entry and its
+# lease, then the names of the entries to store. ARGV: the lease in ms, the TTL in ms (0: none),
+# how many keys are looked up, the id each would lead under, then the values to store. Per key
+# looked up: {1, the entry}, {2} (the lease is ours: lead) or {3, its holder}.
 LOOKUP = """
+local lease, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for j = 2 * n + 1, #KEYS do
+  local value = ARGV[3 + j - n]
+  if ttl > 0 then redis.call('SET', KEYS[j], value, 'PX', ttl)
+  else redis.call('SET', KEYS[j], value) end
+end
 local out = {}
-for i = 1, #KEYS / 2 do
+for i = 1, n do
   local value = redis.call('GET', KEYS[2 * i - 1])
   if value then
     out[i] = {1, value}
   else
-    local holder = redis.call('SET', KEYS[2 * i], ARGV[i + 1], 'NX', 'PX', ARGV[1], 'GET')
+    local holder = redis.call('SET', KEYS[2 * i], ARGV[3 + i], 'NX', 'PX', lease, 'GET')
     if holder then out[i] = {3, holder} else out[i] = {2} end
   end
 end
@@ -275,7 +284,7 @@ class SharedFlights:
 
         script = Script(LOOKUP)  # type: ignore[no-untyped-call]
         names = [entry_name(key), lease_name(key)]
-        args = [str(self.lease_ms), flight_id]
+        args = [str(self.lease_ms), "0", "1", flight_id]
         answers = await self.tier.call(
             lambda client: client.invoke_script(script, keys=names, args=args)
         )
