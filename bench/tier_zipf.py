@@ -63,6 +63,10 @@ class TopologyRun:
     failed: int
     failure_samples: list[str]
     seconds: float
+    # from /ntonix/status, summed over the gateways: tier calls past the budget or failed (each
+    # a lookup or store that went on without the tier), and followers that took over
+    tier_failures: int
+    takeovers: int
 
 
 def _log(message: str) -> None:
@@ -106,6 +110,9 @@ def _run(
     answers = trio.run(_run_spread, workload, requests, targets)
     seconds = time.monotonic() - started
     backend = sum(int(mock.stats()["requests"]) for mock in mocks)
+    statuses = [gateway.status() for gateway in gateways]
+    tier_failures = sum(int((s.get("shared_tier") or {}).get("failures", 0)) for s in statuses)
+    takeovers = sum(int((s.get("cache") or {}).get("takeovers", 0)) for s in statuses)
     labels: dict[str, int] = {}
     for answer in answers:
         labels[answer.label or "none"] = labels.get(answer.label or "none", 0) + 1
@@ -119,6 +126,8 @@ def _run(
         failed=0,
         failure_samples=[],
         seconds=round(seconds, 2),
+        tier_failures=tier_failures,
+        takeovers=takeovers,
     )
     _log(f"{name}: {backend} backend requests for {len(requests)}, labels {labels}")
     return answers, run
@@ -160,8 +169,9 @@ def render(workload: Workload, runs: list[TopologyRun], latency: dict, command: 
         f"`{command}`: {workload.describe()}. The most any cache can save on this schedule: "
         f"{ideal_saving(workload):.1f}%.",
         "",
-        "| topology | backend requests | saving | wrong | failed | hit / coalesced / miss |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| topology | backend requests | saving | wrong | failed | hit / coalesced / miss "
+        "| tier calls failed | takeovers |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
         hits = run.labels.get("hit", 0)
@@ -170,7 +180,7 @@ def render(workload: Workload, runs: list[TopologyRun], latency: dict, command: 
         lines.append(
             f"| {run.name} | {run.backend_requests} of {run.requests} | "
             f"{run.saving_percent:.1f}% | {run.mismatches} | {run.failed} | "
-            f"{hits} / {followers} / {misses} |"
+            f"{hits} / {followers} / {misses} | {run.tier_failures} | {run.takeovers} |"
         )
     lines += [
         "",

@@ -296,12 +296,15 @@ class SharedFlights:
     # --- the two tasks ---------------------------------------------------------------------
 
     async def publish_forever(self) -> None:
-        """Every TICK, one pipeline: new entries of every leading flight, lease renewals."""
+        """Every TICK, one pipeline: new entries of every leading flight, lease renewals.
+        While no flight led is watched, every WATCH_EVERY: there is nothing to publish before
+        a look finds a follower, and each wake-up of a busy worker costs CPU."""
         while True:
             if not self._leading:
                 await self._leaders_added.wait()
                 self._leaders_added = trio.Event()
-            await trio.sleep(TICK)
+            watched = any(leading.watched for leading in self._leading)
+            await trio.sleep(TICK if watched else WATCH_EVERY)
             await self._publish()
 
     async def read_forever(self) -> None:
