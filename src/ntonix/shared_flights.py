@@ -11,8 +11,9 @@ listener leaving cancels" keep their meaning per worker), fed from the leader's 
 was published so far, then the rest as it comes. The leader publishes a flight once it sees
 it watched (it looks every WATCH_EVERY), so a flight nobody follows costs no stream.
 
-One task per worker publishes every leading flight (one pipeline per TICK) and one reads every
-following flight (one XREAD per TICK), so the calls grow with time, not with pieces or flights.
+One task per worker publishes every leading flight (one pipeline per TICK; while none is
+watched it wakes only every WATCH_EVERY, to look) and one reads every following flight (one
+XREAD per TICK), so the calls grow with time, not with pieces or flights.
 
 A leader that dies stops renewing: once its lease is gone (or the tier's breaker is open, or
 its stream was unreadable for a lease), a following flight that has sent nothing to any client
