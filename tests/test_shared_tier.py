@@ -19,6 +19,10 @@ import trio
 from trio_websocket import open_websocket_url
 
 from ntonix.config import AuthSettings, CacheSettings, Config, ConfigError, check_config_file
+from ntonix.core.lru import CachedResponse
+from ntonix.shared_cache import SharedCache
+from ntonix.shared_flights import SharedFlights
+from ntonix.tier import SharedTier
 from tests.conftest import StartGatewayWith, StartMock
 from tests.shared_support import ValkeyServer, tier_config, tier_toml
 from tests.support import RUNNING_ON, SERVE, ChildProcess, Spawn, chat, eventually, status
@@ -561,3 +565,23 @@ async def test_delete_with_the_tier_gone_clears_l1_and_says_l2_was_not(
     assert cleared.json()["cleared"] == 1
     assert "the shared tier's was not" in cleared.json()["error"]
     assert (await cache_stats(client, gateway))["entries"] == 0
+
+
+async def test_entries_waiting_to_be_stored_ride_in_the_next_lookup_and_are_seen_by_it(
+    valkey: ValkeyServer,
+) -> None:
+    config = tier_config("http://127.0.0.1:1", valkey.url)
+    tier = SharedTier.from_settings(config.shared)
+    await tier.connect()
+    try:
+        flights = SharedFlights(tier, config.shared.lease)
+        shared = SharedCache(tier, ttl=60.0, flights=flights)
+        answer = CachedResponse(200, ((b"content-type", b"application/json"),), (b"{}",), 0.0)
+        shared.store([("a" * 64, answer)])  # no store_forever running: only a lookup sends it
+
+        found = await shared.fetch("a" * 64)
+
+        assert isinstance(found, CachedResponse) and found.chunks == (b"{}",)
+        assert (tier.calls, shared.stored) == (1, 1)
+    finally:
+        await tier.aclose()
