@@ -316,7 +316,11 @@ def workers_of(parent: int) -> list[int]:
 
 
 def _command_line(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/cmdline").read_bytes()
+    """Empty for a process that has gone since its parent listed it (a worker that died)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
 
 
 async def spawn_mock(spawn: Spawn, name: str, *options: str, port: int = 0) -> MockProcess:
