@@ -43,6 +43,7 @@ from ntonix.downstream import (
 )
 from ntonix.errors import GatewayError, client_error, upstream_error
 from ntonix.upstream import BackendPool, UpstreamConnection
+from ntonix.watchdog import IdleWatch
 
 log = logging.getLogger("ntonix.proxy")
 
@@ -62,6 +63,7 @@ class Proxy:
         self.cache = cache
         self.tallies = tallies or Tallies()
         self.admission = Admission()
+        self.idle_watch = IdleWatch()  # its task runs in the lifespan's supervisor
         self._strategy_name = ""
         self.reconfigure(config, pools)
 
@@ -70,6 +72,7 @@ class Proxy:
         self.config = config
         self.pools = pools
         self._settings = config.gateway
+        self.idle_watch.timeout(config.gateway.idle_timeout)
         self._limits = {b.name: b.max_concurrent for b in config.backends}
         self._affinity = config.balancer.strategy == "prefix-affinity"
         if config.balancer.strategy != self._strategy_name:
@@ -327,7 +330,11 @@ class Proxy:
             )
             try:
                 await relay_body(
-                    connection, exchange.downstream, settings.idle_timeout, ticket.name
+                    connection,
+                    exchange.downstream,
+                    settings.idle_timeout,
+                    ticket.name,
+                    self.idle_watch,
                 )
             except GatewayError as error:
                 report.outcome = Outcome.FAILED_MIDSTREAM
@@ -473,21 +480,33 @@ _RETRYABLE = frozenset({Outcome.UPSTREAM_5XX, Outcome.UPSTREAM_429})
 
 
 async def relay_body(
-    connection: UpstreamConnection, downstream: ResponseSink, idle_timeout: float, backend: str
+    connection: UpstreamConnection,
+    downstream: ResponseSink,
+    idle_timeout: float,
+    backend: str,
+    watch: IdleWatch,
 ) -> None:
     """Phase stream body: each upstream read goes to the client as soon as it arrives.
 
-    The idle deadline covers only the wait for the backend: the write to the client is outside
-    it, so a slow reader is back-pressure (the socket fills up), not a backend timeout.
+    The idle timeout covers only the wait for the backend: the write to the client is outside
+    it, so a slow reader is back-pressure (the socket fills up), not a backend timeout. The
+    worker's `IdleWatch` keeps it: per chunk, this only notes until when the backend may be
+    silent (no timer per chunk).
     """
     with trio.CancelScope() as idle:
-        while True:
-            idle.deadline = trio.current_time() + idle_timeout
-            data, done = await connection.receive_body()
-            idle.deadline = math.inf
-            await downstream.write(data, more=not done)
-            if done:
-                return
+        silence = watch.watch(idle)
+        try:
+            while True:
+                silence.expires = trio.current_time() + idle_timeout
+                data, done = await connection.receive_body()
+                silence.expires = math.inf
+                if idle.cancel_called:
+                    break  # the watch fired as the data came: the backend was silent too long
+                await downstream.write(data, more=not done)
+                if done:
+                    return
+        finally:
+            watch.forget(silence)
     raise upstream_error(
         504, "backend_idle_timeout", f"Backend {backend} sent nothing for {idle_timeout:g} s"
     )
