@@ -7,7 +7,8 @@ subprocess), and drives it from a second thread with a Trio run of its own (`ben
 that the Instrument and the counters below see the gateway's run only:
 - tasks spawned, task steps (each time the scheduler runs a task: a wake-up), cancel scopes
   entered, deadline changes (Trio's deadline heap: `Deadlines.add` / `remove`).
-Per stream: N streams of 1 token, divided by N. Per chunk: N streams of 11 tokens spaced 50 ms
+Per stream: N streams of 1 token, divided by N (first on a cold upstream pool, each stream opening
+its upstream connection, then again reusing them). Per chunk: N streams of 11 tokens spaced 50 ms
 apart (so no two arrive together), minus the 1-token figure, divided by 10 N. Per request: N
 non-streaming requests on keep-alive connections. Prints one JSON object.
 
@@ -121,7 +122,9 @@ async def _main(args: argparse.Namespace, mock_url: str) -> dict[str, Any]:
 def per_unit(results: dict[str, Any], streams: int) -> dict[str, dict[str, float]]:
     keys = ("tasks", "steps", "cancel_scopes", "deadline_changes")
     one, eleven, reqs = results["stream_1"], results["stream_11"], results["requests"]
+    cold = results["warmup"]
     return {
+        "per stream, new upstream connection": {k: cold.get(k, 0) / streams for k in keys},
         "per stream": {k: one.get(k, 0) / streams for k in keys},
         "per chunk": {k: (eleven.get(k, 0) - one.get(k, 0)) / (10 * streams) for k in keys},
         "per request": {k: reqs.get(k, 0) / max(reqs["ok"], 1) for k in keys},
