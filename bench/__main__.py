@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only a,b,c,d,e,f,g] [--workers 1,2] [--profile]`
+"""`python -m bench [--quick] [--only a,b,c,d,e,f,g,h] [--workers 1,2] [--profile]`
 
 Starts lean mocks, then for each worker count a fresh gateway in front of them, runs the
 scenarios (each straight at the mocks and through the gateway, alternating; (b) and (c) at the
@@ -23,6 +23,7 @@ from types import FrameType
 from bench import profile
 from bench.cache_bench import ResultsWithCache, cache_scenario
 from bench.clients import ClientSpec, ClientsResult
+from bench.costs import stream_costs
 from bench.load import raise_open_file_limit
 from bench.procs import (
     CpuMeter,
@@ -48,10 +49,10 @@ from bench.scenarios import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("a", "b", "c", "d", "e", "f", "g")
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h")
 # Those that run against the shared gateway (e measures upstream clients on their own; g starts
 # gateways of its own, one with the cache off and one with it on).
-GATEWAY_SCENARIOS = {"a", "b", "c", "d", "f"}
+GATEWAY_SCENARIOS = {"a", "b", "c", "d", "f", "h"}
 # The mocks answer small non-streaming requests at once; streaming scenarios override the
 # timing per request with x-mock-* headers.
 MOCK_OPTIONS = ["--tokens", "8", "--token-delay", "0", "--ttft", "0"]
@@ -63,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="smaller counts: a ~1 minute smoke run"
     )
     parser.add_argument(
-        "--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e,f,g)"
+        "--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e,f,g,h)"
     )
     parser.add_argument("--workers", default="1,2", help="gateway worker counts (1,2)")
     parser.add_argument("--mocks", type=int, default=2, help="lean mock processes (2)")
@@ -105,6 +106,9 @@ def _run_gateway_scenarios(
     if "d" in only:
         _log(f"(d) disconnects, {workers} worker(s)")
         results.disconnects[workers] = disconnects(bench)
+    if "h" in only:
+        _log(f"(h) stream costs next to the floor, {workers} worker(s)")
+        results.costs[workers] = stream_costs(bench)
 
 
 def _profile(bench: Bench) -> profile.Profile | None:
