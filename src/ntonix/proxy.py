@@ -36,7 +36,7 @@ from ntonix.core.telemetry import RequestRecord, Tallies
 from ntonix.downstream import (
     ClientGone,
     Downstream,
-    cancel_on_disconnect,
+    cancelled_on_disconnect,
     client_left,
     read_body,
     too_large,
@@ -98,15 +98,13 @@ class Proxy:
             await downstream.fail(error)
             return
         record.model = request.model
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(cancel_on_disconnect, receive, downstream, nursery.cancel_scope)
+        async with cancelled_on_disconnect(receive, downstream, self.idle_watch):
             try:
                 await self.respond(scope, request, body, downstream)
             except GatewayError as error:
                 if error.source != "upstream":  # upstream failures were logged per attempt
                     log.warning("request %s: %s", downstream.request_id.decode(), error.message)
                 await downstream.fail(error)
-            nursery.cancel_scope.cancel()
 
     async def accept(self, scope: Scope, receive: Receive) -> bytes:
         """Phase accept: the whole request body, within `max_request_body` and `body_timeout`."""

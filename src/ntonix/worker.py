@@ -18,12 +18,12 @@ import hypercorn.config
 import trio
 from hypercorn.events import Event, Updated
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
+from ntonix.inbox import InboxTaskGroup
 from ntonix.keepalive import IdleConnections
 from ntonix.listening import CappedListener, ConnectionSlots
 from ntonix.protocols import Guard, GuardedProtocol
@@ -137,7 +137,7 @@ class _TCPServer(TCPServer):
                 ssl = False
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
-            async with TaskGroup() as task_group:
+            async with InboxTaskGroup() as task_group:
                 self._task_group = task_group
                 self.protocol = GuardedProtocol(
                     self.guard,
