@@ -95,7 +95,7 @@ async def test_a_client_gone_while_the_last_send_waits_cancels_the_request(
 
 
 @VIAS
-async def test_a_client_gone_mid_response_cancels_the_request_at_once(
+async def test_a_client_gone_mid_response_cancels_the_request_and_closes_its_upstream_at_once(
     autojump_clock: trio.testing.MockClock, via: str
 ) -> None:
     record = _record()
@@ -110,6 +110,8 @@ async def test_a_client_gone_mid_response_cancels_the_request_at_once(
         pass
 
     downstream = Downstream(send, record)
+    upstream_closed: list[float] = []
+    downstream.on_gone = lambda: upstream_closed.append(trio.current_time())
     async with (
         trio.open_nursery() as nursery,
         cancelled_on_disconnect(inbox if via == "inbox" else receive, downstream, IdleWatch()),
@@ -122,3 +124,4 @@ async def test_a_client_gone_mid_response_cancels_the_request_at_once(
         await trio.sleep_forever()  # the relay, waiting for the backend
     assert trio.current_time() == 0.0
     assert record.disconnected and record.outcome == "client_disconnected"
+    assert upstream_closed == [0.0]  # closed from the disconnect itself, before the unwinding

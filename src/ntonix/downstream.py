@@ -9,7 +9,7 @@ client that leaves cancels its request, also while the last send of the response
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -49,6 +49,7 @@ class Downstream:
         "dialect",
         "finished",
         "kind",
+        "on_gone",
         "record",
         "request_id",
         "tail",
@@ -64,6 +65,9 @@ class Downstream:
         self.delivered = trio.Event()  # the last send has returned
         self.kind = StreamKind.OTHER
         self.tail = b""
+        # Closes the upstream connection the request holds, if any: run as the client leaves,
+        # so the backend sees the close before the cancelled request has unwound.
+        self.on_gone: Callable[[], None] | None = None
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Commit: status and headers, plus the gateway's own for this request."""
@@ -162,6 +166,8 @@ async def cancelled_on_disconnect(
             if not downstream.finished:
                 client_left(downstream.record, committed=downstream.committed)
                 scope.cancel()
+                if downstream.on_gone is not None:
+                    downstream.on_gone()
             elif not downstream.delivered.is_set():
                 # Hypercorn's notice that the response ended comes this way too, from inside
                 # the last send, which returns right after it.
@@ -195,6 +201,8 @@ async def cancel_on_disconnect(
             return  # the response ended (or the client left just as it did)
     client_left(downstream.record, committed=downstream.committed)
     scope.cancel()
+    if downstream.on_gone is not None:
+        downstream.on_gone()
 
 
 def client_left(record: RequestRecord, *, committed: bool) -> None:

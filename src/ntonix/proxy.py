@@ -293,6 +293,8 @@ class Proxy:
                     )
                     report.error = error.message
                     return error
+            if isinstance(exchange.downstream, Downstream):  # a shared flight outlives a client
+                exchange.downstream.on_gone = connection.close
             sent_at = trio.current_time()
             with trio.move_on_after(settings.first_byte_timeout) as waiting:
                 await connection.send_request(
@@ -350,6 +352,8 @@ class Proxy:
             return error
         finally:
             if connection is not None:
+                if isinstance(exchange.downstream, Downstream):
+                    exchange.downstream.on_gone = None
                 pool.checkin(connection)
             self.release(ticket, report)
 
