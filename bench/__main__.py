@@ -1,11 +1,14 @@
-"""`python -m bench [--quick] [--only a,b,c,d,e,f,g,h] [--workers 1,2] [--profile]`
+"""`python -m bench [--quick] [--only a,b,c,d,e,f,g,h,i] [--workers 1,2] [--profile]`
 
 Starts lean mocks, then for each worker count a fresh gateway in front of them, runs the
 scenarios (each straight at the mocks and through the gateway, alternating; (b) and (c) at the
-framework floor too, and (f) at the floor instead of the mocks), then (g), the response cache,
-on gateways of its own (cache off, then on), and prints the Markdown report, also written to
-bench/results/latest.md (plus latest.json). Progress goes to stderr. Every subprocess is
-stopped on the way out, whether the run ends, fails or is interrupted.
+framework floor too, (f) at the floor instead of the mocks, and (i), stream costs, next to a floor
+of as many processes as workers), then (g), the response cache, on gateways of its own (cache
+off, then on), then (h), heterogeneous backends under each balancing strategy, on mocks and
+gateways of its own, and prints the Markdown report, also written to bench/results/latest.md
+(plus latest.json, and latest-hetero.json for (h)).
+Progress goes to stderr. Every subprocess is stopped on the way out, whether the run ends,
+fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from bench import profile
 from bench.cache_bench import ResultsWithCache, cache_scenario
 from bench.clients import ClientSpec, ClientsResult
 from bench.costs import stream_costs
+from bench.hetero import QUICK_HETERO, HeteroResult, HeteroSpec, hetero_scenario, render_hetero
 from bench.load import raise_open_file_limit
 from bench.procs import (
     CpuMeter,
@@ -49,10 +53,10 @@ from bench.scenarios import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h")
-# Those that run against the shared gateway (e measures upstream clients on their own; g starts
-# gateways of its own, one with the cache off and one with it on).
-GATEWAY_SCENARIOS = {"a", "b", "c", "d", "f", "h"}
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
+# Those that run against the shared gateway (e measures upstream clients on their own; g and h
+# start gateways of their own: g one with the cache off and one with it on, h one per strategy).
+GATEWAY_SCENARIOS = {"a", "b", "c", "d", "f", "i"}
 # The mocks answer small non-streaming requests at once; streaming scenarios override the
 # timing per request with x-mock-* headers.
 MOCK_OPTIONS = ["--tokens", "8", "--token-delay", "0", "--ttft", "0"]
@@ -64,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="smaller counts: a ~1 minute smoke run"
     )
     parser.add_argument(
-        "--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e,f,g,h)"
+        "--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e,f,g,h,i)"
     )
     parser.add_argument("--workers", default="1,2", help="gateway worker counts (1,2)")
     parser.add_argument("--mocks", type=int, default=2, help="lean mock processes (2)")
@@ -106,8 +110,8 @@ def _run_gateway_scenarios(
     if "d" in only:
         _log(f"(d) disconnects, {workers} worker(s)")
         results.disconnects[workers] = disconnects(bench)
-    if "h" in only:
-        _log(f"(h) stream costs next to the floor, {workers} worker(s)")
+    if "i" in only:
+        _log(f"(i) stream costs next to the floor, {workers} worker(s)")
         results.costs[workers] = stream_costs(bench)
 
 
@@ -152,7 +156,7 @@ def _run_clients(processes: Processes, mocks: list[Mock], sizes: Sizes) -> Clien
     return ClientsRun(result, 100 * meter.seconds["mocks"] / meter.wall)
 
 
-def run(args: argparse.Namespace) -> ResultsWithCache:
+def run(args: argparse.Namespace) -> tuple[ResultsWithCache, HeteroResult | None]:
     sizes = QUICK if args.quick else Sizes()
     only = {name.strip() for name in args.only.split(",") if name.strip()}
     unknown = only - set(SCENARIOS)
@@ -165,6 +169,7 @@ def run(args: argparse.Namespace) -> ResultsWithCache:
     for old in RESULTS.glob("profile-*.txt"):  # a previous run's samples would mix in
         old.unlink()
     results = ResultsWithCache()
+    hetero = None
     with Processes(logs) as processes:
         _log(f"starting {args.mocks} lean mocks")
         mocks = [start_mock(processes, f"mock-{i + 1}", MOCK_OPTIONS) for i in range(args.mocks)]
@@ -187,7 +192,10 @@ def run(args: argparse.Namespace) -> ResultsWithCache:
                 results.cache[workers] = cache_scenario(
                     processes, mocks, workers, logs, quick=args.quick
                 )
-    return results
+        if "h" in only:
+            _log("(h) heterogeneous backends: least-loaded vs least-connections vs power-of-two")
+            hetero = hetero_scenario(processes, logs, QUICK_HETERO if args.quick else HeteroSpec())
+    return results, hetero
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,17 +206,24 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupted)
     started = time.monotonic()
     try:
-        results = run(args)
+        results, hetero = run(args)
     except KeyboardInterrupt:
         _log("interrupted; every subprocess has been stopped")
         return 130
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     workers = [int(count) for count in args.workers.split(",")]
     report = render(results, machine(), command.strip(), workers)
+    if hetero is not None:
+        section = ["", "## (h) Heterogeneous backends (one 3x slower), by strategy", ""]
+        report += "\n".join([*section, *render_hetero(hetero)])
     print(report)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.md").write_text(report + "\n")
     (RESULTS / "latest.json").write_text(json.dumps(dataclasses.asdict(results), indent=1))
+    if hetero is not None:
+        (RESULTS / "latest-hetero.json").write_text(
+            json.dumps(dataclasses.asdict(hetero), indent=1)
+        )
     _log(f"done in {time.monotonic() - started:.0f} s; report in {RESULTS / 'latest.md'}")
     return 0
 

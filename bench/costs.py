@@ -1,4 +1,4 @@
-"""Scenario (h): what a stream and a relayed token cost the gateway, next to the framework floor.
+"""Scenario (i): what a stream and a relayed token cost the gateway, next to the framework floor.
 
 The same loads run at the floor (`bench.floor`, as many processes as the gateway has workers,
 sharing one socket) and through the gateway, alternating, and each row reads the ratio of the
@@ -85,7 +85,7 @@ class CostsResult:
 
 
 def stream_costs(bench: Bench) -> CostsResult:
-    """(h) at this gateway, against a floor of as many processes as it has workers."""
+    """(i) at this gateway, against a floor of as many processes as it has workers."""
     workers = bench.gateway.workers
     sizes = bench.sizes
     floor = start_floor(bench.processes, count=workers)
@@ -105,7 +105,7 @@ def stream_costs(bench: Bench) -> CostsResult:
                 run, _ = _streams(
                     bench,
                     targets,
-                    f"h-{label}-{side}{repeat}",
+                    f"i-{label}-{side}{repeat}",
                     count=count,
                     headers=headers,
                     processes=sizes.stream_processes,

@@ -630,7 +630,7 @@ def render(results: Results, info: dict[str, str], command: str, workers: list[i
         lines += [f"## (f) Framework floor: (a)'s load at a bare Hypercorn app, {_CONNECTIONS}", ""]
         lines += _floor(results)
     if results.costs:
-        lines += ["## (h) Stream costs next to the framework floor", ""]
+        lines += ["## (i) Stream costs next to the framework floor", ""]
         lines += _costs(results)
     cache = cache_results(results)
     if cache:

@@ -46,10 +46,10 @@ class Sizes:
     disconnect_repeats: int = 3  # (d) direct/gateway pairs, pooled
     client_seconds: float = 5.0  # (e) per client
     storm_rounds: int = 3  # (e) cancellation storms before the leak check
-    cost_open_streams: int = 1000  # (h) streams opened at once, 1 token each
-    cost_relay_streams: int = 500  # (h) streams at 10 tokens/s
-    cost_many_streams: int = 5000  # (h) streams at 2 tokens/s, with 2 workers or more
-    cost_repeats: int = 3  # (h) floor/gateway pairs of the open and relay loads
+    cost_open_streams: int = 1000  # (i) streams opened at once, 1 token each
+    cost_relay_streams: int = 500  # (i) streams at 10 tokens/s
+    cost_many_streams: int = 5000  # (i) streams at 2 tokens/s, with 2 workers or more
+    cost_repeats: int = 3  # (i) floor/gateway pairs of the open and relay loads
 
 
 QUICK = Sizes(

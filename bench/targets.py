@@ -126,7 +126,7 @@ def _cache_hit_latency(results: Results, workers: int) -> tuple[float, str] | No
 def _costs(
     figure: str,
 ) -> Callable[[Results, int], tuple[float, str] | None]:
-    """A row of (h): gateway / floor in the same run (the floor in as many processes)."""
+    """A row of (i): gateway / floor in the same run (the floor in as many processes)."""
 
     def measure(results: Results, workers: int) -> tuple[float, str] | None:
         costs = results.costs.get(workers)
@@ -200,19 +200,19 @@ TARGETS = (
     Target("upstream closed <= 15 ms (p99) after client left", _close_p99, lambda v: v <= 15),
     Target("no upstream left open after disconnects", _left_open, lambda v: v == 0),
     Target(
-        "CPU of a 1,000-stream burst (1 token, first after 0.5 s), gateway / floor <= 1.25x (h)",
+        "CPU of a 1,000-stream burst (1 token, first after 0.5 s), gateway / floor <= 1.25x (i)",
         _costs("open cpu"),
         lambda v: v <= 1.25,
     ),
     Target(
-        "TTFT p99 of that burst, gateway / floor <= 1.25x (h)",
+        "TTFT p99 of that burst, gateway / floor <= 1.25x (i)",
         _costs("open ttft"),
         lambda v: v <= 1.25,
     ),
-    Target("5,000 streams at 2 tok/s: zero errors (h)", _costs("many errors"), lambda v: v == 0),
-    Target("... TTFT p99, gateway / floor <= 1.5x (h)", _costs("many ttft"), lambda v: v <= 1.5),
+    Target("5,000 streams at 2 tok/s: zero errors (i)", _costs("many errors"), lambda v: v == 0),
+    Target("... TTFT p99, gateway / floor <= 1.5x (i)", _costs("many ttft"), lambda v: v <= 1.5),
     Target(
-        "CPU per relayed token at 10 tok/s (500 streams), gateway / floor <= 1.3x (h)",
+        "CPU per relayed token at 10 tok/s (500 streams), gateway / floor <= 1.3x (i)",
         _costs("token"),
         lambda v: v <= 1.3,
     ),

@@ -1,12 +1,17 @@
 """The mock backend's state (options, counters) and its face as an ASGI app.
 
-Invariants: every request but those to `/mock/stats` is counted in `by_path` and sets
-`last_headers`; a generation request counts once in `requests` when it arrives and, when its
-outcome is decided, once in exactly one of `completed`, `client_disconnects` or `dropped` (a
-completed one before its last chunk goes out, so a client holding its answer finds it counted).
-`active` is a gauge of the requests in flight, so a reset leaves it alone.
+Invariants: every request but those to `/mock/stats` is counted in `by_path`, and every one
+but those and the reads of load signals (`SIGNAL_PATHS`, polled every second by a gateway)
+sets `last_headers`; a generation request counts once in `requests` when it arrives and, when
+its outcome is decided, once in exactly one of `completed`, `client_disconnects` or `dropped`
+(a completed one before its last chunk goes out, so a client holding its answer finds it
+counted). With `slots`, at most that many generate at once (`running`); the others wait in
+arrival order (`waiting`), a client that leaves while waiting leaves the queue, and `waited`
+counts those that had to. `active`, `running` and `waiting` are gauges, so a reset leaves them
+alone.
 """
 
+import json
 import random
 import time
 from collections import Counter, deque
@@ -24,6 +29,7 @@ from hypercorn.typing import (
 )
 
 from .answers import answer, is_generation
+from .engines import EngineState, signals_reply
 from .options import MockOptions
 from .playback import Connection, Outcome, play
 from .realtime import Realtime, RealtimeStats
@@ -31,6 +37,7 @@ from .replies import Reply, Request, error_reply, json_reply
 
 STATS_PATH = "/mock/stats"
 MAX_DISCONNECTS = 10_000  # the most recent disconnects kept for benchmarks to read
+SIGNAL_PATHS = frozenset({"/metrics", "/api/ps", "/slots"})
 
 
 class Disconnect(TypedDict):
@@ -43,6 +50,11 @@ class MockStats(TypedDict):
 
     requests: int
     active: int
+    running: int  # generating now
+    waiting: int  # queued for a slot now
+    waited: int  # requests that had to queue for a slot
+    max_waiting: int
+    cold_loads: int  # requests that had to load their model first
     completed: int
     client_disconnects: int
     dropped: int
@@ -55,6 +67,9 @@ class MockStats(TypedDict):
 @attrs.define
 class _Counters:
     requests: int = 0
+    waited: int = 0
+    max_waiting: int = 0
+    cold_loads: int = 0
     completed: int = 0
     client_disconnects: int = 0
     dropped: int = 0
@@ -71,6 +86,11 @@ class MockLLM:
         # Draws the fail rate and the words of sampled answers; tests pass a seeded one.
         self.rng = rng if rng is not None else random.Random()
         self._active = 0
+        self._running = 0
+        self._waiting = 0
+        self._slots = trio.Semaphore(self.options.slots) if self.options.slots else None
+        models = self.options.models if self.options.loaded is None else self.options.loaded
+        self._loaded = dict.fromkeys(models, time.time())  # model -> last used
         self._counters = _Counters()
         self.realtime = Realtime(self.options)
 
@@ -80,6 +100,11 @@ class MockLLM:
         return {
             "requests": counters.requests,
             "active": self._active,
+            "running": self._running,
+            "waiting": self._waiting,
+            "waited": counters.waited,
+            "max_waiting": counters.max_waiting,
+            "cold_loads": counters.cold_loads,
             "completed": counters.completed,
             "client_disconnects": counters.client_disconnects,
             "dropped": counters.dropped,
@@ -116,7 +141,13 @@ class MockLLM:
         if request.path == STATS_PATH:
             return await play(self._stats_reply(request.method), connection)
         self._counters.by_path[request.path] += 1
-        self._counters.last_headers = request.headers
+        if request.method == "GET" and request.path in SIGNAL_PATHS:
+            state = EngineState(self._waiting, self._running, tuple(self._loaded.items()))
+            signals = signals_reply(request.path, self.options, state, now=time.time())
+            if signals is not None:
+                return await play(signals, connection)
+        else:
+            self._counters.last_headers = request.headers
         reply = answer(request, self.options, now=time.time(), rng=self.rng)
         if not is_generation(request):
             return await play(reply, connection)
@@ -130,10 +161,62 @@ class MockLLM:
             self._end(request, outcome)
 
         try:
-            return await play(reply, connection, end)
+            if self._slots is not None and not await self._take_slot(connection):
+                end(Outcome.DISCONNECTED)
+                return Outcome.DISCONNECTED
+            self._running += 1
+            try:
+                return await play(self._loading(request, reply), connection, end)
+            finally:
+                self._running -= 1
+                if self._slots is not None:
+                    self._slots.release()
         finally:
             if not ended:
                 self._active -= 1  # cancelled with its server: no outcome to count
+
+    async def _take_slot(self, connection: Connection) -> bool:
+        """Wait in line for a generation slot; False when the client left first."""
+        assert self._slots is not None
+        try:
+            self._slots.acquire_nowait()  # a free slot means nobody waits: release hands over
+            return True
+        except trio.WouldBlock:
+            pass
+        counters = self._counters
+        counters.waited += 1
+        self._waiting += 1
+        counters.max_waiting = max(counters.max_waiting, self._waiting)
+        taken = False
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    await connection.wait_disconnect()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                await self._slots.acquire()
+                taken = True
+                nursery.cancel_scope.cancel()
+        finally:
+            self._waiting -= 1
+        return taken
+
+    def _loading(self, request: Request, reply: Reply) -> Reply:
+        """`reply`, later by `load_time` when its model is not in memory yet (then it is)."""
+        if reply.status != 200:
+            return reply
+        model = json.loads(request.body)["model"]  # a 200 means answer() found it there
+        cold = model not in self._loaded
+        self._loaded[model] = time.time()
+        if not cold:
+            return reply
+        self._counters.cold_loads += 1
+        first, *rest = reply.chunks
+        return attrs.evolve(
+            reply, chunks=(attrs.evolve(first, delay=first.delay + self.options.load_time), *rest)
+        )
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable

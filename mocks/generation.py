@@ -135,8 +135,15 @@ def _openai_chat(sample: Sample, body: JSON, stream: bool) -> Reply:
         choice = {"index": 0, "message": message, "logprobs": None}
         whole = {**choice, "finish_reason": sample.finish_reason}
         return _openai_whole(sample, "chat.completion", whole)
-    choices = [(0.0, _chat_choice({"role": "assistant", "content": ""}))]
-    choices += [(delay, _chat_choice({"content": word})) for word, delay in sample.timed_words()]
+    # As vLLM does, the role chunk goes out with the first token, when prefill is done: the
+    # first byte of the body comes after the time to first token.
+    timed = sample.timed_words()
+    first_delay = timed[0][1] if timed else 0.0
+    choices = [(first_delay, _chat_choice({"role": "assistant", "content": ""}))]
+    choices += [
+        (0.0 if index == 0 else delay, _chat_choice({"content": word}))
+        for index, (word, delay) in enumerate(timed)
+    ]
     choices.append((0.0, _chat_choice({}, sample.finish_reason)))
     return _openai_stream(sample, "chat.completion.chunk", choices, body)
 

@@ -12,6 +12,7 @@ from functools import partial
 import trio
 
 from .backend import MockLLM, MockStats
+from .engines import FLAVOURS
 from .options import MockOptions
 from .serve import serve_mock
 
@@ -29,6 +30,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default=",".join(defaults.models), help="comma-separated")
     parser.add_argument("--fail-rate", type=float, default=defaults.fail_rate)
     parser.add_argument("--name", default=defaults.name)
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="at most N generate at once, the rest wait (0: no limit)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=FLAVOURS,
+        help="serve load signals as this engine does (/metrics, /slots or /api/ps)",
+    )
+    parser.add_argument(
+        "--loaded", help="comma-separated models in memory at start (default: all of --models)"
+    )
+    parser.add_argument(
+        "--load-time", type=float, default=0.0, help="seconds to load a model not in memory"
+    )
     parser.add_argument(
         "--lean", action="store_true", help="serve with trio + h11 instead of Hypercorn"
     )
@@ -55,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             models=tuple(model for model in args.models.split(",") if model),
             fail_rate=args.fail_rate,
             name=args.name,
+            slots=args.slots,
+            engine=args.engine or "",
+            loaded=None
+            if args.loaded is None
+            else tuple(model for model in args.loaded.split(",") if model),
+            load_time=args.load_time,
         )
     except ValueError as error:
         print(f"{__package__}.llm: {error}", file=sys.stderr)

@@ -35,6 +35,7 @@ FIELDS = {
     "time",
     "request_id",
     "client",
+    "key",
     "method",
     "path",
     "model",
@@ -48,6 +49,9 @@ FIELDS = {
     "duration_ms",
     "bytes_in",
     "bytes_out",
+    "prompt_tokens",
+    "completion_tokens",
+    "tokens_estimated",
 }
 API_KEY = "sk-client-key-never-logged"
 PROMPT = "a prompt that must never reach the log"

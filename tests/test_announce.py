@@ -7,10 +7,13 @@ import re
 from functools import partial
 from pathlib import Path
 
+import attrs
 import httpx
 import trio
 
 from mocks.llm import MockLLM, MockOptions, serve_mock
+from ntonix.announce import start_lines
+from ntonix.config import Config, SharedSettings
 from tests.conftest import StartGateway
 from tests.support import PYTHON, RUNNING_ON, SERVE, Spawn, chat, closed_port_url
 
@@ -57,7 +60,7 @@ async def test_the_plain_hypercorn_command_logs_the_setup_too(tmp_path: Path, sp
     assert _messages(gateway.output, "ntonix") == [
         f"config: read from {config}",
         "backend m: http://10.0.0.9, models any, weight 1, max_concurrent unlimited",
-        "balancer: least-connections",
+        "balancer: least-loaded",  # the default
         "cache: off",
         "access log: stderr",
     ]
@@ -78,6 +81,24 @@ async def test_without_a_config_file_the_log_says_the_built_in_default_is_used(
         "max_concurrent unlimited",
     ]
     assert "cache: on" in _messages(gateway.output, "ntonix")[3]
+
+
+def test_the_shared_tier_is_one_line_that_never_shows_a_password() -> None:
+    remote = Config.from_toml(
+        '[shared]\nurl = "valkey://ntonix:s3cret@valkey.internal:6380/2"\ntimeout = 0.1\n'
+        '[[backends]]\nname = "m"\nurl = "http://10.0.0.9"\n'
+    )
+    lines = start_lines(remote, "ntonix.toml")
+    assert lines[-2] == (
+        "shared tier: valkey://ntonix@valkey.internal:6380/2 (remote), timeout 100 ms, lease 10 s"
+    )
+    assert not any("s3cret" in line for line in lines)
+    embedded = attrs.evolve(remote, shared=SharedSettings(url="embedded"))
+    assert start_lines(embedded, "ntonix.toml")[-2] == (
+        "shared tier: embedded valkey-server (private to this ntonix serve: unix socket, "
+        "no persistence, up to 256 MiB, allkeys-lru), timeout 50 ms, lease 10 s"
+    )
+    assert not any("shared tier" in line for line in start_lines(Config.default(), None))
 
 
 async def test_every_circuit_change_is_one_line_with_its_reason_in_plain_words(

@@ -681,8 +681,11 @@ async def _read_all(raw: RawClient, done: trio.Event) -> None:
 
 
 async def _plateau(raw: RawClient, done: trio.Event, quiet: float = 0.3) -> int:
-    """How much the client had received once nothing more came for `quiet` seconds."""
+    """How much the client had received once nothing more came for `quiet` seconds, after the
+    first bytes (which, as from vLLM, come with the first token)."""
     with trio.fail_after(10):
+        while not raw.received and not done.is_set():
+            await trio.sleep(0.01)
         while not done.is_set():
             seen = len(raw.received)
             await trio.sleep(quiet)

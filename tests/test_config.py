@@ -19,6 +19,7 @@ from ntonix.config import (
     ConfigError,
     GatewaySettings,
     HealthSettings,
+    KeySettings,
     WebSocketSettings,
     check_config_file,
     load_config,
@@ -36,6 +37,7 @@ queue_timeout = 5.0             # longest wait for a free slot when every eligib
 graceful_timeout = 30.0         # on SIGTERM/Ctrl-C: stop accepting, let streams finish this long, then cancel
 body_timeout = 30.0             # the whole request body must arrive within this (else 408)
 max_connections = 10000         # open client connections; more are refused
+batch_aging = 10.0              # a batch request queued this long goes with the interactive ones
 max_connections_per_client = 256  # open connections from one client address; 0 = no limit
 handshake_timeout = 5.0         # a TLS handshake must complete within this
 
@@ -50,9 +52,11 @@ ca_file = ""                    # extra CA bundle for an https backend
 client_cert = ""                # client certificate and key for mTLS to this backend
 client_key = ""
 tls_verify = true               # false only on purpose: logged as a warning at start-up
+engine = "auto"                 # whose load signals to read: "vllm", "sglang", "llamacpp", "tgi", "ollama", "none"; "auto" detects
 
 [balancer]
-strategy = "least-connections"  # or "weighted-round-robin" (nginx's smooth WRR), "power-of-two", "prefix-affinity"
+strategy = "least-loaded"       # or "least-connections", "weighted-round-robin" (nginx's smooth WRR), "power-of-two", "prefix-affinity"
+slow_start = 30.0               # a backend back from an open circuit (or added by a reload) ramps from 10% to its weight
 
 [health]
 interval = 5.0                  # active probe period per backend (with jitter)
@@ -61,6 +65,8 @@ path = "/v1/models"             # served by vLLM, llama.cpp, Ollama and SGLang a
 failure_threshold = 3           # consecutive failures (probe or live traffic) that open the circuit
 open_for = 10.0                 # first ejection; doubles on each re-open, capped at max_open_for
 max_open_for = 300.0
+load_interval = 1.0             # how often each backend's own load signals are read (with jitter)
+load_timeout = 0.5              # one read of them; a slow one never delays a request
 
 [cache]
 enabled = true
@@ -76,6 +82,10 @@ api_keys_file = ""              # one key per line; re-read on reload
 admin_token = ""                # guards /ntonix/* (but health and ready) and /metrics when set
 requests_per_minute = 0         # per API key (per client address without auth); 0 = off
 max_concurrent_per_key = 0      # in-flight requests per API key; 0 = off
+keys = []                       # named keys: [[auth.keys]] tables (name, key or key_sha256, limits)
+
+[usage]
+request_stream_usage = true     # ask OpenAI streams for usage; the client still gets what it asked for
 """  # noqa: E501 (verbatim)
 
 ONE_BACKEND = '[[backends]]\nurl = "http://10.0.0.1:8000"\n'
@@ -104,9 +114,55 @@ def test_spec_example_parses_to_the_attrs_defaults() -> None:
 def test_spec_example_sets_every_key_there_is() -> None:
     # If a key is added to a record, SPEC section 2 and this example must learn it too.
     data = Config.from_toml(SPEC_EXAMPLE)
-    for section in (data.gateway, data.balancer, data.health, data.cache, data.auth):
+    sections = (data.gateway, data.balancer, data.health, data.cache, data.auth, data.usage)
+    for section in sections:
         assert {f.name for f in attrs.fields(type(section))} <= set(SPEC_EXAMPLE.split())
     assert {f.name for f in attrs.fields(BackendSettings) if f.init} <= set(SPEC_EXAMPLE.split())
+    assert {f.name for f in attrs.fields(KeySettings)} <= set(NAMED_KEY.split())
+
+
+NAMED_KEY = """
+[[auth.keys]]
+name = "team-a"                 # shown in logs, metrics and /ntonix/usage; never the key
+key = "sk-team-a"               # or key_sha256 = "<64 hex digits>", so the file holds no secret
+key_sha256 = ""
+requests_per_minute = 0         # 0 = no limit
+tokens_per_minute = 0
+tokens_per_day = 0
+max_concurrent = 0
+priority = "interactive"        # or "batch": queued behind interactive requests until they age
+weight = 1                      # share of freed slots among the keys of its priority
+models = []                     # models it may use; empty = all
+"""
+
+
+def test_named_keys_parse_with_their_limits_and_refuse_what_is_wrong() -> None:
+    config = Config.from_toml(ONE_BACKEND + NAMED_KEY.replace('key_sha256 = ""', ""))
+    (team,) = config.auth.keys
+    assert team == KeySettings(name="team-a", key="sk-team-a")
+    hashed = '[[auth.keys]]\nname = "h"\nkey_sha256 = "' + "A1" * 32 + '"\n'
+    assert Config.from_toml(ONE_BACKEND + hashed).auth.keys[0].key_sha256 == "A1" * 32
+    problems = problems_of(
+        ONE_BACKEND
+        + '[[auth.keys]]\nname = "a"\nkey = "sk-secret"\nkey_sha256 = "'
+        + "0" * 64
+        + '"\n'
+        + '[[auth.keys]]\nname = "a"\nkey = "sk-secret"\npriority = "low"\nweight = 0\n'
+        + '[[auth.keys]]\nkey_sha256 = "xyz"\n'
+    )
+    assert problems == [
+        "auth.keys[0].key: set exactly one of key and key_sha256",
+        'auth.keys[1].priority: must be one of "interactive", "batch" (got "low")',
+        "auth.keys[1].weight: must be an integer > 0 (got 0)",
+        'auth.keys[1].name: "a" is already used by auth.keys[0]',
+        "auth.keys[1]: holds the same key as auth.keys[0] (value not shown)",
+        'auth.keys[2].key_sha256: must be 64 hexadecimal digits (the key\'s SHA-256) (got "xyz")',
+        'auth.keys[2].name: required (shown in logs and metrics, say "team-a")',
+    ]
+    assert not any("sk-secret" in problem for problem in problems)
+    assert problems_of(ONE_BACKEND + "[auth]\nkeys = 3\n") == [
+        "auth.keys: must be an array of [[auth.keys]] tables (got 3)"
+    ]
 
 
 def test_built_in_default_is_one_local_ollama() -> None:
@@ -341,8 +397,8 @@ def test_bad_config_is_refused_naming_the_key(bad: Bad) -> None:
         ("backends = []\n", "backends: at least one [[backends]] entry is required"),
         (
             ONE_BACKEND + "[balancer]\nstrategy = 'random'\n",
-            'balancer.strategy: must be one of "least-connections", "weighted-round-robin", '
-            '"power-of-two", "prefix-affinity" (got "random")',
+            'balancer.strategy: must be one of "least-loaded", "least-connections", '
+            '"weighted-round-robin", "power-of-two", "prefix-affinity" (got "random")',
         ),
         (
             '[[backends]]\nurl = "http://h:0"\n',
@@ -428,7 +484,7 @@ def test_non_string_keys_from_python_callers_are_unknown_keys() -> None:
 def test_every_rule_names_a_real_key() -> None:
     from ntonix.config import _RULES, _TABLES
 
-    assert set(_RULES) == set(_TABLES.values())
+    assert set(_RULES) == {*_TABLES.values(), KeySettings}  # [[auth.keys]] lives in [auth]
     for record, rules in _RULES.items():
         assert set(rules) <= {f.name for f in attrs.fields(record) if f.init}
 

@@ -46,7 +46,10 @@ PAGE = "/ntonix/dashboard"
 FEED = "/ntonix/dashboard/ws"
 SCREENSHOT = REPO_ROOT / "test-artifacts" / "dashboard.png"
 
-STATUS_KEYS = {"version", "workers", "cache", "uptime_seconds", "strategy", "queued", "backends"}
+STATUS_KEYS = {
+    "version", "workers", "cache", "shared_tier", "uptime_seconds", "strategy", "queued",
+    "backends",
+}  # fmt: skip
 BACKEND_KEYS = {
     "name", "url", "weight", "state", "consecutive_failures", "active_requests", "latency_ms",
     "last_error", "models", "probe", "draining", "not_eligible_because", "pool", "ttft_p50_ms",
@@ -268,6 +271,10 @@ async def test_the_feed_sends_a_full_snapshot_about_every_second(
     assert sum(point["requests"] for point in first["series"]) == 3
     assert first["backends"][0]["ttft_p50_ms"] is not None
     assert second["uptime_seconds"] > first["uptime_seconds"]
+    # The per-key token table: no keys configured, so every client is "anonymous".
+    (tokens,) = first["usage"]
+    assert tokens["key"] == "anonymous" and tokens["completion"] == 3 * 8
+    assert tokens["minute"] == tokens["today"] == tokens["prompt"] + tokens["completion"]
 
 
 async def test_with_an_admin_token_the_feed_needs_it_as_query_parameter_or_cookie(
@@ -352,8 +359,10 @@ async def test_clients_that_leave_leave_no_task_behind(
 DASHBOARD_HEALTH = HealthSettings(
     interval=0.2, timeout=0.5, failure_threshold=2, open_for=60, max_open_for=120
 )
-QUICK_MOCK = ("--tokens", "6", "--token-delay", "0.002")
+# Each mock reports its queue as vLLM does, so the rows show the engines' load too.
+QUICK_MOCK = ("--tokens", "6", "--token-delay", "0.002", "--engine", "vllm", "--slots", "4")
 BADGE = "document.getElementById('connection').textContent"
+ROW_TEXT = "document.querySelector('tr[data-backend=\"{name}\"]')?.textContent ?? ''"
 STATE_CHANGE_BOUND = 3.0  # seconds from the kill to the row turning "open" (issue 6)
 
 
@@ -404,6 +413,9 @@ async def test_a_killed_backend_turns_open_in_the_browser_within_3_s(
             ):
                 await trio.sleep(0.05)
         assert await page.evaluate(BADGE) == "live"
+        with trio.fail_after(10):  # the engine's own reading, once the reader has one
+            while "vllm" not in await page.evaluate(ROW_TEXT.format(name="alpha")):
+                await trio.sleep(0.05)
         await trio.sleep(3)  # a few seconds of traffic in the charts
 
         await mocks[2].child.kill()

@@ -1,8 +1,9 @@
 """docs/deploy: the Kubernetes manifests are valid (kubernetes-validate, strict, against the
 schemas it ships) and agree with the code: the ConfigMap's ntonix.toml passes `ntonix
 check-config`, the probes ask routes a running gateway answers 200, the container port is the
-one `ntonix serve` binds, the grace period covers the preStop sleep and graceful_timeout. The
-Compose file's gateways agree in the same ways."""
+one `ntonix serve` binds, the grace period covers the preStop sleep and graceful_timeout, the
+shared tier is the Valkey they deploy and the image can reach it. The Compose file's gateways
+agree in the same ways."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from ntonix.config import Config
+from ntonix.config import Config, SharedSettings
 from tests.conftest import StartGatewayWith, StartMock
 from tests.support import PYTHON, REPO_ROOT, answers_200, eventually
 
@@ -118,11 +119,14 @@ def test_the_grace_period_covers_the_prestop_sleep_and_the_drain() -> None:
 async def test_the_probes_ask_routes_a_healthy_gateway_answers_200(
     start_mock: StartMock, start_gateway_with: StartGatewayWith, client: httpx.AsyncClient
 ) -> None:
-    """The ConfigMap's config, its backends swapped for a local mock."""
+    """The ConfigMap's config, its backends swapped for a local mock and without its shared
+    tier (whose host exists only in the cluster: readiness does not depend on it)."""
     mock = await start_mock()
     config = Config.from_toml(_configmap_toml())
     local = tuple(attrs.evolve(backend, url=mock.url) for backend in config.backends)
-    gateway = await start_gateway_with(attrs.evolve(config, backends=local))
+    gateway = await start_gateway_with(
+        attrs.evolve(config, backends=local, shared=SharedSettings())
+    )
     container = _gateway_container()
     for probe in ("readinessProbe", "livenessProbe"):
         # Ready once a probe of the config's own cadence has reached the mock.
@@ -148,3 +152,19 @@ def test_compose_gateways_serve_the_config_on_their_published_port() -> None:
         assert int(service["stop_grace_period"].removesuffix("s")) >= graceful + EXIT_MARGIN
     for backend in Config.from_file(str(DEPLOY / "ntonix.toml")).backends:
         assert urllib.parse.urlsplit(backend.url).hostname in compose["services"]
+
+
+def test_the_shared_tier_is_the_valkey_deployed_next_to_the_gateways() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for config, services in (
+        (
+            Config.from_toml(_configmap_toml()),
+            {name for kind, name in _manifests() if kind == "Service"},
+        ),
+        (Config.from_file(str(DEPLOY / "ntonix.toml")), set(compose["services"])),
+    ):
+        url = urllib.parse.urlsplit(config.shared.url)
+        assert url.scheme == "valkey" and url.hostname == "valkey" in services
+    # The image the manifests and Compose run carries the tier's client (docs/deployment.md).
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir --disable-pip-version-check '.[shared]'" in dockerfile

@@ -555,7 +555,7 @@ def config_text(mock_url: str, raw_url: str, tls_url: str) -> str:
     return f"""
 [gateway]
 max_request_body = {BODY_LIMIT}
-first_byte_timeout = 1.0
+first_byte_timeout = 3.0  # short for backend_hangs, yet above a loaded CI machine's first byte
 retries = 0
 queue_timeout = 5.0
 

@@ -233,3 +233,78 @@ async def _until_both_fed(port: int, workers: list[int]) -> list[dict[str, Any]]
                 snapshots.append(json.loads(await feed.get_message()))
                 answered[worker_holding(workers, port, feed.local.port)] += 1
     return snapshots
+
+
+async def test_two_workers_show_the_engines_reading_once_with_the_answering_workers_score(
+    tmp_path: Path, start_mock: StartMock, spawn_job: Spawn
+) -> None:
+    mock = await start_mock("m", slots=16, engine="vllm")
+    config = tmp_path / "ntonix.toml"
+    config.write_text(
+        '[log]\naccess_log = "off"\n[balancer]\nstrategy = "least-loaded"\n'
+        "[health]\nload_interval = 0.25\n"
+        f'[[backends]]\nname = "m"\nurl = "{mock.url}"\n'
+    )
+    gateway, port = await serve_two_workers(spawn_job, config)
+    url = f"http://127.0.0.1:{port}"
+    workers = workers_of(gateway.pid)
+    async with trio.open_nursery() as nursery:
+        release = trio.Event()
+
+        async def hold_stream(index: int, task_status: trio.TaskStatus[int]) -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                payload = chat(f"slow{index}", temperature=0.7)
+                async with client.stream(
+                    "POST", "/v1/chat/completions", json=payload, headers=SLOW_STREAM
+                ) as response:
+                    chunks = response.aiter_raw()
+                    await anext(chunks)
+                    task_status.started(worker_holding(workers, port, _client_port(response)))
+                    await release.wait()
+
+        holding: Counter[int] = Counter()
+        with trio.fail_after(30):
+            while len(holding) < 2:
+                holding[await nursery.start(hold_stream, len(holding))] += 1
+        streams = holding.total()
+        loads = await _until_both_read(url, workers, port, streams)
+        scraped = await _until_both_answered(url, "/metrics", workers, port)
+        release.set()
+    for load in loads:
+        # The engine's queue, read by both workers: shown once, not summed over them.
+        assert load["engine"] == "vllm" and not load["stale"]
+        assert load["reading"]["running"] == streams and load["reading"]["waiting"] == 0
+        # The answering worker's estimate (its own reading brought up to now with its own
+        # requests) reached the engine-wide count, not its share of it.
+        assert load["estimated_load"] == streams
+        assert load["score"] is not None and load["slow_start"] == 1.0
+    for samples in map(_samples, scraped):
+        assert samples[("ntonix_workers", ())] == 2
+        assert samples[("ntonix_backend_engine_running", (("backend", "m"),))] == streams
+        assert ("ntonix_backend_load_score", (("backend", "m"),)) in samples
+    assert await gateway.stop() == 0
+    assert b"Traceback" not in gateway.output
+
+
+async def _until_both_read(
+    url: str, workers: list[int], port: int, running: int
+) -> list[dict[str, Any]]:
+    """/ntonix/status's load of backend m on new connections, until each worker has answered
+    twice with a reading of `running` requests and its own estimate there too (a worker's own
+    reading may be up to a load interval older than the freshest, which the status shows)."""
+    loads: list[dict[str, Any]] = []
+    answered: Counter[int] = Counter()
+    with trio.fail_after(60):
+        while min(answered[pid] for pid in workers) < 2:
+            pid, text = await _fresh_get(url, "/ntonix/status", workers, port)
+            status = json.loads(text)
+            assert status["workers"] == 2
+            (backend,) = status["backends"]
+            load = backend["load"]
+            # Never the sum of the workers' views: each sees the one engine.
+            assert load["estimated_load"] is None or load["estimated_load"] <= running
+            reading = load.get("reading") or {}
+            if reading.get("running") == running and load["estimated_load"] == running:
+                answered[pid] += 1
+                loads.append(load)
+    return loads

@@ -325,3 +325,28 @@ async def test_breaker_settings_of_a_reload_apply_to_the_backends_it_adds(
     added = (await gateway.backends())["failing"]
     assert added["state"] == "open"
     assert failing.stats["requests"] == 1
+
+
+async def test_a_reload_adds_a_named_key_and_its_token_window_keeps_counting(
+    tmp_path: Path, start_mock: StartMock, spawn: Spawn, client: httpx.AsyncClient
+) -> None:
+    a = await start_mock("a", tokens=100, token_delay=0.0)
+    config = ConfigFile(tmp_path / "ntonix.toml")
+    team = '[[auth.keys]]\nname = "team"\nkey = "sk-team"\ntokens_per_minute = 150\n'
+    config.write(node(a), extra=team)
+    gateway = await serve_gateway(spawn, client, config, node(a))
+    config.write(node(a), extra=team)  # serve_gateway wrote the file without the key
+    assert b"config reloaded" in await gateway.sighup()
+    as_team = {"authorization": "Bearer sk-team"}
+    first = await client.post(f"{gateway.url}{CHAT}", json=chat(stream=False), headers=as_team)
+    assert first.status_code == 200
+    newcomer = '[[auth.keys]]\nname = "new"\nkey = "sk-new"\n'
+    config.write(node(a), extra=team + newcomer)
+    assert (await gateway.post_reload()).status_code == 200
+    as_new = {"authorization": "Bearer sk-new"}
+    assert (await client.post(f"{gateway.url}{CHAT}", json=chat(), headers=as_new)).is_success
+    # The key's window outlived the reload: its first answer still counts.
+    again = await client.post(f"{gateway.url}{CHAT}", json=chat(stream=False), headers=as_team)
+    assert again.status_code == 200 and int(again.headers["x-ratelimit-remaining-tokens"]) < 50
+    third = await client.post(f"{gateway.url}{CHAT}", json=chat(stream=False), headers=as_team)
+    assert third.status_code == 429

@@ -13,7 +13,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from ntonix.config import AuthSettings, WebSocketSettings
+from ntonix.config import AuthSettings, KeySettings, WebSocketSettings
 from tests.conftest import StartGatewayWith, StartMock
 from tests.support import (
     RawClient,
@@ -159,6 +159,20 @@ async def test_refusals_are_http_statuses_read_before_the_handshake_completes(
         await ws.get_message()
         over = await refusal(ws_url(gateway), key)
         assert over[0] == 429 and over[1]["error"]["code"] == "rate_limit_exceeded"
+    assert mock.stats["realtime"]["sessions"] == 1
+
+
+async def test_a_named_key_may_open_sessions_only_for_its_models(
+    start_mock: StartMock, start_gateway_with: StartGatewayWith
+) -> None:
+    mock = await start_mock("a", models=("mock-llm", "other"))
+    auth = AuthSettings(keys=(KeySettings(name="narrow", key="sk-narrow", models=("mock-llm",)),))
+    gateway = await start_gateway_with(ws_config(backend(mock.url, "a"), auth=auth))
+    key = [(b"authorization", b"Bearer sk-narrow")]
+    refused = await refusal(ws_url(gateway, model="other"), key)
+    assert refused[0] == 403 and refused[1]["error"]["code"] == "model_not_allowed"
+    async with open_websocket_url(ws_url(gateway, model="mock-llm"), extra_headers=key) as ws:
+        await ws.get_message()
     assert mock.stats["realtime"]["sessions"] == 1
 
 

@@ -5,7 +5,8 @@ in a worker thread: a slow disk or a stderr pipe nobody drains must never stall 
 loop that carries the streams. If the backlog grows past `MAX_BACKLOG`, lines are dropped and
 counted rather than held without bound.
 
-Never in a line: API keys, the query string (clients put keys there too), the prompt.
+Never in a line: API keys (a named key shows its name, any other "anonymous"), the query
+string (clients put keys there too), the prompt.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ MAX_BACKLOG = 8 * 1024 * 1024  # bytes waiting to be written
 
 def access_line(record: RequestRecord, now: float) -> bytes:
     ttft = record.first_byte_at
+    usage = record.usage
     entry: dict[str, object] = {
         "time": _timestamp(record.wall_time),
         "request_id": record.request_id.decode("latin-1"),
         "client": record.client,
+        "key": record.tenant.name if record.tenant else None,
         "method": record.method,
         "path": record.path,
         "model": record.model,
@@ -45,6 +48,9 @@ def access_line(record: RequestRecord, now: float) -> bytes:
         "duration_ms": round((now - record.started) * 1000, 3),
         "bytes_in": record.bytes_in,
         "bytes_out": record.bytes_out,
+        "prompt_tokens": usage.prompt if usage else None,
+        "completion_tokens": usage.completion if usage else None,
+        "tokens_estimated": usage.estimated if usage else None,
     }
     if record.session is not None:
         entry["websocket"] = record.session.as_log()

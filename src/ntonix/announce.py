@@ -1,7 +1,8 @@
 """What the gateway tells its operator in the log: the setup it starts with, circuit changes.
 
 At start, one line each: where the config came from (a file, or the built-in default when none
-was found), every backend, the strategy, the cache and the access log. The listening URLs
+was found), every backend, the strategy, the cache, the shared tier when there is one (its URL
+without a password) and the access log. The listening URLs
 follow in the server's `Running on` lines. Later, one line per circuit change of a backend.
 """
 
@@ -12,6 +13,7 @@ import logging
 from ntonix.config import DEFAULT_BACKEND_URL, Config
 from ntonix.core.breaker import State
 from ntonix.core.health import CircuitChange
+from ntonix.core.valkey_url import parse_valkey_url, shown
 
 log = logging.getLogger("ntonix")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -57,8 +59,23 @@ def start_lines(config: Config, config_file: str | None) -> list[str]:
         )
     else:
         lines.append("cache: off")
+    if config.shared.url:
+        lines.append(_tier_line(config))
     lines.append(f"access log: {config.log.access_log}")
     return lines
+
+
+def _tier_line(config: Config) -> str:
+    shared = config.shared
+    if shared.embedded:
+        where = (
+            "embedded valkey-server (private to this ntonix serve: unix socket, no persistence, "
+            f"up to {config.cache.max_bytes / 2**20:g} MiB, allkeys-lru)"
+        )
+    else:
+        # Checked when the config was read; the password is never shown.
+        where = f"{shown(parse_valkey_url(shared.url))} (remote)"
+    return f"shared tier: {where}, timeout {shared.timeout * 1000:g} ms, lease {shared.lease:g} s"
 
 
 def log_start(config: Config, config_file: str | None) -> None:

@@ -19,27 +19,36 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ntonix import dashboard, hypercorn_ws, overview
 from ntonix.accesslog import AccessLog, open_target
+from ntonix.accounts import Accounts
 from ntonix.announce import log_circuit_change, log_start, log_to_stderr_unless_configured
 from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
 from ntonix.cache import ResponseCache
 from ntonix.config import Config, ConfigError, config_path, load_config
-from ntonix.core.auth import ApiKeys, keys_from_file
+from ntonix.core.auth import ApiKeys, digest, keys_from_file
 from ntonix.core.breaker import BreakerSettings
 from ntonix.core.figures import Figures, merge
 from ntonix.core.headers import request_id_of
 from ntonix.core.health import HealthTable
 from ntonix.core.hygiene import check_request
-from ntonix.core.limits import ClientLimits
+from ntonix.core.limits import ClientLimits, Verdict
 from ntonix.core.requests import is_proxied, method_error, path_error
 from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
+from ntonix.core.tenants import Tenant
+from ntonix.core.token_limits import ratelimit_headers
 from ntonix.downstream import new_request_id
 from ntonix.errors import Dialect, GatewayError, client_error, dialect_of
 from ntonix.gathering import WorkerGroup
 from ntonix.listening import set_send_timeout_on_listening_sockets
+from ntonix.load_reader import LoadReaders
 from ntonix.metrics import exposition
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
+from ntonix.shared_cache import SharedCache
+from ntonix.shared_flights import SharedFlights
+from ntonix.shared_limits import KeyLimits, Ticket
+from ntonix.shared_tokens import SharedTokens
+from ntonix.tier import SharedTier
 from ntonix.upstream import BackendPool, backend_ssl_context
 from ntonix.websocket_proxy import Sessions
 
@@ -59,15 +68,18 @@ class Gateway:
         config_file: str | None = None,
         workers: WorkerGroup | None = None,
         announce: bool = True,
+        embedded_tier: str | None = None,
     ) -> None:
         """With no config, it is loaded when the server starts (see `load_config`);
         `config_file` is what SIGHUP and POST /ntonix/reload re-read; `workers` makes this
         one of N worker processes that show one gateway (ntonix.gathering). `announce` logs the
-        setup at start (one worker of N says it for all)."""
+        setup at start (one worker of N says it for all). `embedded_tier` is the socket URL of
+        the valkey-server `ntonix serve` runs for `[shared] url = "embedded"`."""
         self._config = config
         self._config_file = config_file
         self._workers = workers
         self._announce = announce
+        self._embedded_tier = embedded_tier
         # Built without a config: `ntonix:app` under the plain hypercorn command.
         self._hypercorn_command = config is None
         self.proxy: Proxy | None = None
@@ -76,10 +88,14 @@ class Gateway:
         # A proxied session passes on the code and reason of the client's close frame.
         hypercorn_ws.install()
         self._probers: Probers | None = None
+        self._load_readers: LoadReaders | None = None
         self._keys = ApiKeys(())
-        self._limits = ClientLimits(per_minute=0, max_concurrent=0)
+        # Each tenant brings its own numbers (ApiKeys gives plain keys [auth]'s).
+        self._limits = KeyLimits(ClientLimits(per_minute=0, max_concurrent=0))
+        self.tier: SharedTier | None = None
         self._started_at = time.monotonic()
         self.tallies = Tallies()
+        self.accounts = Accounts()
         self.recent = RecentWindow()
         self.access_log = AccessLog("off")
         # Set when the server stops accepting (`ntonix serve` says so; the plain hypercorn
@@ -152,44 +168,61 @@ class Gateway:
         self, scope: Scope, receive: Receive, send: Send, proxy: Proxy, record: RequestRecord
     ) -> None:
         """Who is asking (API key), within their limits, then the model list or the proxy."""
-        client = self._admit_client(scope)
-        if isinstance(client, GatewayError):
-            await refuse(send, record, client)
+        ticket = await self._admit_client(scope, record)
+        if isinstance(ticket, GatewayError):
+            await refuse(send, record, ticket)
             return
         try:
             if (wrong := method_error(scope["method"], scope["raw_path"])) is not None:
                 await refuse(send, record, wrong)
             elif scope["method"] in ("GET", "HEAD") and scope["raw_path"] in _MODEL_LISTS:
-                await self._list_models(scope["raw_path"], recording(send, record))
+                await self._list_models(scope["raw_path"], recording(send, record), record)
             else:
                 await proxy.handle(scope, receive, send, record)
         finally:
-            self._release_client(client)
+            self._release_client(ticket)
 
-    def _admit_client(self, scope: Scope) -> str | GatewayError:
-        """Who is asking (an API key's digest, else the client's address), or the 401 or 429
-        that refuses them. Whoever is admitted is released when their request or session ends."""
-        identity = None
-        if self._keys.required:
-            identity = self._keys.identify(header(scope, b"authorization"))
-            if identity is None:
+    async def _admit_client(
+        self, scope: Scope, record: RequestRecord | None = None
+    ) -> Ticket | GatewayError:
+        """Who is asking (a named key's tenant, else "anonymous" by plain key or address), or
+        the 401 or 429 that refuses them. Whoever is admitted holds a ticket (where their
+        request was counted: the shared tier or this worker), released when their request or
+        session ends. `record`, when given, learns the tenant and its x-ratelimit-* headers."""
+        keys = self._keys
+        if keys.required:
+            tenant = keys.identify(header(scope, b"authorization"))
+            if tenant is None:
                 return client_error(401, "invalid_api_key", "Missing or invalid API key")
-        client = identity or (scope["client"][0] if scope.get("client") else "unknown")
-        if self._limits.active:
-            verdict = self._limits.admit(client, trio.current_time())
-            if not verdict.allowed:
-                return GatewayError(
-                    429,
-                    "rate_limit_exceeded",
-                    f"Too many requests: {verdict.reason}",
-                    source="client",
-                    retry_after=verdict.retry_after,
-                )
-        return client
+        else:
+            tenant = keys.anonymous(scope["client"][0] if scope.get("client") else "unknown")
+        # Tokens are charged when responses end: a key may start one while under its limits.
+        tokens = await self.accounts.standing(tenant) if tenant.counts_tokens else None
+        if tokens is not None and not tokens.allowed:
+            verdict = Verdict(False, tokens.retry_after, tokens.reason)
+            remaining = await self._limits.remaining(tenant, trio.current_time())
+            ticket = Ticket(tenant, remaining=remaining)
+        else:
+            verdict, ticket = await self._limits.admit(tenant, trio.current_time())
+        if record is not None:
+            record.tenant = tenant
+            if tenant.rate_limited:
+                requests = None
+                if ticket.remaining is not None:
+                    requests = (tenant.requests_per_minute, *ticket.remaining)
+                record.extra_headers = ratelimit_headers(requests, tokens)
+        if not verdict.allowed:
+            return GatewayError(
+                429,
+                "rate_limit_exceeded",
+                f"Too many requests: {verdict.reason}",
+                source="client",
+                retry_after=verdict.retry_after,
+            )
+        return ticket
 
-    def _release_client(self, client: str) -> None:
-        if self._limits.active:
-            self._limits.release(client)
+    def _release_client(self, ticket: Ticket) -> None:
+        self._limits.release(ticket)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
@@ -204,6 +237,7 @@ class Gateway:
                     )
             self._keys = api_keys(config)
             self.access_log = AccessLog(config.log.access_log)
+            self.tier = tier_for(config, self._embedded_tier)
         except (OSError, ValueError) as error:
             await send({"type": "lifespan.startup.failed", "message": f"Cannot start: {error}"})
             return
@@ -215,10 +249,22 @@ class Gateway:
         # The supervisor: long-lived tasks live here, and it outlives every request, because
         # Hypercorn drains requests before it sends lifespan.shutdown.
         async with trio.open_nursery() as supervisor:
-            cache = ResponseCache(config.cache, supervisor) if config.cache.enabled else None
+            tier = self.tier
+            if tier is not None:
+                await tier.connect()
+                supervisor.start_soon(tier.probe_forever)
+            shared = None
+            if tier is not None and config.cache.enabled:
+                flights = SharedFlights(tier, config.shared.lease)
+                shared = SharedCache(tier, config.cache.ttl, flights)
+                supervisor.start_soon(flights.publish_forever)
+                supervisor.start_soon(flights.read_forever)
+            cache = (
+                ResponseCache(config.cache, supervisor, shared) if config.cache.enabled else None
+            )
             if cache is not None:
                 supervisor.start_soon(cache.write_forever)
-            self.proxy = Proxy(config, pools, health, cache, self.tallies)
+            self.proxy = Proxy(config, pools, health, cache, self.tallies, self.accounts)
             supervisor.start_soon(self.proxy.idle_watch.run)
             self.sessions = Sessions(
                 self.proxy,
@@ -229,9 +275,16 @@ class Gateway:
                 stopping=self.stopping,
             )
             supervisor.start_soon(self.access_log.flush_forever)
-            self._limits = _client_limits(config)
+            self._limits = KeyLimits(
+                ClientLimits(per_minute=0, max_concurrent=0), tier, supervisor, config.shared.lease
+            )
+            if tier is not None:
+                supervisor.start_soon(self._limits.renew_forever)
+                self.accounts.shared = SharedTokens(tier, supervisor)
             self._probers = Probers(supervisor, health, config.health)
             self._probers.reconcile(config.backends, config.health)
+            self._load_readers = LoadReaders(supervisor, health, self.proxy.loads, config.health)
+            self._load_readers.reconcile(config.backends, config.health)
             supervisor.start_soon(self._reload_on_sighup)
             if self._workers is not None:
                 await supervisor.start(self._workers.serve, self._own_figures)
@@ -244,6 +297,8 @@ class Gateway:
         if self._workers is not None:
             # Every request has ended: the other workers keep these counts in their sums.
             self._workers.publish(self._own_figures(False))
+        if self.tier is not None:
+            await self.tier.aclose()
         for pool in self.proxy.pools.values():
             pool.retire()
         await self.access_log.close()
@@ -297,9 +352,9 @@ class Gateway:
         proxy.health.reconcile(config.backends, _breaker_settings(config))
         proxy.reconfigure(config, pools)
         probers.reconcile(config.backends, config.health)
+        if self._load_readers is not None:
+            self._load_readers.reconcile(config.backends, config.health)
         self._keys = keys
-        self._limits.per_minute = config.auth.requests_per_minute
-        self._limits.max_concurrent = config.auth.max_concurrent_per_key
         self._config = config
         log.info("config reloaded from %s: %d backends", self._config_file, len(config.backends))
         return []
@@ -320,6 +375,8 @@ class Gateway:
             await send_body(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
         elif path == b"/ntonix/status" and method == "GET":
             await send_json(send, 200, await self.status())
+        elif path == b"/ntonix/usage" and method == "GET" and (figures := await self.figures()):
+            await send_json(send, 200, overview.usage(figures, time.time()))
         elif path == b"/ntonix/dashboard" and method == "GET":
             headers = [
                 (b"content-type", b"text/html; charset=utf-8"),
@@ -359,17 +416,21 @@ class Gateway:
         ]
         return any(hmac.compare_digest(value, expected) for value in offered)
 
-    async def _list_models(self, path: bytes, send: Send) -> None:
-        """/v1/models and /api/tags: the union of what the healthy backends serve."""
-        assert self.proxy is not None
-        models = self.proxy.health.served_models(trio.current_time())
+    async def _list_models(self, path: bytes, send: Send, record: RequestRecord) -> None:
+        """/v1/models and /api/tags: the union of what the healthy backends serve (of those,
+        what the key may use)."""
+        assert self.proxy is not None and record.tenant is not None
+        tenant = record.tenant
+        served = self.proxy.health.served_models(trio.current_time())
+        models = [model for model in served if tenant.may_use(model)]
         if path == b"/v1/models":
             data = [
                 {"id": m, "object": "model", "created": 0, "owned_by": "ntonix"} for m in models
             ]
-            await send_json(send, 200, {"object": "list", "data": data})
+            await send_json(send, 200, {"object": "list", "data": data}, record.extra_headers)
         else:
-            await send_json(send, 200, {"models": [{"name": m, "model": m} for m in models]})
+            tags = [{"name": m, "model": m} for m in models]
+            await send_json(send, 200, {"models": tags}, record.extra_headers)
 
     def ready(self) -> bool:
         """Some backend has answered since start and is healthy now (`HealthTable.ready`)."""
@@ -380,8 +441,16 @@ class Gateway:
         assert self.proxy is not None
         now = trio.current_time()
         dropped = self.access_log.dropped
+        tier = self.tier.statistics() if self.tier else None
         figures = overview.own_figures(
-            self.proxy, self.tallies, dropped, self.recent, now, window=window
+            self.proxy,
+            self.tallies,
+            dropped,
+            self.recent,
+            now,
+            window=window,
+            tier=tier,
+            usage=self.accounts.figures(),
         )
         return attrs.evolve(figures, sessions=self.session_tallies)
 
@@ -422,19 +491,48 @@ _DASHBOARD_CSP = (
 
 def api_keys(config: Config) -> ApiKeys:
     """The client keys: `auth.api_keys` plus the lines of `auth.api_keys_file` (OSError if it
-    cannot be read)."""
-    keys = list(config.auth.api_keys)
-    if config.auth.api_keys_file:
-        with open(config.auth.api_keys_file, encoding="utf-8") as file:
-            keys += keys_from_file(file.read())
-    return ApiKeys(keys)
-
-
-def _client_limits(config: Config) -> ClientLimits:
+    cannot be read), and the named `[[auth.keys]]`."""
     auth = config.auth
-    return ClientLimits(
-        per_minute=auth.requests_per_minute, max_concurrent=auth.max_concurrent_per_key
+    keys = list(auth.api_keys)
+    if auth.api_keys_file:
+        with open(auth.api_keys_file, encoding="utf-8") as file:
+            keys += keys_from_file(file.read())
+    named = {
+        entry.key_sha256 or digest(entry.key): Tenant(
+            entry.name,
+            f"key:{entry.name}",
+            requests_per_minute=entry.requests_per_minute,
+            max_concurrent=entry.max_concurrent,
+            tokens_per_minute=entry.tokens_per_minute,
+            tokens_per_day=entry.tokens_per_day,
+            batch=entry.priority == "batch",
+            weight=entry.weight,
+            models=frozenset(entry.models),
+        )
+        for entry in auth.keys
+    }
+    return ApiKeys(
+        keys,
+        named,
+        requests_per_minute=auth.requests_per_minute,
+        max_concurrent=auth.max_concurrent_per_key,
     )
+
+
+def tier_for(config: Config, embedded: str | None = None) -> SharedTier | None:
+    """The shared tier `[shared] url` names, or None; "embedded" is the server `ntonix serve`
+    runs, at the socket URL `embedded` (ValueError without one: the hypercorn command)."""
+    settings = config.shared
+    if not settings.url:
+        return None
+    if settings.embedded:
+        if embedded is None:
+            raise ValueError(
+                '[shared] url = "embedded" needs `ntonix serve`, which runs the valkey-server; '
+                "with the hypercorn command, give the URL of a running Valkey"
+            )
+        settings = attrs.evolve(settings, url=embedded)
+    return SharedTier.from_settings(settings)
 
 
 def _breaker_settings(config: Config) -> BreakerSettings:
@@ -520,7 +618,7 @@ async def refuse(
     record.status = error.status
     record.outcome = "error"
     record.error = error.code
-    await send_error(send, error, dialect_of(record.path), close=close)
+    await send_error(send, error, dialect_of(record.path), close=close, extra=record.extra_headers)
 
 
 def recording(send: Send, record: RequestRecord) -> Send:
@@ -540,14 +638,19 @@ def recording(send: Send, record: RequestRecord) -> Send:
 
 
 async def send_error(
-    send: Send, error: GatewayError, dialect: Dialect, *, close: bool = False
+    send: Send,
+    error: GatewayError,
+    dialect: Dialect,
+    *,
+    close: bool = False,
+    extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """The error in the client's dialect (OpenAI's or Ollama's shape).
 
     `close` asks Hypercorn (h11) to close the connection after this response: for a request
     whose framing is in doubt, what follows it on the connection cannot be trusted. HTTP/1
     only: HTTP/2 forbids the header and its streams are framed by the protocol."""
-    headers = error.headers()[1:]
+    headers = error.headers()[1:] + (extra or [])
     if close:
         headers.append((b"connection", b"close"))
     await send_json(send, error.status, error.payload(dialect), headers)

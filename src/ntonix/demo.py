@@ -41,6 +41,11 @@ def mock_module() -> str:
     return f"{package}.llm"
 
 
+# Each mock runs a queue of 8 slots and reports it as vLLM does, so that the dashboard shows
+# the engines' load and least-loaded has something to read.
+MOCK_OPTIONS = ("--engine", "vllm", "--slots", "8")
+
+
 @attrs.frozen
 class MockProcess:
     name: str
@@ -50,7 +55,7 @@ class MockProcess:
 
 async def _start_mock(name: str) -> MockProcess:
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", mock_module(), "--port", "0", "--name", name],
+        [sys.executable, "-m", mock_module(), "--port", "0", "--name", name, *MOCK_OPTIONS],
         stdout=subprocess.PIPE,
         # A Ctrl-C in the terminal is the demo's to handle: the mocks stop when it says so.
         start_new_session=True,
@@ -176,5 +181,5 @@ Gateway status: ntonix status --url {gateway_url}{status_ca}
   (or {curl} {gateway_url}/ntonix/status)
 Kill a backend and watch it leave and come back:
   kill -9 {first.process.pid}
-  {restart} --name {first.name}
+  {restart} --name {first.name} {" ".join(MOCK_OPTIONS)}
 Press Ctrl-C to stop."""

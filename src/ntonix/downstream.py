@@ -122,7 +122,7 @@ class Downstream:
         headers = [(b"x-request-id", self.request_id)]
         if self.record.cache != "off":
             headers.append((b"x-ntonix-cache", self.record.cache.encode()))
-        return headers
+        return headers + self.record.extra_headers
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:

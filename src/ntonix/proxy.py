@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
 import trio
 
+from ntonix.accounts import Accounts
 from ntonix.admission import Admission
 from ntonix.asgi import Receive, Scope, Send, header
-from ntonix.cache import ResponseCache, listen, replay
+from ntonix.cache import Flight, ResponseCache, listen, replay
 from ntonix.config import Config
 from ntonix.core.balancer import affinity_key, make_strategy
+from ntonix.core.framing import stream_kind
 from ntonix.core.headers import client_response_headers, upstream_request_headers
 from ntonix.core.health import (
     HealthTable,
@@ -31,8 +34,11 @@ from ntonix.core.health import (
     retry_after_of,
 )
 from ntonix.core.keys import cache_key, cacheability, scope_for
+from ntonix.core.lru import CachedResponse
 from ntonix.core.requests import ProxiedRequest, classify
+from ntonix.core.signals import LoadBook
 from ntonix.core.telemetry import RequestRecord, Tallies
+from ntonix.core.usage import UsageMeter, prompt_estimate, with_stream_usage
 from ntonix.downstream import (
     ClientGone,
     Downstream,
@@ -42,6 +48,7 @@ from ntonix.downstream import (
     too_large,
 )
 from ntonix.errors import GatewayError, client_error, upstream_error
+from ntonix.shared_flights import Follow
 from ntonix.upstream import BackendPool, UpstreamConnection
 from ntonix.watchdog import IdleWatch
 
@@ -58,12 +65,16 @@ class Proxy:
         health: HealthTable,
         cache: ResponseCache | None = None,
         tallies: Tallies | None = None,
+        accounts: Accounts | None = None,
     ) -> None:
         self.health = health
         self.cache = cache
         self.tallies = tallies or Tallies()
+        self.accounts = accounts or Accounts()
         self.admission = Admission()
         self.idle_watch = IdleWatch()  # its task runs in the lifespan's supervisor
+        # What the engines say about their load, written by the readers (load_reader.py).
+        self.loads = LoadBook()
         self._strategy_name = ""
         self.reconfigure(config, pools)
 
@@ -75,6 +86,12 @@ class Proxy:
         self.idle_watch.timeout(config.gateway.idle_timeout)
         self._limits = {b.name: b.max_concurrent for b in config.backends}
         self._affinity = config.balancer.strategy == "prefix-affinity"
+        self._load_aware = config.balancer.strategy == "least-loaded"
+        self.loads.configure(
+            interval=config.health.load_interval, slow_start=config.balancer.slow_start
+        )
+        self.loads.reconcile((b.name for b in config.backends), trio.current_time())
+        self.admission.aging = config.gateway.batch_aging
         if config.balancer.strategy != self._strategy_name:
             self._strategy_name = config.balancer.strategy
             self.strategy = make_strategy(config.balancer.strategy, random.Random())
@@ -82,7 +99,9 @@ class Proxy:
     async def handle(
         self, scope: Scope, receive: Receive, send: Send, record: RequestRecord
     ) -> None:
-        """Run one request through every phase; returns when the client has its answer."""
+        """Run one request through every phase; returns when the client has its answer.
+
+        `record.tenant`, when set, is who asks: a model its key may not use is refused (403)."""
         downstream = Downstream(send, record)
         try:
             body = await self.accept(scope, receive)
@@ -98,9 +117,18 @@ class Proxy:
             await downstream.fail(error)
             return
         record.model = request.model
+        tenant = record.tenant
+        if tenant is not None and not tenant.may_use(request.model):
+            message = f"The key {tenant.name!r} may not use the model {request.model!r}"
+            await downstream.fail(client_error(403, "model_not_allowed", message))
+            return
+        asked = None
+        if self.config.usage.request_stream_usage and request.payload is not None:
+            # The client did not ask for usage in its stream: ask for it, and strip it again.
+            asked = with_stream_usage(scope["raw_path"], request.payload)
         async with cancelled_on_disconnect(receive, downstream, self.idle_watch):
             try:
-                await self.respond(scope, request, body, downstream)
+                await self.respond(scope, request, asked or body, downstream, strip=bool(asked))
             except GatewayError as error:
                 if error.source != "upstream":  # upstream failures were logged per attempt
                     log.warning("request %s: %s", downstream.request_id.decode(), error.message)
@@ -118,13 +146,23 @@ class Proxy:
         raise client_error(408, "request_timeout", "The request body did not arrive in time")
 
     async def respond(
-        self, scope: Scope, request: ProxiedRequest, body: bytes, downstream: Downstream
+        self,
+        scope: Scope,
+        request: ProxiedRequest,
+        body: bytes,
+        downstream: Downstream,
+        *,
+        strip: bool = False,
     ) -> None:
         """Phase cache lookup: a hit is replayed, an identical request in flight is joined, a
-        cacheable miss becomes a shared flight; anything else goes straight upstream."""
+        cacheable miss becomes a shared flight; anything else goes straight upstream.
+
+        `body` is what goes upstream; `strip` says it asks for stream usage the client's
+        `request` did not, so the usage-only event is taken out of the response."""
         cache = self.cache
+        forward = partial(self.forward, scope, request, body, strip=strip)
         if cache is None:
-            await self.forward(scope, request, body, downstream, downstream.record)
+            await forward(downstream, downstream.record)
             return
         plan = (
             cacheability(
@@ -139,7 +177,7 @@ class Proxy:
         if plan is None or not (plan.lookup or plan.store):
             cache.bypass += 1
             downstream.record.cache = "bypass"
-            await self.forward(scope, request, body, downstream, downstream.record)
+            await forward(downstream, downstream.record)
             return
         assert request.payload is not None
         key = cache_key(
@@ -148,16 +186,34 @@ class Proxy:
             scope_for(_bearer_token(scope), cache.settings.scope),
             request.payload,
         )
+        remote = None
         if plan.lookup:
             if (hit := cache.lookup(key)) is not None:
                 downstream.record.cache = "hit"
                 await replay(hit, downstream)
+                if hit.usage is not None:
+                    self.accounts.served(downstream.record, hit.usage)
                 return
             if (flight := cache.joinable(key)) is not None:
                 downstream.record.cache = "coalesced"
                 await listen(flight, downstream)
+                self._served_by(flight, downstream.record)
                 return
-        downstream.record.cache = "miss"
+            found = await cache.lookup_shared(key)
+            if isinstance(found, CachedResponse):
+                downstream.record.cache = "hit"
+                await replay(found, downstream)
+                if found.usage is not None:
+                    self.accounts.served(downstream.record, found.usage)
+                return
+            remote = found
+            # While L2 was asked, an identical request may have started a flight.
+            if (flight := cache.joinable(key)) is not None:
+                downstream.record.cache = "coalesced"
+                await listen(flight, downstream)
+                self._served_by(flight, downstream.record)
+                return
+        downstream.record.cache = "coalesced" if isinstance(remote, Follow) else "miss"
         # The flight outlives this client if others joined it: what it notes on this record
         # after the client left is never read.
         flight = cache.start_flight(
@@ -166,9 +222,17 @@ class Proxy:
             coalesce=plan.lookup,
             store=plan.store,
             dialect=downstream.dialect,
-            run=partial(self.forward, scope, request, body, record=downstream.record),
+            run=partial(forward, record=downstream.record),
+            remote=remote,
         )
         await listen(flight, downstream)
+        if flight.follower:  # another worker's backend request answered: served, not generated
+            self._served_by(flight, downstream.record)
+
+    def _served_by(self, flight: Flight, record: RequestRecord) -> None:
+        """A request answered by a flight it did not run counts its tokens as cached."""
+        if flight.usage is not None and not flight.failed:
+            self.accounts.served(record, flight.usage)
 
     async def forward(
         self,
@@ -177,6 +241,8 @@ class Proxy:
         body: bytes,
         downstream: ResponseSink,
         record: RequestRecord,
+        *,
+        strip: bool = False,
     ) -> None:
         """Phases pick upstream and admission, then tries on backends until one answers.
 
@@ -185,6 +251,7 @@ class Proxy:
         is the client's (for a shared flight: its first client's).
         """
         exchange = Exchange(scope, request, body, downstream, record)
+        exchange.strip = strip
         if self._affinity and request.payload is not None:
             exchange.affinity = affinity_key(request.payload)
         tallies = self.tallies
@@ -216,14 +283,16 @@ class Proxy:
     async def admit(self, exchange: Placement, *, first: bool) -> Ticket | None:
         """Phases pick upstream and admission: the best eligible backend with a free slot.
 
-        Waits up to `queue_timeout`, first come first served, when every eligible backend is at
-        `max_concurrent`; None when failover has no untried backend left.
+        Waits up to `queue_timeout`, in fair order (ntonix.admission), when every eligible
+        backend is at `max_concurrent`; None when failover has no untried backend left.
         """
         # Requests already waiting go first: a slot they can use is theirs.
         self.admission.admit_waiting()
         try_admit = partial(self._try_admit, exchange)
+        tenant = exchange.record.tenant
         ticket = try_admit()
         if ticket is not None:
+            self.admission.served(tenant)
             return ticket
         model = exchange.model
         now = trio.current_time()
@@ -233,7 +302,9 @@ class Proxy:
             raise self._no_route(model, now)
         deadline = now + self._settings.queue_timeout
         exchange.record.phase = "queue"
-        ticket = await self.admission.wait(try_admit, deadline, self._abandon)
+        # Same model, same backends tried: the same slots will do (affinity only orders them).
+        group = (model, frozenset(exchange.tried))
+        ticket = await self.admission.wait(try_admit, deadline, self._abandon, tenant, group)
         exchange.record.phase = "first_byte"
         self.tallies.queue_wait.observe(trio.current_time() - now)
         if ticket is None:
@@ -251,6 +322,8 @@ class Proxy:
         now = trio.current_time()
         names = [n for n in self.health.eligible(exchange.model, now) if n not in exchange.tried]
         candidates = self.health.candidates(names)
+        if self._load_aware:
+            candidates = self.loads.annotate(candidates, exchange.model, now)
         in_flight = {c.name: c.in_flight for c in candidates}
         for name in self.strategy.order(candidates, affinity_key=exchange.affinity):
             limit = self._limits.get(name, 0)
@@ -303,6 +376,7 @@ class Proxy:
                     self._upstream_headers(exchange, pool),
                     exchange.body,
                 )
+                self.loads.sent(ticket.name, ticket.id, trio.current_time())
                 response = await connection.receive_response()
             if waiting.cancelled_caught:
                 report.outcome = Outcome.TIMED_OUT
@@ -324,18 +398,28 @@ class Proxy:
                 return upstream_error(
                     502, "backend_error", f"Backend {ticket.name} answered {status}"
                 )
+            if 200 <= status < 300 and exchange.request.payload is not None:
+                exchange.meter = UsageMeter(
+                    stream_kind(response.headers),
+                    strip=exchange.strip,
+                    prompt=prompt_estimate(exchange.request.payload),
+                )
             await exchange.downstream.start(
                 status,
                 client_response_headers(response.headers, backend=ticket.name.encode()),
             )
             try:
-                await relay_body(
+                first_data_at = await relay_body(
                     connection,
                     exchange.downstream,
                     settings.idle_timeout,
                     ticket.name,
                     self.idle_watch,
+                    exchange.meter,
+                    partial(self._charge, exchange),
                 )
+                if first_data_at is not None and exchange.request.stream:
+                    report.first_data = first_data_at - sent_at
             except GatewayError as error:
                 report.outcome = Outcome.FAILED_MIDSTREAM
                 report.error = error.message
@@ -355,6 +439,11 @@ class Proxy:
                 if isinstance(exchange.downstream, Downstream):
                     exchange.downstream.on_gone = None
                 pool.checkin(connection)
+            if exchange.meter is not None and not exchange.charged:
+                self._charge(exchange)  # cut short: what passed, estimated
+            self.loads.finished(ticket.name, ticket.id, trio.current_time())
+            if report.outcome is Outcome.COMPLETED and report.first_data is not None:
+                self.loads.observe_ttfb(ticket.name, exchange.request.model, report.first_data)
             self.release(ticket, report)
 
     def release(self, ticket: Ticket, report: Report) -> None:
@@ -373,6 +462,15 @@ class Proxy:
             error=report.error,
         )
         self.admission.admit_waiting()
+
+    def _charge(self, exchange: Exchange) -> None:
+        """The response's tokens are known (or it ended early): count and charge them once."""
+        assert exchange.meter is not None
+        exchange.charged = True
+        usage = exchange.meter.usage()
+        if isinstance(exchange.downstream, Flight):
+            exchange.downstream.usage = usage  # for those who join it and for the cache
+        self.accounts.generated(exchange.record, usage)
 
     def _has_alternative(self, exchange: Exchange) -> bool:
         now = trio.current_time()
@@ -435,11 +533,14 @@ class Exchange:
     __slots__ = (
         "affinity",
         "body",
+        "charged",
         "downstream",
+        "meter",
         "method",
         "record",
         "request",
         "scope",
+        "strip",
         "tried",
     )
 
@@ -459,6 +560,9 @@ class Exchange:
         self.method = scope["method"].encode()
         self.tried: set[str] = set()
         self.affinity: str | None = None
+        self.strip = False  # take the usage-only event the gateway asked for out of the stream
+        self.meter: UsageMeter | None = None  # reads the committed response's tokens
+        self.charged = False
 
     @property
     def model(self) -> str | None:
@@ -468,12 +572,15 @@ class Exchange:
 class Report:
     """What one attempt tells the health table when it ends, whatever way it ends."""
 
-    __slots__ = ("error", "outcome", "retry_after", "ttfb")
+    __slots__ = ("error", "first_data", "outcome", "retry_after", "ttfb")
 
     def __init__(self) -> None:
         # Until something else is known, the client left (cancellation) and proved nothing.
         self.outcome = Outcome.CLIENT_DISCONNECTED
         self.ttfb: float | None = None
+        # Of a stream: to its first body bytes, which engines send with the first token (the
+        # head may come at once); what least-loaded's latency EWMA learns from.
+        self.first_data: float | None = None
         self.retry_after: float | None = None
         self.error = ""
 
@@ -487,14 +594,20 @@ async def relay_body(
     idle_timeout: float,
     backend: str,
     watch: IdleWatch,
-) -> None:
+    meter: UsageMeter | None = None,
+    charge: Callable[[], None] | None = None,
+) -> float | None:
     """Phase stream body: each upstream read goes to the client as soon as it arrives.
 
-    The idle timeout covers only the wait for the backend: the write to the client is outside
-    it, so a slow reader is back-pressure (the socket fills up), not a backend timeout. The
-    worker's `IdleWatch` keeps it: per chunk, this only notes until when the backend may be
-    silent (no timer per chunk).
+    Returns when the first body bytes arrived (None for an empty body). The idle timeout covers
+    only the wait for the backend: the write to the client is outside it, so a slow reader is
+    back-pressure (the socket fills up), not a backend timeout. The worker's `IdleWatch` keeps
+    it: per chunk, this only notes until when the backend may be silent (no timer per chunk).
+    The `meter` reads the tokens on the way (and may hold back an event it strips); `charge`
+    runs once the body is complete, before its end reaches the client, so that whoever waits
+    for that end finds the tokens counted.
     """
+    first_data_at: float | None = None
     with trio.CancelScope() as idle:
         silence = watch.watch(idle)
         try:
@@ -504,9 +617,18 @@ async def relay_body(
                 silence.expires = math.inf
                 if idle.cancel_called:
                     break  # the watch fired as the data came: the backend was silent too long
-                await downstream.write(data, more=not done)
+                if data and first_data_at is None:
+                    first_data_at = trio.current_time()
+                if meter is not None:
+                    data = meter.feed(data)
+                    if done:
+                        data += meter.flush()
+                        if charge is not None:
+                            charge()
+                if data or done:
+                    await downstream.write(data, more=not done)
                 if done:
-                    return
+                    return first_data_at
         finally:
             watch.forget(silence)
     raise upstream_error(

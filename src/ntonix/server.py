@@ -35,6 +35,7 @@ from hypercorn.utils import wrap_app
 
 from ntonix.app import Gateway, websocket_settings
 from ntonix.config import Config
+from ntonix.embedded import EmbeddedValkey
 from ntonix.gathering import WorkerGroup
 from ntonix.listening import CLIENT_SEND_TIMEOUT, ConnectionSlots, set_send_timeout
 from ntonix.tls import server_ssl_context
@@ -138,22 +139,32 @@ async def serve(
     """Serve until `shutdown_trigger` returns (default: SIGINT or SIGTERM), then drain for up
     to `graceful_timeout`.
 
-    Reports the bound URLs (port 0 becomes the real port) through `task_status`.
+    Reports the bound URLs (port 0 becomes the real port) through `task_status`. With
+    `[shared] url = "embedded"`, a private valkey-server runs until the drain is over.
     """
     settings = hypercorn_config(
         config, binds, certfile=certfile, keyfile=keyfile, send_timeout=send_timeout
     )
-    gateway = Gateway(config, config_file=config_file)
-    await serve_worker(
-        _asgi(gateway, settings),
-        settings,
-        listening_sockets(settings),
-        _slots(config),
-        send_timeout=settings.send_timeout,
-        max_request_body=config.gateway.max_request_body,
-        shutdown_trigger=_telling(gateway, shutdown_trigger or wait_for_stop_signal),
-        task_status=task_status,
-    )
+    embedded = None
+    if config.shared.embedded:
+        embedded = await trio.to_thread.run_sync(EmbeddedValkey.start, config.cache.max_bytes)
+    try:
+        gateway = Gateway(
+            config, config_file=config_file, embedded_tier=embedded.url if embedded else None
+        )
+        await serve_worker(
+            _asgi(gateway, settings),
+            settings,
+            listening_sockets(settings),
+            _slots(config),
+            send_timeout=settings.send_timeout,
+            max_request_body=config.gateway.max_request_body,
+            shutdown_trigger=_telling(gateway, shutdown_trigger or wait_for_stop_signal),
+            task_status=task_status,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 def _slots(
@@ -203,6 +214,30 @@ def serve_workers(
     except OSError as error:
         print(f"ntonix: cannot serve on {', '.join(binds)}: {error}", file=sys.stderr)
         return 1
+    embedded = None
+    if config.shared.embedded:
+        # One server for all the workers, started before them and stopped after their drain.
+        try:
+            embedded = EmbeddedValkey.start(config.cache.max_bytes)
+        except OSError as error:
+            print(f"ntonix: {error}", file=sys.stderr)
+            return 1
+    try:
+        tier = embedded.url if embedded else None
+        return _spawn_and_supervise(settings, sockets, config_path, config, workers, tier)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _spawn_and_supervise(
+    settings: _Settings,
+    sockets: hypercorn.config.Sockets,
+    config_path: str | None,
+    config: Config,
+    workers: int,
+    embedded_tier: str | None,
+) -> int:
     # Spawned, not forked: a fork would copy whatever state and threads the parent holds.
     spawn = multiprocessing.get_context("spawn")
     stop_reader, stop_writer = spawn.Pipe(duplex=False)
@@ -211,7 +246,7 @@ def serve_workers(
     # Where the workers' figures meet, so that each answers for the whole gateway: private to
     # this run (mode 0700), removed after it.
     figures = tempfile.mkdtemp(prefix="ntonix-workers-")
-    work = (settings, sockets, config, config_path, counts, stop_reader, figures)
+    work = (settings, sockets, config, config_path, counts, stop_reader, figures, embedded_tier)
     processes = [
         spawn.Process(target=_worker_process, args=(*work, index), name=f"ntonix-worker-{index}")
         for index in range(workers)
@@ -311,6 +346,7 @@ def _worker_process(
     counts: MutableSequence[int],
     stop: Connection,
     figures: str,
+    embedded_tier: str | None,
     index: int,
 ) -> None:
     """One spawned worker. Its SIGINT, SIGTERM and SIGHUP start ignored; it handles them once
@@ -318,7 +354,11 @@ def _worker_process(
     # Spawned, so the parent's logging set-up did not come along.
     logging.config.dictConfig(WORKER_LOGGING)
     gateway = Gateway(
-        config, config_file=config_file, workers=WorkerGroup(figures), announce=index == 0
+        config,
+        config_file=config_file,
+        workers=WorkerGroup(figures),
+        announce=index == 0,
+        embedded_tier=embedded_tier,
     )
     # The parent closes the pipe to stop every worker (and the kernel does it if the parent
     # dies); a Ctrl-C in a terminal reaches the workers too.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
@@ -50,6 +50,7 @@ from ntonix.core.websocket import (
 from ntonix.downstream import new_request_id
 from ntonix.errors import GatewayError, client_error, dialect_of, upstream_error
 from ntonix.proxy import Proxy, Report
+from ntonix.shared_limits import Ticket as ClientTicket
 from ntonix.upstream import BackendPool
 from ntonix.websocket_relay import Relay, close_session, scope_pings
 
@@ -59,7 +60,8 @@ CLIENT_LEFT = 499  # the access log's status for a client gone before its answer
 # Messages trio-websocket queues from the backend before it stops reading (back-pressure).
 UPSTREAM_QUEUE = 1
 
-AdmitClient = Callable[[Scope], "str | GatewayError"]
+# Admission by key and limits, the same as HTTP's (app.py): on the shared tier when there is one.
+AdmitClient = Callable[[Scope, RequestRecord], Awaitable["ClientTicket | GatewayError"]]
 
 
 class Refusal(Exception):
@@ -97,7 +99,7 @@ class Sessions:
         proxy: Proxy,
         *,
         admit_client: AdmitClient,
-        release_client: Callable[[str], None],
+        release_client: Callable[[ClientTicket], None],
         tallies: SessionTallies,
         access_log: AccessLog,
         stopping: trio.Event,
@@ -143,7 +145,7 @@ class Sessions:
         if (await receive())["type"] != "websocket.connect":
             record.outcome, record.status = "client_disconnected", CLIENT_LEFT
             return
-        admitted = self._admit_client(scope)
+        admitted = await self._admit_client(scope, record)
         if isinstance(admitted, GatewayError):
             await refuse(scope, send, record, Refusal.of(admitted, record), admitted.code)
             return
@@ -155,6 +157,9 @@ class Sessions:
                     raise client_error(
                         400, "model_required", "A WebSocket session needs ?model= in its URL"
                     )
+                if not admitted.tenant.may_use(model):
+                    message = f"The key {admitted.tenant.name!r} may not use the model {model!r}"
+                    raise client_error(403, "model_not_allowed", message)
                 if self._stopping.is_set():
                     raise GatewayError(
                         503, "shutting_down", "The gateway is shutting down", source="gateway"

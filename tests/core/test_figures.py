@@ -3,15 +3,22 @@ per-backend state is the worst any worker sees, and the JSON form carries everyt
 
 from __future__ import annotations
 
+import calendar
 import json
+import time
 from collections import Counter
 
 import attrs
 
-from ntonix.core.figures import Figures, decode, encode, merge
+from ntonix.core.engines import LoadedModel, LoadReading
+from ntonix.core.figures import Figures, decode, encode, merge, tier_up
 from ntonix.core.health import BackendSnapshot
+from ntonix.core.ledger import UsageBook, UsageFigures
+from ntonix.core.load_figures import BackendLoad
 from ntonix.core.sessions import SessionCounts, SessionTallies
+from ntonix.core.signals import LoadStatus
 from ntonix.core.telemetry import RequestRecord, SecondSummary, Tallies, WindowSummary
+from ntonix.core.usage import Usage
 
 
 def _backend(name: str = "a", **changes: object) -> BackendSnapshot:
@@ -177,6 +184,29 @@ def test_a_worker_without_a_cache_adds_nothing_to_it() -> None:
     assert merged.cache is not None and merged.cache["hits"] == 2
 
 
+def _usage(prompt: int, completion: int, cached: int, *, date: str = "2026-12-06") -> UsageFigures:
+    book = UsageBook()
+    wall = calendar.timegm(time.strptime(date + " 12", "%Y-%m-%d %H"))
+    book.add("team-a", "m", Usage(prompt, completion), cached=False, now=10.0, wall=wall)
+    book.add("team-a", "m", Usage(cached, 0, True), cached=True, now=10.0, wall=wall)
+    return book.figures(30.0)
+
+
+def test_tokens_add_up_over_workers_and_a_gone_workers_minute_is_not_this_minute() -> None:
+    one = _figures(1, usage=_usage(10, 20, 5))
+    two = _figures(1, usage=_usage(1, 2, 0))
+    gone = _figures(1, usage=_usage(100, 200, 0, date="2026-12-05"))
+    merged = merge([one, two], [gone])
+    total = merged.usage.total
+    assert total[("team-a", "m", "prompt")] == 111
+    assert total[("team-a", "m", "completion")] == 222
+    assert total[("team-a", "m", "cached")] == 5
+    assert merged.usage.minute[("team-a", "m", "prompt")] == 11  # the live workers' only
+    assert merged.usage.days["2026-12-06"][("team-a", "m", "completion")] == 22
+    assert merged.usage.days["2026-12-05"][("team-a", "m", "completion")] == 200
+    assert decode(json.loads(json.dumps(encode(merged)))).usage == merged.usage
+
+
 def _sessions(ended: int, *, active: int) -> SessionTallies:
     sessions = SessionTallies(active=active)
     counts = SessionCounts()
@@ -200,3 +230,69 @@ def test_websocket_sessions_add_up_and_travel_as_json() -> None:
     assert merged.sessions.durations.count == 7
     back = decode(json.loads(json.dumps(encode(merged))))
     assert encode(back) == encode(merged)
+
+
+def _tier(*, up: bool, calls: int) -> dict[str, int]:
+    return {"workers_up": int(up), "calls": calls, "failures": 1, "skipped": 2, "transitions": 0}
+
+
+def test_the_shared_tier_counts_add_up_and_only_live_workers_say_whether_it_is_up() -> None:
+    merged = merge(
+        [_figures(1, shared=_tier(up=True, calls=5)), _figures(1, shared=_tier(up=False, calls=3))],
+        [_figures(1, shared=_tier(up=True, calls=7))],
+    )
+    assert merged.shared == {
+        "workers_up": 1,  # of the 2 live workers: the gone one's view is not counted
+        "calls": 15,
+        "failures": 3,
+        "skipped": 6,
+        "transitions": 0,
+    }
+    assert merge([_figures(1), _figures(1)]).shared is None
+    back = decode(json.loads(json.dumps(encode(merged))))
+    assert back.shared == merged.shared
+    assert not tier_up(merged) and tier_up(merge([_figures(1, shared=_tier(up=True, calls=1))]))
+
+
+def _load(name: str, *, age: float | None, waiting: int, score: float, ramp: float) -> BackendLoad:
+    reading = None
+    if age is not None:
+        models = (LoadedModel("llama3", "2026-12-06T19:00:00Z"),)
+        reading = LoadReading("vllm", waiting, 2, 0.5, None, models)
+    status = LoadStatus(
+        engine="vllm" if reading else "",
+        reading=reading,
+        age=age,
+        stale=False,
+        error="" if reading else "connection refused",
+        estimated_load=None if reading is None else waiting + 2,
+        capacity=None if reading is None else 2,
+        ramp=ramp,
+        ttfb={"": 0.05 * score, "llama3": 0.04},
+    )
+    return BackendLoad(name, status, score)
+
+
+def test_the_freshest_reading_wins_with_the_answering_workers_own_score() -> None:
+    answering = _load("a", age=0.8, waiting=1, score=1.5, ramp=0.5)
+    other = _load("a", age=0.1, waiting=4, score=3.0, ramp=1.0)
+    unread = _load("b", age=None, waiting=0, score=0.0, ramp=1.0)
+    merged = merge(
+        [
+            _figures(1, loads=(answering,)),
+            _figures(1, loads=(other, _load("b", age=0.2, waiting=0, score=0.7, ramp=1.0))),
+            _figures(1, loads=(unread,)),
+        ],
+        [_figures(1, loads=(_load("a", age=0.0, waiting=9, score=9.0, ramp=1.0),))],
+    )
+    a, b = merged.loads
+    # The engine's account, from the worker that read it last (a gone worker's is not shown).
+    assert (a.status.reading, a.status.age) == (other.status.reading, 0.1)
+    # What the answering worker (the first) makes of it for its own next pick.
+    assert a.score == 1.5 and a.status.ramp == 0.5 and a.status.ttfb == answering.status.ttfb
+    assert a.status.estimated_load == answering.status.estimated_load
+    # One the answering worker does not list (a reload under way): the first that does.
+    assert b.name == "b" and b.status.age == 0.2 and b.status.engine == "vllm"
+    assert b.score == 0.7
+    assert decode(json.loads(json.dumps(encode(merged)))).loads == merged.loads
+    assert merge([_figures(1, loads=(unread,))]).loads == (unread,)

@@ -3,6 +3,7 @@ from hypothesis import strategies as st
 
 from ntonix.core.auth import ApiKeys, digest, keys_from_file
 from ntonix.core.limits import ClientLimits
+from ntonix.core.tenants import Tenant
 
 
 def test_per_minute_allows_a_burst_then_refills_at_the_rate() -> None:
@@ -55,10 +56,13 @@ def test_idle_clients_are_forgotten_past_the_cap_but_busy_ones_kept() -> None:
 
 
 def test_api_keys_identify_valid_bearer_tokens_by_digest_only() -> None:
-    keys = ApiKeys(["sk-one", "sk-two"])
+    keys = ApiKeys(["sk-one", "sk-two"], requests_per_minute=5)
     assert keys.required
-    assert keys.identify(b"Bearer sk-one") == digest("sk-one")
-    assert keys.identify(b"bearer sk-two") == digest("sk-two")
+    one = keys.identify(b"Bearer sk-one")
+    assert one is not None and one.identity == digest("sk-one") and one.name == "anonymous"
+    assert one.requests_per_minute == 5
+    two = keys.identify(b"bearer sk-two")
+    assert two is not None and two.identity == digest("sk-two")
     for bad in (b"", b"Bearer", b"Bearer ", b"Basic sk-one", b"Bearer sk-three", b"sk-one"):
         assert keys.identify(bad) is None
     assert not ApiKeys([]).required
@@ -66,3 +70,25 @@ def test_api_keys_identify_valid_bearer_tokens_by_digest_only() -> None:
 
 def test_keys_file_skips_blanks_and_comments() -> None:
     assert keys_from_file("# team keys\nsk-a\n\n  sk-b  \n# old: sk-c\n") == ["sk-a", "sk-b"]
+
+
+def test_a_named_key_is_its_tenant_and_shows_its_name_not_the_key() -> None:
+    team = Tenant("team-a", "key:team-a", tokens_per_minute=300, models=frozenset({"m1"}))
+    keys = ApiKeys([], {digest("sk-team"): team})
+    assert keys.required
+    assert keys.identify(b"Bearer sk-team") is team
+    assert keys.identify(b"Bearer sk-other") is None
+    assert team.may_use("m1") and team.may_use(None) and not team.may_use("m2")
+    assert team.rate_limited and not keys.anonymous("10.0.0.1").rate_limited
+    assert "sk-team" not in repr(team)
+
+
+def test_per_key_overrides_limit_each_key_by_its_own_numbers() -> None:
+    limits = ClientLimits(per_minute=0, max_concurrent=0)
+    assert limits.admit("small", 0.0, per_minute=1).allowed
+    assert not limits.admit("small", 0.0, per_minute=1).allowed
+    assert limits.admit("free", 0.0).allowed and limits.admit("free", 0.0).allowed
+    assert limits.admit("one", 0.0, max_concurrent=1).allowed
+    assert not limits.admit("one", 0.0, max_concurrent=1).allowed
+    assert limits.remaining("small", 30.0, per_minute=1) == (0, 30.0)
+    assert limits.remaining("small", 60.0, per_minute=1) == (1, 0.0)

@@ -1,4 +1,5 @@
-"""core/ decides and never does I/O: it may import only the stdlib, attrs and itself."""
+"""core/ decides and never does I/O: it may import only the stdlib, attrs, itself and
+prometheus-client's text parser (a pure function from text to metric families)."""
 
 import ast
 import pathlib
@@ -7,7 +8,7 @@ import sys
 import ntonix.core
 
 CORE = pathlib.Path(ntonix.core.__file__).parent
-ALLOWED_THIRD_PARTY = {"attrs", "ntonix"}
+ALLOWED_THIRD_PARTY = {"attrs", "ntonix", "prometheus_client"}
 
 
 def _imported_roots(path: pathlib.Path) -> set[str]:
@@ -27,6 +28,15 @@ def test_core_imports_only_stdlib_and_attrs() -> None:
         if foreign:
             offenders[path.name] = sorted(foreign)
     assert not offenders
+
+
+def test_core_takes_only_the_parser_from_prometheus_client() -> None:
+    for path in CORE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prometheus"):
+                assert node.module == "prometheus_client.parser", path
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("prometheus") for a in node.names), path
 
 
 def test_core_never_awaits() -> None:

@@ -22,7 +22,26 @@ import attrs
 
 T = TypeVar("T")
 
-STRATEGIES = ("least-connections", "weighted-round-robin", "power-of-two", "prefix-affinity")
+STRATEGIES = (
+    "least-loaded",
+    "least-connections",
+    "weighted-round-robin",
+    "power-of-two",
+    "prefix-affinity",
+)
+
+
+@attrs.frozen
+class Signals:
+    """What the engine said about a backend's load, brought up to now (core/signals.py)."""
+
+    load: int | None = None  # requests on the engine now; None: no fresh reading, count locally
+    waiting: int = 0  # of the engine's own reading, requests queued
+    capacity: int | None = None  # requests it generates at once, when known
+    kv_usage: float | None = None  # 0..1
+    warm: bool | None = None  # the requested model is loaded; None: not reported
+    ttfb: float | None = None  # EWMA of time to first byte for this model, seconds
+    ramp: float = 1.0  # slow start: share of its weight it takes now, 0.1..1
 
 
 @attrs.frozen
@@ -32,6 +51,7 @@ class Candidate:
     name: str
     weight: int = attrs.field(default=1, validator=attrs.validators.gt(0))
     in_flight: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    signals: Signals | None = None  # read by least-loaded only
 
     @property
     def load(self) -> Fraction:
@@ -57,6 +77,11 @@ def make_strategy(name: str, rng: random.Random) -> Strategy:
         return PowerOfTwo(rng)
     if name == "prefix-affinity":
         return PrefixAffinity()
+    if name == "least-loaded":
+        # Imported here: least_loaded builds on this module's candidates and turns.
+        from ntonix.core.least_loaded import LeastLoaded
+
+        return LeastLoaded()
     raise ValueError(f"unknown balancer strategy {name!r}; expected one of {STRATEGIES}")
 
 

@@ -6,7 +6,11 @@ ones that are gone included, so that a worker that stopped or died never takes i
 of the gateway's (a counter shown never goes backwards while the gateway runs); gauges (what is
 in progress or held now) come only from the live workers. Per backend, what describes the
 backend rather than the traffic is the worst any live worker sees: the breaker state, the
-probe, the failures in a row. `decode(encode(f))` gives `f` back, but for a backend's
+probe, the failures in a row. The engines' load per backend merges as core/load_figures.py says:
+the freshest reading of any live worker, the answering worker's (the first live one's) score.
+The shared tier's `workers_up` is a gauge like the others: summed
+over the live workers, it says how many of them use the tier now (each worker's is 0 or 1).
+`decode(encode(f))` gives `f` back, but for a backend's
 `retry_after_until`: a time on one worker's Trio clock means nothing to another.
 """
 
@@ -19,6 +23,8 @@ from typing import Any
 import attrs
 
 from ntonix.core.health import BackendSnapshot
+from ntonix.core.ledger import UsageFigures
+from ntonix.core.load_figures import BackendLoad, decode_loads, encode_loads, merge_loads
 from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import Histogram, SecondSummary, Tallies, WindowSummary
 
@@ -26,6 +32,7 @@ from ntonix.core.telemetry import Histogram, SecondSummary, Tallies, WindowSumma
 # a gone worker's count of them is zero. Every other field is a counter.
 POOL_GAUGES = frozenset({"idle", "in_use"})
 CACHE_GAUGES = frozenset({"entries", "bytes", "flights", "max_entries", "max_bytes"})
+SHARED_GAUGES = frozenset({"workers_up"})
 
 # Worst first: a backend one worker sees open is open for the gateway.
 _STATE_ORDER = ("open", "half-open", "closed")
@@ -47,7 +54,22 @@ class Figures:
     # The dashboard's last minute, on the wall clock (each process has its own Trio clock);
     # None when the reader did not ask for it.
     window: WindowSummary | None
+    # Tokens per key and model: since start and per UTC day are counters, the last minute a
+    # gauge (what a gone worker served a minute ago is not shown as this minute's).
+    usage: UsageFigures = attrs.field(factory=UsageFigures)
     sessions: SessionTallies = attrs.field(factory=SessionTallies)  # WebSocket sessions
+    # The shared tier (Valkey): workers_up, and its calls, failures, skipped and transitions;
+    # None without a tier.
+    shared: dict[str, int] | None = None
+    # The engines' load signals per backend and this worker's least-loaded score.
+    loads: tuple[BackendLoad, ...] = ()
+
+
+def tier_up(figures: Figures) -> bool:
+    """The shared tier is up for the gateway only while every live worker uses it: one that
+    went on without it caches and limits on its own."""
+    tier = figures.shared
+    return tier is not None and 0 < figures.workers == tier["workers_up"]
 
 
 def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
@@ -55,6 +77,7 @@ def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
     everyone = [*live, *(_without_gauges(figures) for figures in gone)]
     windows = [figures.window for figures in live if figures.window is not None]
     caches = [figures.cache for figures in everyone if figures.cache is not None]
+    tiers = [figures.shared for figures in everyone if figures.shared is not None]
     return Figures(
         workers=len(live),
         tallies=_sum_tallies([figures.tallies for figures in everyone]),
@@ -65,8 +88,21 @@ def merge(live: Sequence[Figures], gone: Iterable[Figures] = ()) -> Figures:
         access_log_dropped=sum(figures.access_log_dropped for figures in everyone),
         queued=sum(figures.queued for figures in live),
         window=_merge_windows(windows) if windows else None,
+        usage=_merge_usage([figures.usage for figures in everyone]),
         sessions=_sum_sessions([figures.sessions for figures in everyone]),
+        shared=_sum_numbers(tiers) if tiers else None,
+        loads=merge_loads([figures.loads for figures in live]),
     )
+
+
+def _merge_usage(all_usage: Sequence[UsageFigures]) -> UsageFigures:
+    merged = UsageFigures()
+    for usage in all_usage:
+        merged.total.update(usage.total)
+        merged.minute.update(usage.minute)
+        for date, rows in usage.days.items():
+            merged.days.setdefault(date, Counter()).update(rows)
+    return merged
 
 
 def _without_gauges(figures: Figures) -> Figures:
@@ -81,6 +117,10 @@ def _without_gauges(figures: Figures) -> Figures:
     cache = None
     if figures.cache is not None:
         cache = {k: 0 if k in CACHE_GAUGES else v for k, v in figures.cache.items()}
+    shared = None
+    if figures.shared is not None:
+        shared = {k: 0 if k in SHARED_GAUGES else v for k, v in figures.shared.items()}
+    usage = UsageFigures(figures.usage.total, Counter(), figures.usage.days)
     return attrs.evolve(
         figures,
         tallies=tallies,
@@ -89,7 +129,10 @@ def _without_gauges(figures: Figures) -> Figures:
         cache=cache,
         queued=0,
         window=None,
+        usage=usage,
         sessions=sessions,
+        shared=shared,
+        loads=(),
     )
 
 
@@ -263,6 +306,11 @@ def encode(figures: Figures) -> dict[str, Any]:
         "access_log_dropped": figures.access_log_dropped,
         "queued": figures.queued,
         "window": None if figures.window is None else attrs.asdict(figures.window),
+        "usage": {
+            "total": _rows(figures.usage.total),
+            "minute": _rows(figures.usage.minute),
+            "days": {date: _rows(rows) for date, rows in figures.usage.days.items()},
+        },
         "sessions": {
             "active": figures.sessions.active,
             "sessions": _rows(figures.sessions.sessions),
@@ -271,6 +319,8 @@ def encode(figures: Figures) -> dict[str, Any]:
             "bytes": dict(figures.sessions.bytes),
             "durations": _histogram_row(figures.sessions.durations),
         },
+        "shared": figures.shared,
+        "loads": encode_loads(figures.loads),
     }
 
 
@@ -293,6 +343,7 @@ def decode(data: Mapping[str, Any]) -> Figures:
         cancellations=Counter(raw["cancellations"]),
     )
     window = data["window"]
+    usage = data["usage"]
     raw_sessions = data["sessions"]
     sessions = SessionTallies(
         active=int(raw_sessions["active"]),
@@ -312,7 +363,14 @@ def decode(data: Mapping[str, Any]) -> Figures:
         access_log_dropped=int(data["access_log_dropped"]),
         queued=int(data["queued"]),
         window=None if window is None else _window(window),
+        usage=UsageFigures(
+            _counter(usage["total"]),
+            _counter(usage["minute"]),
+            {str(date): _counter(rows) for date, rows in usage["days"].items()},
+        ),
         sessions=sessions,
+        shared=None if data["shared"] is None else {k: int(v) for k, v in data["shared"].items()},
+        loads=decode_loads(data["loads"]),
     )
 
 

@@ -45,24 +45,45 @@ class ClientLimits:
     def active(self) -> bool:
         return bool(self.per_minute or self.max_concurrent)
 
-    def admit(self, key: str, now: float) -> Verdict:
-        """Take one request for `key`; an allowed one must be `release`d when it ends."""
-        client = self._client(key, now)
-        if self.max_concurrent and client.in_flight >= self.max_concurrent:
+    def admit(
+        self,
+        key: str,
+        now: float,
+        *,
+        per_minute: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> Verdict:
+        """Take one request for `key`; an allowed one must be `release`d when it ends.
+
+        `per_minute` and `max_concurrent` override the shared limits for this key (a named
+        key's own); a key keeps the same limits from one call to the next."""
+        per_minute = self.per_minute if per_minute is None else per_minute
+        max_concurrent = self.max_concurrent if max_concurrent is None else max_concurrent
+        client = self._client(key, now, per_minute)
+        if max_concurrent and client.in_flight >= max_concurrent:
             # Nothing tells when one ends; a second is the usual polite wait.
-            return Verdict(False, 1.0, f"more than {self.max_concurrent} requests in flight")
-        if self.per_minute:
-            rate = self.per_minute / 60.0
+            return Verdict(False, 1.0, f"more than {max_concurrent} requests in flight")
+        if per_minute:
+            rate = per_minute / 60.0
             client.tokens = min(
-                float(self.per_minute), client.tokens + (now - client.refilled_at) * rate
+                float(per_minute), client.tokens + (now - client.refilled_at) * rate
             )
             client.refilled_at = now
             if client.tokens < 1.0:
                 wait = (1.0 - client.tokens) / rate
-                return Verdict(False, wait, f"more than {self.per_minute} requests per minute")
+                return Verdict(False, wait, f"more than {per_minute} requests per minute")
             client.tokens -= 1.0
         client.in_flight += 1
         return Verdict(True)
+
+    def remaining(self, key: str, now: float, *, per_minute: int) -> tuple[int, float]:
+        """Requests `key` may still make at once, and seconds until its bucket is full again."""
+        client = self._clients.get(key)
+        if client is None or not per_minute:
+            return per_minute, 0.0
+        rate = per_minute / 60.0
+        tokens = min(float(per_minute), client.tokens + (now - client.refilled_at) * rate)
+        return int(tokens), (per_minute - tokens) / rate
 
     def release(self, key: str) -> None:
         client = self._clients.get(key)
@@ -73,11 +94,11 @@ class ClientLimits:
         client = self._clients.get(key)
         return client.in_flight if client else 0
 
-    def _client(self, key: str, now: float) -> _Client:
+    def _client(self, key: str, now: float, per_minute: int) -> _Client:
         client = self._clients.get(key)
         if client is None:
             self._forget_idle()
-            client = _Client(tokens=float(self.per_minute), refilled_at=now)
+            client = _Client(tokens=float(per_minute), refilled_at=now)
             self._clients[key] = client
         self._clients.move_to_end(key)
         return client

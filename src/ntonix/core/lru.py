@@ -13,6 +13,8 @@ from collections import OrderedDict
 
 import attrs
 
+from ntonix.core.usage import Usage
+
 Header = tuple[bytes, bytes]
 
 
@@ -30,6 +32,7 @@ class CachedResponse:
     headers: tuple[Header, ...]
     chunks: tuple[bytes, ...]
     stored_at: float  # when the response completed, on the gateway's clock
+    usage: Usage | None = None  # the tokens it took to generate, served again by each hit
     size: int = attrs.field(init=False, default=attrs.Factory(_size_of, takes_self=True))
 
     @property

