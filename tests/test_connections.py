@@ -38,7 +38,6 @@ from tests.support import (
     gateway_config,
     serve_two_workers,
     serving,
-    workers_of,
 )
 
 # A refused client must know within this (it takes about a millisecond); a hang would last
@@ -338,20 +337,6 @@ async def test_with_two_workers_sighup_reloads_each_worker_and_stops_none(
     await connection.health()
     await connection.aclose()
     assert await gateway.stop(signal.SIGTERM) == 0
-
-
-async def test_a_worker_that_dies_stops_the_others_and_the_exit_code_is_1(
-    tmp_path: Path, start_mock: StartMock, spawn_job: Spawn
-) -> None:
-    mock = await start_mock()
-    gateway, _ = await serve_two_workers(spawn_job, _config_file(tmp_path, mock))
-    victim, survivor = workers_of(gateway.pid)
-    os.kill(victim, signal.SIGKILL)
-    with trio.fail_after(15):
-        assert await gateway.process.wait() == 1
-    assert b"ntonix-worker-" in gateway.output and b"failed (exit code -9)" in gateway.output
-    with pytest.raises(ProcessLookupError):
-        os.kill(survivor, 0)
 
 
 # --- The plain hypercorn command: the send timeout on the sockets Hypercorn binds ------------

@@ -3,7 +3,8 @@
 Lines are collected in memory and written a few times a second by a task of the supervisor,
 in a worker thread: a slow disk or a stderr pipe nobody drains must never stall the event
 loop that carries the streams. If the backlog grows past `MAX_BACKLOG`, lines are dropped and
-counted rather than held without bound.
+counted rather than held without bound; so are the lines of a batch that cannot be written (a
+full disk), and that is logged once when it starts and once when writing works again.
 
 Never in a line: API keys (a named key shows its name, any other "anonymous"), the query
 string (clients put keys there too), the prompt.
@@ -91,6 +92,7 @@ class AccessLog:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self.dropped = 0
+        self._failing = False  # the last write failed
         self._writing = trio.Lock()
 
     def write(self, record: RequestRecord, now: float) -> None:
@@ -119,6 +121,7 @@ class AccessLog:
     async def flush(self) -> None:
         async with self._writing:  # one batch at a time keeps the lines in order
             batch = b"".join(self._pending)
+            lines = len(self._pending)
             self._pending.clear()
             self._pending_bytes = 0
             retired, self._retired = self._retired, []
@@ -127,7 +130,18 @@ class AccessLog:
             try:
                 await trio.to_thread.run_sync(_write, self._file, batch, retired)
             except OSError as error:
-                log.error("access log %s: cannot write: %s", self.target, error)
+                self.dropped += lines
+                if not self._failing:
+                    log.error(
+                        "access log %s: cannot write: %s; dropping and counting lines until it can",
+                        self.target,
+                        error,
+                    )
+                self._failing = True
+            else:
+                if self._failing and batch:
+                    log.warning("access log %s: writing again", self.target)
+                    self._failing = False
 
     async def close(self) -> None:
         """The last flush, once no request can end any more (after the drain): what is pending

@@ -115,7 +115,7 @@ class GatewayCollector(Collector):
         )
         yield CounterMetricFamily(
             "ntonix_access_log_dropped_lines",
-            "Access log lines dropped because the log could not keep up",
+            "Access log lines dropped: the log could not keep up, or could not be written",
             value=self._figures.access_log_dropped,
         )
 

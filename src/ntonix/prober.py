@@ -19,7 +19,7 @@ import trio
 
 from ntonix.config import BackendSettings, HealthSettings
 from ntonix.core.health import HealthTable, Outcome, outcome_of_status
-from ntonix.upstream import backend_ssl_context, describe_failure
+from ntonix.upstream import backend_ssl_context, describe_failure, out_of_resources
 
 log = logging.getLogger("ntonix.prober")
 
@@ -59,7 +59,9 @@ async def probe_once(
         timeout = client.timeout.read or client.timeout.connect
         outcome, error = Outcome.TIMED_OUT, f"health probe timed out after {timeout} s"
     except httpx.HTTPError as failure:
-        outcome = Outcome.CONNECT_FAILED
+        # Out of descriptors here says nothing about the backend.
+        failed = Outcome.GATEWAY_FAILED if out_of_resources(failure) else Outcome.CONNECT_FAILED
+        outcome = failed
         error = f"health probe failed: {describe_failure(failure, backend)}"
     finally:
         health.end(ticket, outcome, trio.current_time(), error=error, models=models)

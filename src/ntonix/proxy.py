@@ -276,6 +276,8 @@ class Proxy:
             # Logged even when another backend then answers: a refused connection, a timeout
             # or a TLS certificate that does not verify must not pass unnoticed behind a retry.
             log.warning("request %s: %s", downstream.request_id.decode(), last_error.message)
+            if last_error.source == "gateway":  # another backend would fail the same way
+                break
             failed = ticket.name
         assert last_error is not None
         raise last_error
@@ -431,7 +433,8 @@ class Proxy:
                 report.outcome = answered
             return None
         except GatewayError as error:
-            report.outcome = Outcome.CONNECT_FAILED
+            gateways = error.source == "gateway"  # out of descriptors: not the backend's fault
+            report.outcome = Outcome.GATEWAY_FAILED if gateways else Outcome.CONNECT_FAILED
             report.error = error.message
             return error
         finally:

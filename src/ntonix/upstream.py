@@ -61,6 +61,20 @@ def _gateway_error(
     )
 
 
+# The gateway's own limits, not the backend's fault: descriptors (per process, system-wide),
+# socket buffers, memory.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def out_of_resources(error: BaseException) -> OSError | None:
+    """The OSError saying the gateway ran out of descriptors or memory, among the root causes
+    of `error` (say, one of the attempts trio's `open_tcp_stream` groups behind its OSError)."""
+    for cause in _root_causes(error):
+        if isinstance(cause, OSError) and cause.errno in _EXHAUSTED:
+            return cause
+    return None
+
+
 def describe_failure(error: BaseException, backend: BackendSettings) -> str:
     """What went wrong with a connection to `backend`, in plain words: "connection refused by
     127.0.0.1:11434". Each distinct root cause once (a host name may have several addresses)."""
@@ -146,6 +160,7 @@ class UpstreamConnection:
                 if event is h11.NEED_DATA:
                     await self._receive()
                 elif isinstance(event, h11.Response):
+                    _check_head_size(event)
                     return event
                 elif not isinstance(event, h11.InformationalResponse):
                     raise h11.RemoteProtocolError("connection closed before a response")
@@ -291,6 +306,15 @@ class BackendPool:
             else:
                 socket_stream = await _connect_to_address(self._family, backend.host, backend.port)
         except _FOREIGN_ERRORS as error:
+            exhausted = out_of_resources(error)
+            if exhausted is not None:
+                raise GatewayError(
+                    503,
+                    "gateway_out_of_resources",
+                    f"The gateway cannot open a connection to backend {backend.name}: {exhausted}",
+                    source="gateway",
+                    retry_after=1,
+                ) from error
             raise _gateway_error(error, backend, "connecting") from error
         if self._ssl_context is None:
             return socket_stream, socket_stream
@@ -303,6 +327,14 @@ class BackendPool:
                 raise _gateway_error(error, backend, "connecting") from error
             raise
         return socket_stream, tls
+
+
+def _check_head_size(response: h11.Response) -> None:
+    """h11 checks `max_incomplete_event_size` only while a head is incomplete: a larger head
+    that arrives in two reads gets through, so the complete one is measured here."""
+    size = sum(len(name) + len(value) + 4 for name, value in response.headers)
+    if size > MAX_RESPONSE_HEAD:
+        raise h11.RemoteProtocolError(f"response head of {size} bytes, over {MAX_RESPONSE_HEAD}")
 
 
 def _address_family(host: str) -> socket.AddressFamily | None:

@@ -38,6 +38,8 @@ class Outcome(enum.Enum):
     UPSTREAM_429 = "upstream_429"
     FAILED_MIDSTREAM = "failed_midstream"
     CLIENT_DISCONNECTED = "client_disconnected"
+    # The gateway could not even try: out of file descriptors or memory.
+    GATEWAY_FAILED = "gateway_failed"
 
 
 class Verdict(enum.Enum):
@@ -60,6 +62,8 @@ _VERDICTS = {
     Outcome.FAILED_MIDSTREAM: Verdict.FAILED,
     # The client left; whatever the backend was doing, it was not proven right or wrong.
     Outcome.CLIENT_DISCONNECTED: Verdict.NEUTRAL,
+    # Says nothing about the backend: a gateway out of descriptors must not eject them all.
+    Outcome.GATEWAY_FAILED: Verdict.NEUTRAL,
 }
 
 
