@@ -17,7 +17,6 @@ from functools import partial
 
 import hypercorn.config
 import trio
-from hypercorn.events import Event, Updated
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -25,7 +24,6 @@ from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
 from ntonix.inbox import InboxTaskGroup
-from ntonix.keepalive import IdleConnections
 from ntonix.listening import CappedListener, ConnectionSlots
 from ntonix.protocols import Guard, GuardedProtocol
 
@@ -64,10 +62,8 @@ async def serve_worker(
             tune_garbage_collector()
             listeners, urls = _listeners(settings, sockets, slots)
             guard = Guard(send_timeout=send_timeout, max_request_body=max_request_body)
-            idle = IdleConnections(settings.keep_alive_timeout, context)
-            lifespan_nursery.start_soon(idle.run)
             tcp_server = partial(
-                _TCPServer, guard, idle, app, settings, context, ConnectionState(state.copy())
+                _TCPServer, guard, app, settings, context, ConnectionState(state.copy())
             )
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
@@ -112,9 +108,8 @@ def tune_garbage_collector() -> None:
 
 
 class _TCPServer(TCPServer):
-    """Hypercorn's handler of one connection, with HTTP/2 guarded (`protocols`), its keep-alive
-    timer kept by the worker's `IdleConnections` (no task per request), ending as soon as the
-    client has closed it.
+    """Hypercorn's handler of one connection, with HTTP/2 guarded (`protocols`), ending as soon
+    as the client has closed it.
 
     Hypercorn 0.18 sees the end of a kept-alive connection that is idle (between requests) but
     then waits for its keep-alive timer (5 s) before the handler ends: the socket, and its slot
@@ -124,7 +119,6 @@ class _TCPServer(TCPServer):
     def __init__(
         self,
         guard: Guard,
-        idle: IdleConnections,
         app: AppWrapper,
         config: hypercorn.config.Config,
         context: WorkerContext,
@@ -133,7 +127,6 @@ class _TCPServer(TCPServer):
     ) -> None:
         super().__init__(app, config, context, state, stream)
         self.guard = guard
-        self.idle = idle
 
     async def run(self) -> None:
         # Hypercorn's own run, with GuardedProtocol in place of its ProtocolWrapper.
@@ -171,33 +164,12 @@ class _TCPServer(TCPServer):
                     alpn_protocol,
                 )
                 await self.protocol.initiate()
-                self.idle.idle(self)
+                await self.idle_task.restart(task_group, self._idle_timeout)
                 await self._read_data()
         except OSError:
             pass  # the client is gone
         finally:
-            self.idle.busy(self)
             await self._close()
-
-    async def protocol_send(self, event: Event) -> None:
-        if isinstance(event, Updated):
-            if event.idle:
-                self.idle.idle(self)
-            else:
-                self.idle.busy(self)
-        else:
-            await super().protocol_send(event)
-
-    def close_when_idle(self) -> None:
-        self._task_group.spawn(self._close_if_idle)
-
-    async def _close_if_idle(self) -> None:
-        # What Hypercorn's keep-alive timer does when it fires.
-        if not self.idle.still_idle(self):
-            return  # a request began meanwhile
-        self.idle.busy(self)
-        with trio.CancelScope(shield=True):
-            await self._initiate_server_close()
 
     async def _close(self) -> None:
         # Hypercorn's close sends EOF without its send lock: when h11 refuses what follows a
@@ -212,7 +184,7 @@ class _TCPServer(TCPServer):
     async def _read_data(self) -> None:
         await super()._read_data()
         # The client has closed (or the read failed): there is no next request to wait for.
-        self.idle.busy(self)
+        await self.idle_task.stop()
 
 
 def _listeners(
