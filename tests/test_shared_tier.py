@@ -19,6 +19,10 @@ import trio
 from trio_websocket import open_websocket_url
 
 from ntonix.config import AuthSettings, CacheSettings, Config, ConfigError, check_config_file
+from ntonix.core.lru import CachedResponse
+from ntonix.shared_cache import SharedCache
+from ntonix.shared_flights import SharedFlights
+from ntonix.tier import SharedTier
 from tests.conftest import StartGatewayWith, StartMock
 from tests.shared_support import ValkeyServer, tier_config, tier_toml
 from tests.support import RUNNING_ON, SERVE, ChildProcess, Spawn, chat, eventually, status
@@ -513,3 +517,71 @@ async def test_a_websocket_session_holds_its_key_s_slot_on_every_instance(
     async with open_websocket_url(ws_url(b), extra_headers=key) as ws:
         assert event(await ws.get_message())["type"] == "session.created"
     assert mock.stats["realtime"]["sessions"] == 2
+
+
+async def test_delete_clears_every_shared_entry_and_only_those(
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    mock = await start_mock()
+    config = tier_config(mock.url, valkey.url)
+    writer = await start_gateway_with(config)
+    for name in ("one", "two", "three"):
+        await client.post(f"{writer}{CHAT}", json=chat(name))
+    await stored_in_tier(client, writer, 3)
+    async with valkey.client() as raw:
+        await raw.set("someone-else:key", "kept")
+
+    cleared = await client.delete(f"{writer}/ntonix/cache")
+
+    assert cleared.status_code == 200
+    assert cleared.json() == {"cleared": 3, "cleared_shared": 3}
+    async with valkey.client() as raw:
+        assert await raw.custom_command(["KEYS", "ntonix:cache:*"]) == []
+        assert await raw.get("someone-else:key") == b"kept"
+    reader = await start_gateway_with(config)  # a fresh L1: only L2 could answer
+    for gateway, name in ((reader, "one"), (writer, "two")):
+        again = await client.post(f"{gateway}{CHAT}", json=chat(name))
+        assert again.headers["x-ntonix-cache"] == "miss"
+    assert mock.stats["requests"] == 5
+
+
+async def test_delete_with_the_tier_gone_clears_l1_and_says_l2_was_not(
+    start_mock: StartMock,
+    start_gateway_with: StartGatewayWith,
+    client: httpx.AsyncClient,
+    valkey: ValkeyServer,
+) -> None:
+    mock = await start_mock()
+    gateway = await start_gateway_with(tier_config(mock.url, valkey.url))
+    await client.post(f"{gateway}{CHAT}", json=chat("one"))
+    await valkey.kill()
+
+    cleared = await client.delete(f"{gateway}/ntonix/cache")
+
+    assert cleared.status_code == 503
+    assert cleared.json()["cleared"] == 1
+    assert "the shared tier's was not" in cleared.json()["error"]
+    assert (await cache_stats(client, gateway))["entries"] == 0
+
+
+async def test_entries_waiting_to_be_stored_ride_in_the_next_lookup_and_are_seen_by_it(
+    valkey: ValkeyServer,
+) -> None:
+    config = tier_config("http://127.0.0.1:1", valkey.url)
+    tier = SharedTier.from_settings(config.shared)
+    await tier.connect()
+    try:
+        flights = SharedFlights(tier, config.shared.lease)
+        shared = SharedCache(tier, ttl=60.0, flights=flights)
+        answer = CachedResponse(200, ((b"content-type", b"application/json"),), (b"{}",), 0.0)
+        shared.store([("a" * 64, answer)])  # no store_forever running: only a lookup sends it
+
+        found = await shared.fetch("a" * 64)
+
+        assert isinstance(found, CachedResponse) and found.chunks == (b"{}",)
+        assert (tier.calls, shared.stored) == (1, 1)
+    finally:
+        await tier.aclose()

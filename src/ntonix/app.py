@@ -48,7 +48,7 @@ from ntonix.shared_cache import SharedCache
 from ntonix.shared_flights import SharedFlights
 from ntonix.shared_limits import KeyLimits, Ticket
 from ntonix.shared_tokens import SharedTokens
-from ntonix.tier import SharedTier
+from ntonix.tier import SharedTier, TierUnavailable
 from ntonix.upstream import BackendPool, backend_ssl_context
 from ntonix.websocket_proxy import Sessions
 
@@ -259,6 +259,7 @@ class Gateway:
                 shared = SharedCache(tier, config.cache.ttl, flights)
                 supervisor.start_soon(flights.publish_forever)
                 supervisor.start_soon(flights.read_forever)
+                supervisor.start_soon(shared.store_forever)
             cache = (
                 ResponseCache(config.cache, supervisor, shared) if config.cache.enabled else None
             )
@@ -387,8 +388,7 @@ class Gateway:
             ]
             await send_body(send, 200, dashboard.page(), headers)
         elif path == b"/ntonix/cache" and method == "DELETE":
-            cache = self.proxy.cache if self.proxy else None
-            await send_json(send, 200, {"cleared": cache.clear() if cache else 0})
+            await self.clear_cache(send)
         elif path == b"/ntonix/reload" and method == "POST":
             problems = self.reload()
             await send_json(
@@ -463,6 +463,23 @@ class Gateway:
         if self._workers is None:
             return merge([own])
         return await self._workers.gather(own, window=window)
+
+    async def clear_cache(self, send: Send) -> None:
+        """DELETE /ntonix/cache: this worker's L1, and with a tier every L2 entry. The other
+        workers' and instances' L1 copies are not reached: they age out with the cache's TTL
+        (docs/operations.md says why)."""
+        cache = self.proxy.cache if self.proxy else None
+        cleared = cache.clear() if cache else 0
+        if cache is None or cache.shared is None:
+            await send_json(send, 200, {"cleared": cleared})
+            return
+        try:
+            shared = await cache.shared.clear()
+        except TierUnavailable as error:
+            message = f"This worker's cache was cleared, the shared tier's was not: {error}"
+            await send_json(send, 503, {"cleared": cleared, "error": message})
+            return
+        await send_json(send, 200, {"cleared": cleared, "cleared_shared": shared})
 
     async def status(self, figures: Figures | None = None) -> dict[str, object]:
         """/ntonix/status: the whole gateway's backends, cache and queue."""

@@ -347,7 +347,7 @@ class ResponseCache:
                 if flight is not None and not flight.follower
             ]
             if self.shared is not None and stored:
-                await self.shared.store(stored)
+                self.shared.store(stored)
 
     def clear(self) -> int:
         return self._lru.clear()

@@ -8,8 +8,16 @@ failed or skipped one is a miss too; the request goes on with L1 alone.
 
 A call to Valkey costs the gateway about as much CPU as a tenth of a request, so calls are
 shared: the lookups that arrive within one scheduling round go out as one script call (per
-key: the entry, or else the key's flight lease, shared_flights.py), and the writer sends the
-entries waiting for it as one pipeline of SETs.
+key: the entry, or else the key's flight lease, shared_flights.py), and the entries waiting
+to be stored ride along in that same call (their SETs run first, so a lookup in it sees
+them). An entry no lookup carried within STORE_WAIT goes out with the others then waiting, in
+one pipeline. So a busy worker stores for free and an idle one stores late by at most
+STORE_WAIT (its flight's lease covers that gap: a request for the key on another worker
+follows it and finds the entry).
+
+`clear` (DELETE /ntonix/cache) unlinks every entry and flight lease, a page of SCAN at a time,
+each call under a budget twice a request's and the whole sweep under CLEAR_BUDGET: it is an
+admin action, rare, and a large L2 takes many pages.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -32,6 +41,10 @@ if TYPE_CHECKING:
     import glide
 
 log = logging.getLogger("ntonix.shared")
+
+STORE_WAIT = 0.02  # seconds an entry waits for a lookup to carry it
+CLEAR_BUDGET = 30.0  # seconds for the whole sweep of `clear`
+CLEAR_PAGE = 1000  # keys asked of each SCAN
 
 
 class _Lookups:
@@ -53,6 +66,8 @@ class SharedCache:
         self.flights = flights
         self.hits = self.misses = self.rejected = self.stored = 0
         self._gathering: _Lookups | None = None
+        self._waiting: list[tuple[str, CachedResponse]] = []  # entries not sent yet
+        self._entries_added = trio.Event()
         from glide import Script  # optional: only a gateway with a tier gets here
 
         self._script = Script(LOOKUP)  # type: ignore[no-untyped-call]
@@ -85,26 +100,76 @@ class SharedCache:
         stored_at = trio.current_time() - age  # so the L1 copy expires when this one does
         return CachedResponse(entry.status, entry.headers, entry.chunks, stored_at, entry.usage)
 
-    async def store(self, entries: Sequence[tuple[str, CachedResponse]]) -> None:
-        """Write entries, each one SET expiring with the cache's TTL, in one pipeline; a
-        failed write is only not counted."""
+    def store(self, entries: Sequence[tuple[str, CachedResponse]]) -> None:
+        """Queue entries for the next lookup call, or for `store_forever` after STORE_WAIT."""
+        self._waiting.extend(entries)
+        self._entries_added.set()
+
+    async def store_forever(self) -> None:
+        """Send what no lookup carried, STORE_WAIT after it came: one pipeline of SETs, each
+        expiring with the cache's TTL; a failed write is only not counted."""
         import glide  # optional: only a gateway with a tier gets here
 
-        now = time.time()
-        ttl_ms = math.ceil(self.ttl * 1000)
-        expiry = glide.ExpirySet(glide.ExpiryType.MILLSEC, ttl_ms) if ttl_ms else None
-        batch = glide.Batch(is_atomic=False)
-        for key, response in entries:
-            batch.set(entry_name(key), encode(key, response, now), expiry=expiry)
+        while True:
+            await self._entries_added.wait()
+            self._entries_added = trio.Event()
+            await trio.sleep(STORE_WAIT)
+            entries, self._waiting = self._waiting, []
+            if not entries:
+                continue
+            now = time.time()
+            ttl_ms = self._ttl_ms()
+            expiry = glide.ExpirySet(glide.ExpiryType.MILLSEC, ttl_ms) if ttl_ms else None
+            batch = glide.Batch(is_atomic=False)
+            for key, response in entries:
+                batch.set(entry_name(key), encode(key, response, now), expiry=expiry)
 
-        async def write(client: glide.GlideClient) -> list[object] | None:
-            return await client.exec(batch, raise_on_error=False)
+            async def write(client: glide.GlideClient, batch: glide.Batch = batch) -> object:
+                return await client.exec(batch, raise_on_error=False)
 
-        try:
-            answers = await self.tier.call(write)
-        except TierUnavailable:
-            return
-        self.stored += sum(1 for answer in answers or () if answer == "OK")
+            try:
+                answers = await self.tier.call(write)
+            except TierUnavailable:
+                continue
+            assert isinstance(answers, list)
+            self.stored += sum(1 for answer in answers if answer == "OK")
+
+    def _ttl_ms(self) -> int:
+        return math.ceil(self.ttl * 1000)
+
+    async def clear(self) -> int:
+        """Unlink every L2 entry, then every flight lease (SCAN + UNLINK on each prefix); how
+        many entries went. TierUnavailable if the tier fails or the sweep outruns CLEAR_BUDGET.
+
+        The leases go too: a flight that succeeded leaves its lease to expire while its answer
+        is in L2, and a lease whose answer is gone would make the next request follow a silent
+        flight until the lease ran out. A flight still running loses its followers' watch: the
+        ones that sent nothing take over, as when a leader dies."""
+        with trio.move_on_after(CLEAR_BUDGET):
+            unlinked = await self._unlink_all(entry_name("*"))
+            await self._unlink_all(lease_name("*"))
+            return unlinked
+        raise TierUnavailable(f"the sweep did not end within {CLEAR_BUDGET:g} s")
+
+    async def _unlink_all(self, pattern: str) -> int:
+        budget = 2 * self.tier.settings.timeout  # glide's own bound on one command
+
+        async def page(client: glide.GlideClient, at: bytes) -> list[bytes | list[bytes]]:
+            return await client.scan(at, match=pattern, count=CLEAR_PAGE)
+
+        async def unlink(client: glide.GlideClient, names: list[bytes]) -> int:
+            return await client.unlink(list(names))
+
+        cursor, unlinked = b"0", 0
+        while True:
+            answer = await self.tier.call(partial(page, at=cursor), budget)
+            next_cursor, names = answer[0], answer[1]
+            assert isinstance(next_cursor, bytes) and isinstance(names, list)
+            cursor = next_cursor
+            if names:
+                unlinked += await self.tier.call(partial(unlink, names=names), budget)
+            if cursor == b"0":
+                return unlinked
 
     async def _lookup(self, key: str) -> tuple[list[object], str]:
         """The script's answer for `key`, from the call of this round's lookups, and the id
@@ -132,8 +197,12 @@ class SharedCache:
 
     async def _run(self, lookups: _Lookups) -> None:
         keys = list(lookups.ids)
+        entries, self._waiting = self._waiting, []
+        now = time.time()
         names = [name for key in keys for name in (entry_name(key), lease_name(key))]
-        args = [str(self.flights.lease_ms), *lookups.ids.values()]
+        names += [entry_name(key) for key, _ in entries]
+        args: list[str | bytes] = [str(self.flights.lease_ms), str(self._ttl_ms()), str(len(keys))]
+        args += [*lookups.ids.values(), *(encode(key, entry, now) for key, entry in entries)]
         script = self._script
         try:
             answers = await self.tier.call(
@@ -142,6 +211,7 @@ class SharedCache:
             if not isinstance(answers, list) or len(answers) != len(keys):
                 raise TierUnavailable(f"unexpected answer from the lookup script: {answers!r}")
             lookups.answers = dict(zip(keys, answers, strict=True))
+            self.stored += len(entries)
         except TierUnavailable:
             lookups.failed = True
         finally:

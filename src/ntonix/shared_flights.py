@@ -11,8 +11,9 @@ listener leaving cancels" keep their meaning per worker), fed from the leader's 
 was published so far, then the rest as it comes. The leader publishes a flight once it sees
 it watched (it looks every WATCH_EVERY), so a flight nobody follows costs no stream.
 
-One task per worker publishes every leading flight (one pipeline per TICK) and one reads every
-following flight (one XREAD per TICK), so the calls grow with time, not with pieces or flights.
+One task per worker publishes every leading flight (one pipeline per TICK; while none is
+watched it wakes only every WATCH_EVERY, to look) and one reads every following flight (one
+XREAD per TICK), so the calls grow with time, not with pieces or flights.
 
 A leader that dies stops renewing: once its lease is gone (or the tier's breaker is open, or
 its stream was unreadable for a lease), a following flight that has sent nothing to any client
@@ -60,16 +61,25 @@ QUEUED = 1024  # entries a following flight may hold unapplied before reading pa
 # abandoned (its last local listener left): its followers go on without it.
 _END_OK, _END_FAILED, _END_ABANDONED = b"ok", b"failed", b"abandoned"
 
-# KEYS: per key its entry, then its flight's lease. ARGV: the lease in ms, then per key the
-# id to lead under. Per key: {1, the entry}, {2} (the lease is ours: lead) or {3, its holder}.
+# The one call a lookup round makes: first the entries waiting to be stored (SET with the TTL),
+# then per key its entry, else its flight's lease. KEYS: per key looked up its entry and its
+# lease, then the names of the entries to store. ARGV: the lease in ms, the TTL in ms (0: none),
+# how many keys are looked up, the id each would lead under, then the values to store. Per key
+# looked up: {1, the entry}, {2} (the lease is ours: lead) or {3, its holder}.
 LOOKUP = """
+local lease, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for j = 2 * n + 1, #KEYS do
+  local value = ARGV[3 + j - n]
+  if ttl > 0 then redis.call('SET', KEYS[j], value, 'PX', ttl)
+  else redis.call('SET', KEYS[j], value) end
+end
 local out = {}
-for i = 1, #KEYS / 2 do
+for i = 1, n do
   local value = redis.call('GET', KEYS[2 * i - 1])
   if value then
     out[i] = {1, value}
   else
-    local holder = redis.call('SET', KEYS[2 * i], ARGV[i + 1], 'NX', 'PX', ARGV[1], 'GET')
+    local holder = redis.call('SET', KEYS[2 * i], ARGV[3 + i], 'NX', 'PX', lease, 'GET')
     if holder then out[i] = {3, holder} else out[i] = {2} end
   end
 end
@@ -275,7 +285,7 @@ class SharedFlights:
 
         script = Script(LOOKUP)  # type: ignore[no-untyped-call]
         names = [entry_name(key), lease_name(key)]
-        args = [str(self.lease_ms), flight_id]
+        args = [str(self.lease_ms), "0", "1", flight_id]
         answers = await self.tier.call(
             lambda client: client.invoke_script(script, keys=names, args=args)
         )
@@ -287,12 +297,15 @@ class SharedFlights:
     # --- the two tasks ---------------------------------------------------------------------
 
     async def publish_forever(self) -> None:
-        """Every TICK, one pipeline: new entries of every leading flight, lease renewals."""
+        """Every TICK, one pipeline: new entries of every leading flight, lease renewals.
+        While no flight led is watched, every WATCH_EVERY: there is nothing to publish before
+        a look finds a follower, and each wake-up of a busy worker costs CPU."""
         while True:
             if not self._leading:
                 await self._leaders_added.wait()
                 self._leaders_added = trio.Event()
-            await trio.sleep(TICK)
+            watched = any(leading.watched for leading in self._leading)
+            await trio.sleep(TICK if watched else WATCH_EVERY)
             await self._publish()
 
     async def read_forever(self) -> None:

@@ -121,8 +121,11 @@ class SharedTier:
                 self._told_cannot_create = True
                 log.error("shared tier: cannot create its client (%s); retrying", error)
 
-    async def call(self, operation: Callable[[glide.GlideClient], Awaitable[T]]) -> T:
-        """Run one operation on Valkey within the budget; TierUnavailable if it cannot."""
+    async def call(
+        self, operation: Callable[[glide.GlideClient], Awaitable[T]], budget: float | None = None
+    ) -> T:
+        """Run one operation on Valkey within the budget (`[shared] timeout` unless given:
+        an admin action takes a larger one); TierUnavailable if it cannot."""
         now = trio.current_time()
         breaker = self._breaker
         client = self._client
@@ -134,7 +137,7 @@ class SharedTier:
             breaker.begin_trial(now)
         self.calls += 1
         try:
-            with trio.fail_after(self.settings.timeout):
+            with trio.fail_after(self.settings.timeout if budget is None else budget):
                 result = await operation(client)
         except self._errors as error:  # glide's errors and our budget: nothing else
             self.failures += 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import random
 import signal
-from contextlib import suppress
 from functools import partial
 
 import trio
@@ -43,11 +42,16 @@ async def _pump(
 async def relay(
     host: str, target: int, delay: float, jitter: float, client: trio.SocketStream
 ) -> None:
-    with suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+    # One connection's end (a peer that resets or gives up, such as the gateway's load reader
+    # past its timeout) must not take the relay and every other connection down with it; the
+    # nursery reports it inside an exception group, hence except*.
+    try:
         upstream = await trio.open_tcp_stream(host, target)
         async with client, upstream, trio.open_nursery() as nursery:
             nursery.start_soon(_pump, client, upstream, delay, jitter)
             nursery.start_soon(_pump, upstream, client, delay, jitter)
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -2,11 +2,11 @@
 
 `Cluster` holds three (or more) lean mock backends, each alone in its namespace on port 8000 of
 its own address, and a gateway (`tests.chaos.census`, which is `ntonix serve` plus a task
-count) on 127.0.0.1 that reaches them over the veth links. `Load` runs non-streaming requests
-at a steady rate and long streams next to them and records what every client saw. `Baseline`
-is what the gateway and the mocks hold when idle; `settled()` waits until they hold that again
-after a fault (no task, connection or file descriptor left over, RSS within 5%, the status
-showing nothing in flight).
+count; with `--workers N`, its workers are what is counted) on 127.0.0.1 that reaches them
+over the veth links. `Load` runs non-streaming requests at a steady rate and long streams next
+to them and records what every client saw. `Baseline` is what the gateway and the mocks hold
+when idle; `settled()` waits until they hold that again after a fault (no task, connection or
+file descriptor left over, RSS within 5%, the status showing nothing in flight).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import httpx
 import trio
 
 from tests.chaos.netns import Node
-from tests.support import PYTHON, ChildProcess, Spawn, pool_totals
+from tests.support import PYTHON, ChildProcess, Spawn, pool_totals, workers_of
 
 MOCK_PORT = 8000  # each mock is alone in its namespace
 MOCK_OPTIONS = ("--tokens", "8", "--token-delay", "0.01", "--ttft", "0.01")
@@ -173,13 +173,17 @@ class Cluster:
                 await trio.sleep(0.02)
         return time.monotonic() - start
 
+    def serving_pids(self) -> list[int]:
+        """The processes that serve: the workers of `--workers N`, else the gateway itself."""
+        return workers_of(self.gateway.pid) or [self.gateway.pid]
+
     async def snapshot(self) -> Snapshot:
-        pid = self.gateway.pid
+        pids = self.serving_pids()
         backends = {record["name"]: record for record in (await self.status())["backends"]}
         return Snapshot(
-            tasks=await tasks_of(self.census, pid),
-            fds=open_fds(pid),
-            rss_kib=rss_kib(pid),
+            tasks=sum([await tasks_of(self.census, pid) for pid in pids]),
+            fds=sum(open_fds(pid) for pid in pids),
+            rss_kib=sum(rss_kib(pid) for pid in pids),
             mock_fds=tuple(open_fds(mock.pid) for mock in self.mocks),
             pooled=tuple(backends[mock.name]["pool"]["idle"] for mock in self.mocks),
         )
@@ -237,10 +241,11 @@ async def start_cluster(
     env: dict[str, str] | None = None,
     extra_toml: str = "",
     backend_urls: list[str] | None = None,
+    workers: int = 1,
     **sections: dict[str, object],
 ) -> Cluster:
     """A mock in each namespace, then the gateway in front of them (at `backend_urls` when
-    given) once all of them answer."""
+    given, with `workers` worker processes) once all of them answer."""
     mocks = [Mock(node, f"m{index}", spawn) for index, node in enumerate(nodes)]
     async with trio.open_nursery() as nursery:
         for mock in mocks:
@@ -252,13 +257,23 @@ async def start_cluster(
     argv = [PYTHON, "-m", "tests.chaos.census", "serve", "--config", str(config)]
     for bind in binds:
         argv += ["--bind", bind]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     gateway = await spawn(*argv, env={"NTONIX_CENSUS": str(census), **(env or {})})
     url = (await gateway.wait_for(RUNNING_ON)).group(1).decode()
+    with trio.fail_after(30):  # every worker listening, and its census too
+        while len(urls_of(gateway)) < workers * len(binds) or _counted(census) < workers:
+            await trio.sleep(0.02)
     cluster = Cluster(nodes, mocks, gateway, url, census, client)
     with trio.fail_after(10):
         while any(record["state"] != "closed" for record in (await cluster.status())["backends"]):
             await trio.sleep(0.05)
     return cluster
+
+
+def _counted(census: Path) -> int:
+    """The processes whose census socket is up."""
+    return len(list(census.iterdir()))
 
 
 def urls_of(gateway: ChildProcess) -> list[str]:

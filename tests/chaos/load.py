@@ -8,7 +8,8 @@ event, `cut` with neither) and how long it took. Stopping lets the requests in f
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import httpx
@@ -35,6 +36,8 @@ class Load:
     url: str
     rate: float = 20.0  # non-streaming requests per second
     streams: int = 6  # long streams kept open at all times
+    # The body of each non-streaming request (the same question every time by default).
+    body: Callable[[], dict[str, Any]] = lambda: chat(False)
     stream_headers: dict[str, str] = attrs.Factory(lambda: dict(LONG_STREAM))
     seen: list[Seen] = attrs.Factory(list)
     _stopping: trio.Event = attrs.Factory(trio.Event)
@@ -60,7 +63,7 @@ class Load:
     async def _plain(self) -> None:
         started = time.monotonic()
         try:
-            response = await self.client.post(f"{self.url}{CHAT}", json=chat(False))
+            response = await self.client.post(f"{self.url}{CHAT}", json=self.body())
         except httpx.HTTPError as error:
             self._note("plain", 0, "", type(error).__name__, started)
             return
