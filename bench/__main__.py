@@ -1,12 +1,13 @@
-"""`python -m bench [--quick] [--only a,b,c,d,e,f,g,h] [--workers 1,2] [--profile]`, or
+"""`python -m bench [--quick] [--only a,b,c,d,e,f,g,h,i] [--workers 1,2] [--profile]`, or
 `python -m bench --soak [MINUTES]`
 
 Starts lean mocks, then for each worker count a fresh gateway in front of them, runs the
 scenarios (each straight at the mocks and through the gateway, alternating; (b) and (c) at the
-framework floor too, and (f) at the floor instead of the mocks), then (g), the response cache,
-on gateways of its own (cache off, then on), then (h), heterogeneous backends under each
-balancing strategy, on mocks and gateways of its own, and prints the Markdown report, also
-written to bench/results/latest.md (plus latest.json, and latest-hetero.json for (h)).
+framework floor too, (f) at the floor instead of the mocks, and (i), stream costs, next to a floor
+of as many processes as workers), then (g), the response cache, on gateways of its own (cache
+off, then on), then (h), heterogeneous backends under each balancing strategy, on mocks and
+gateways of its own, and prints the Markdown report, also written to bench/results/latest.md
+(plus latest.json, and latest-hetero.json for (h)).
 Progress goes to stderr. Every subprocess is stopped on the way out, whether the run ends,
 fails or is interrupted. `--soak` runs the soak instead (bench/soak.py): 30 minutes unless
 told, exit code 1 when it fails.
@@ -30,6 +31,7 @@ from bench import profile, soak_report
 from bench import soak as soak_run
 from bench.cache_bench import ResultsWithCache, cache_scenario
 from bench.clients import ClientSpec, ClientsResult
+from bench.costs import stream_costs
 from bench.hetero import QUICK_HETERO, HeteroResult, HeteroSpec, hetero_scenario, render_hetero
 from bench.load import raise_open_file_limit
 from bench.procs import (
@@ -56,10 +58,10 @@ from bench.scenarios import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h")
-# Those that run against the shared gateway (e measures upstream clients on their own; g starts
-# gateways of its own, one with the cache off and one with it on).
-GATEWAY_SCENARIOS = {"a", "b", "c", "d", "f"}
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
+# Those that run against the shared gateway (e measures upstream clients on their own; g and h
+# start gateways of their own: g one with the cache off and one with it on, h one per strategy).
+GATEWAY_SCENARIOS = {"a", "b", "c", "d", "f", "i"}
 # The mocks answer small non-streaming requests at once; streaming scenarios override the
 # timing per request with x-mock-* headers.
 MOCK_OPTIONS = ["--tokens", "8", "--token-delay", "0", "--ttft", "0"]
@@ -71,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="smaller counts: a ~1 minute smoke run"
     )
     parser.add_argument(
-        "--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e,f,g,h)"
+        "--only", default=",".join(SCENARIOS), help="scenarios to run (a,b,c,d,e,f,g,h,i)"
     )
     parser.add_argument("--workers", default="1,2", help="gateway worker counts (1,2)")
     parser.add_argument("--mocks", type=int, default=2, help="lean mock processes (2)")
@@ -121,6 +123,9 @@ def _run_gateway_scenarios(
     if "d" in only:
         _log(f"(d) disconnects, {workers} worker(s)")
         results.disconnects[workers] = disconnects(bench)
+    if "i" in only:
+        _log(f"(i) stream costs next to the floor, {workers} worker(s)")
+        results.costs[workers] = stream_costs(bench)
 
 
 def _profile(bench: Bench) -> profile.Profile | None:

@@ -1,10 +1,11 @@
 """The framework floor of scenarios (f), (b) and (c): `python -m bench.floor --bind HOST:PORT`.
 
-A minimal ASGI app served by Hypercorn's own `hypercorn.trio.serve` in `trio.run`, one process,
-with the gateway's `hypercorn_config`, so that what it costs is what Hypercorn and Trio cost
-before the gateway does anything. (`ntonix serve` runs Hypercorn's TCPServer behind listeners of
-its own, which cap connections: that cap is the gateway's code, so the floor leaves it out.) It
-reads each request's body, as the gateway must, then:
+A minimal ASGI app served by Hypercorn's own `worker_serve` in `trio.run`, one process (or, with
+`--processes N`, N processes on one socket bound before they start, as `ntonix serve --workers
+N` shares its sockets), with the gateway's `hypercorn_config`, so that what it costs is what
+Hypercorn and Trio cost before the gateway does anything. (`ntonix serve` runs Hypercorn's
+TCPServer behind listeners of its own, which cap connections: that cap is the gateway's code, so
+the floor leaves it out.) It reads each request's body, as the gateway must, then:
 - a body that says `"stream": true` gets the mock's SSE stream for that request (same headers,
   events and delays, `x-mock-tokens`, `x-mock-ttft` and `x-mock-token-delay` honoured, the mock's
   defaults otherwise), so that (b) and (c) can run at the floor in place of gateway and mocks;
@@ -20,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import random
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,14 +32,17 @@ from functools import partial
 from typing import Any, cast
 
 import trio
-from hypercorn.trio import serve
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
 from hypercorn.typing import Framework
 
 from mocks.answers import answer
 from mocks.options import MockOptions
 from mocks.replies import Request
 from ntonix.config import Config, GatewaySettings
-from ntonix.server import hypercorn_config, wait_for_stop_signal
+from ntonix.server import hypercorn_config, listening_sockets, wait_for_stop_signal
 
 Message = dict[str, Any]
 
@@ -152,24 +159,51 @@ async def app(
         await send(message)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
-    parser.add_argument("--bind", required=True, help="HOST:PORT")
-    args = parser.parse_args(argv)
-    # The bench's gateway config has graceful_timeout 5 too; no backends, none are called.
-    config = Config(backends=(), gateway=GatewaySettings(graceful_timeout=5.0))
-    settings = hypercorn_config(config, [args.bind])
+def _serve(settings: HypercornConfig, sockets: Sockets | None) -> None:
     # The mock's defaults, as `python -m mocks.llm` has them; the name says who answered.
     streams = Streams(MockOptions(name="floor"))
     trio.run(
         partial(
-            serve,
-            cast("Framework", partial(app, streams)),
+            worker_serve,
+            ASGIWrapper(cast("Framework", partial(app, streams))),
             settings,
+            sockets=sockets,
             shutdown_trigger=wait_for_stop_signal,
-            mode="asgi",  # a partial: say what it is rather than have Hypercorn inspect it
         )
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    parser.add_argument("--bind", required=True, help="HOST:PORT")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="serving processes on one shared socket (1)"
+    )
+    args = parser.parse_args(argv)
+    # The bench's gateway config has graceful_timeout 5 too; no backends, none are called.
+    config = Config(backends=(), gateway=GatewaySettings(graceful_timeout=5.0))
+    settings = hypercorn_config(config, [args.bind])
+    if args.processes == 1:
+        _serve(settings, None)
+        return 0
+    # As `ntonix serve --workers N` does: bound once here, shared by the processes.
+    sockets = listening_sockets(settings)
+    spawn = multiprocessing.get_context("spawn")
+    children = [
+        spawn.Process(target=_serve, args=(settings, sockets)) for _ in range(args.processes)
+    ]
+    for child in children:
+        child.start()
+
+    def stop(signum: int, frame: object) -> None:
+        for child in children:
+            if child.pid is not None:
+                os.kill(child.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for child in children:
+        child.join()
     return 0
 
 

@@ -329,10 +329,11 @@ class Floor:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_floor(processes: Processes, timeout: float = 30.0) -> Floor:
-    """The framework floor of (f) on a free port; returns once it answers."""
+def start_floor(processes: Processes, timeout: float = 30.0, count: int = 1) -> Floor:
+    """The framework floor of (f) on a free port, in `count` processes; returns once it
+    answers."""
     port = free_port()
-    argv = python_argv("bench.floor", "--bind", f"127.0.0.1:{port}")
+    argv = python_argv("bench.floor", "--bind", f"127.0.0.1:{port}", "--processes", str(count))
     floor = Floor(port, processes.start("floor", argv))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

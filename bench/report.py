@@ -297,6 +297,57 @@ def _slow(results: Results) -> list[str]:
     return lines
 
 
+def _costs(results: Results) -> list[str]:
+    rows = []
+    for workers, result in sorted(results.costs.items()):
+        loads = (
+            ("open", result.open),
+            ("relay, 1 token", result.relay_one),
+            ("relay, 21 tokens", result.relay_many),
+            ("many", result.many),
+        )
+        for load, pairs in loads:
+            for repeat, pair in enumerate(pairs):
+                for side, costed in (("floor", pair.floor), ("gateway", pair.gateway)):
+                    run = costed.run
+                    rows.append(
+                        [
+                            workers,
+                            load,
+                            repeat,
+                            side,
+                            f"{run.ok:,}/{run.total:,}",
+                            _errors(run),
+                            _ms(run.ttft_p50_ms),
+                            _ms(run.ttft_p99_ms),
+                            f"{costed.cpu_s:.2f}",
+                        ]
+                    )
+    per_token = [
+        [
+            workers,
+            ", ".join(f"{v:.0f}" for v in result.token_us("floor")),
+            ", ".join(f"{v:.0f}" for v in result.token_us("gateway")),
+            f"{result.token_ratio:.2f}x",
+        ]
+        for workers, result in sorted(results.costs.items())
+    ]
+    lines = [
+        "*open*: streams opened at once, 1 token each, the first after 0.5 s; *relay*: streams "
+        "at 10 tokens/s, with 21 tokens and with 1 (per token = the difference / 20 tokens per "
+        "stream); *many*: 5,000 streams at 2 tokens/s (2 workers or more). The floor runs as "
+        "many processes as the gateway has workers. *CPU s*: the server's own user + system "
+        "time from the first connect to the last stream's end (all its processes).",
+        "",
+    ]
+    header = ["workers", "load", "repeat", "server", "complete", "errors", "TTFT p50 ms"]
+    lines += _table([*header, "TTFT p99 ms", "CPU s"], rows)
+    lines += _table(
+        ["workers", "floor µs/token", "gateway µs/token", "gateway / floor (median)"], per_token
+    )
+    return lines
+
+
 def _disconnects(results: Results) -> list[str]:
     rows = []
     for workers, result in sorted(results.disconnects.items()):
@@ -578,6 +629,9 @@ def render(results: Results, info: dict[str, str], command: str, workers: list[i
     if results.floor:
         lines += [f"## (f) Framework floor: (a)'s load at a bare Hypercorn app, {_CONNECTIONS}", ""]
         lines += _floor(results)
+    if results.costs:
+        lines += ["## (i) Stream costs next to the framework floor", ""]
+        lines += _costs(results)
     cache = cache_results(results)
     if cache:
         lines += ["## (g) Response cache: a Zipf workload, cache off vs on", ""]

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.clients import ClientsResult
+from bench.costs import CostsResult
 from bench.profile import Profile
 from bench.scenarios import (
     BurstResult,
@@ -38,6 +39,7 @@ class Results:
     slow: dict[int, SlowStreamsResult] = field(default_factory=dict)
     disconnects: dict[int, DisconnectResult] = field(default_factory=dict)
     floor: dict[int, FloorResult] = field(default_factory=dict)
+    costs: dict[int, CostsResult] = field(default_factory=dict)
     clients: ClientsRun | None = None
     profiles: dict[int, Profile] = field(default_factory=dict)
 

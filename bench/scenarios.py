@@ -46,6 +46,10 @@ class Sizes:
     disconnect_repeats: int = 3  # (d) direct/gateway pairs, pooled
     client_seconds: float = 5.0  # (e) per client
     storm_rounds: int = 3  # (e) cancellation storms before the leak check
+    cost_open_streams: int = 1000  # (i) streams opened at once, 1 token each
+    cost_relay_streams: int = 500  # (i) streams at 10 tokens/s
+    cost_many_streams: int = 5000  # (i) streams at 2 tokens/s, with 2 workers or more
+    cost_repeats: int = 3  # (i) floor/gateway pairs of the open and relay loads
 
 
 QUICK = Sizes(
@@ -59,6 +63,10 @@ QUICK = Sizes(
     disconnect_repeats=1,
     client_seconds=2.0,
     storm_rounds=1,
+    cost_open_streams=200,
+    cost_relay_streams=100,
+    cost_many_streams=1000,
+    cost_repeats=1,
 )
 
 

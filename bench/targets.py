@@ -7,7 +7,7 @@ Each target names the figure it reads; a figure that was not measured (a scenari
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from bench.cache_bench import cache_results
@@ -123,6 +123,67 @@ def _cache_hit_latency(results: Results, workers: int) -> tuple[float, str] | No
     return result.hit_added_ms, shown
 
 
+def _costs(
+    figure: str,
+) -> Callable[[Results, int], tuple[float, str] | None]:
+    """A row of (i): gateway / floor in the same run (the floor in as many processes)."""
+
+    def measure(results: Results, workers: int) -> tuple[float, str] | None:
+        costs = results.costs.get(workers)
+        if costs is None or (figure.startswith("many") and not costs.many):
+            return None
+        if figure == "open cpu":
+            pairs = costs.open
+            value = costs.open_cpu_ratio
+            shown = "CPU s " + _pairs(p.gateway.cpu_s for p in pairs)
+            shown += " vs floor " + _pairs(p.floor.cpu_s for p in pairs)
+        elif figure == "open ttft":
+            value = costs.open_ttft_ratio
+            shown = "p99 ms " + _pairs(p.gateway.run.ttft_p99_ms for p in costs.open)
+            shown += " vs floor " + _pairs(p.floor.run.ttft_p99_ms for p in costs.open)
+        elif figure == "many errors":
+            run = costs.many[0].gateway.run
+            return run.total - run.ok, f"{run.ok:,}/{run.total:,} complete"
+        elif figure == "many ttft":
+            value = costs.many_ttft_ratio
+            pair = costs.many[0]
+            shown = (
+                f"p99 {pair.gateway.run.ttft_p99_ms:,.0f} ms vs floor "
+                f"{pair.floor.run.ttft_p99_ms:,.0f} ms ({costs.floor_processes} processes)"
+            )
+        else:
+            value = costs.token_ratio
+            shown = "µs/token " + _pairs(costs.token_us("gateway"))
+            shown += " vs floor " + _pairs(costs.token_us("floor"))
+        return value, f"{value:.2f}x ({shown})"
+
+    return measure
+
+
+def _pairs(values: Iterable[float]) -> str:
+    return "/".join(f"{v:,.0f}" if v >= 10 else f"{v:.2f}" for v in values)
+
+
+def _own_us(results: Results, workers: int) -> tuple[float, str] | None:
+    floor = results.floor.get(workers)
+    if floor is None:
+        return None
+    return floor.own_us, (
+        f"{floor.own_us:,.0f} µs (gateway {floor.gateway_us:,.0f}, floor {floor.floor_us:,.0f})"
+    )
+
+
+def _own_burst(pick: str) -> Callable[[Results, int], tuple[float, str] | None]:
+    def measure(results: Results, workers: int) -> tuple[float, str] | None:
+        burst = results.burst.get(workers)
+        if burst is None:
+            return None
+        value = burst.own_p50_ms if pick == "p50" else burst.own_p99_ms
+        return value, f"{value:+.1f} ms"
+
+    return measure
+
+
 TARGET_RATE = 2000  # non-streaming requests/s per worker
 
 TARGETS = (
@@ -135,9 +196,41 @@ TARGETS = (
     ),
     Target("1,000 streams/worker at 2 tok/s, zero errors", _slow_ok, lambda v: v == 0),
     Target("... with TTFT p99 < 1 s", _slow_ttft, lambda v: v < 1000),
-    Target("<= 40 KiB gateway memory per open stream", _memory, lambda v: v <= 40),
-    Target("upstream closed <= 20 ms (p99) after client left", _close_p99, lambda v: v <= 20),
+    Target("<= 32 KiB gateway memory per open stream", _memory, lambda v: v <= 32),
+    Target("upstream closed <= 15 ms (p99) after client left", _close_p99, lambda v: v <= 15),
     Target("no upstream left open after disconnects", _left_open, lambda v: v == 0),
+    Target(
+        "CPU of a 1,000-stream burst (1 token, first after 0.5 s), gateway / floor <= 1.25x (i)",
+        _costs("open cpu"),
+        lambda v: v <= 1.25,
+    ),
+    Target(
+        "TTFT p99 of that burst, gateway / floor <= 1.25x (i)",
+        _costs("open ttft"),
+        lambda v: v <= 1.25,
+    ),
+    Target("5,000 streams at 2 tok/s: zero errors (i)", _costs("many errors"), lambda v: v == 0),
+    Target("... TTFT p99, gateway / floor <= 1.5x (i)", _costs("many ttft"), lambda v: v <= 1.5),
+    Target(
+        "CPU per relayed token at 10 tok/s (500 streams), gateway / floor <= 1.3x (i)",
+        _costs("token"),
+        lambda v: v <= 1.3,
+    ),
+    Target(
+        "gateway's own CPU per non-streaming request (gateway - floor) <= 250 µs (f)",
+        _own_us,
+        lambda v: v <= 250,
+    ),
+    Target(
+        "100-stream burst: TTFT p50 above the floor's <= +10 ms (b)",
+        _own_burst("p50"),
+        lambda v: v <= 10,
+    ),
+    Target(
+        "100-stream burst: TTFT p99 above the floor's <= +30 ms (b)",
+        _own_burst("p99"),
+        lambda v: v <= 30,
+    ),
     Target(
         "cache: >= 40% fewer backend requests (Zipf workload of (g))",
         _cache_saving,

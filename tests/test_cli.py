@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from ntonix.cli import _parser
 from tests.conftest import RunningMock, StartMock
 from tests.support import RUNNING_ON, SERVE, Spawn, chat
 
@@ -144,3 +145,11 @@ def test_check_config_reports_problems_with_key_paths(tmp_path: Path) -> None:
     failed = subprocess.run([*run, str(bad)], capture_output=True, text=True, check=False)
     assert failed.returncode == 1
     assert "backends[0].weight" in failed.stdout
+
+
+def test_workers_auto_is_one_per_core_this_process_may_use() -> None:
+    args = _parser().parse_args(["serve", "--workers", "auto"])
+    assert args.workers == len(os.sched_getaffinity(0))
+    assert _parser().parse_args(["serve", "--workers", "3"]).workers == 3
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["serve", "--workers", "0"])

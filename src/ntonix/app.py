@@ -266,6 +266,7 @@ class Gateway:
             if cache is not None:
                 supervisor.start_soon(cache.write_forever)
             self.proxy = Proxy(config, pools, health, cache, self.tallies, self.accounts)
+            supervisor.start_soon(self.proxy.idle_watch.run)
             self.sessions = Sessions(
                 self.proxy,
                 admit_client=self._admit_client,

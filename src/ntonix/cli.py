@@ -53,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument("--certfile", help="TLS certificate (PEM); enables HTTPS")
     serve_cmd.add_argument("--keyfile", help="TLS private key (PEM)")
-    serve_cmd.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
+    serve_cmd.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        help="worker processes, or 'auto': one per core this process may use (default 1)",
+    )
     serve_cmd.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="mock backends and a gateway, until Ctrl-C")
@@ -94,6 +99,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _worker_count(text: str) -> int:
+    if text == "auto":
+        # The cores this process may run on (a container's CPU set), not the machine's.
+        return len(os.sched_getaffinity(0))
+    return _positive_int(text)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -2,12 +2,15 @@
 
 Invariants: after commit an error never ends the body cleanly: SSE and NDJSON streams get an
 error frame at a frame boundary, any other body is left unfinished so Hypercorn aborts it. A
-client that leaves cancels its request, also while the last send of the response waits for it.
+client that leaves cancels its request, also while the last send of the response waits for it
+(after `LAST_SEND_GRACE`, give or take the worker's timer tick under `ntonix serve`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -15,6 +18,8 @@ from ntonix.asgi import Receive, Send, send_body
 from ntonix.core.framing import StreamKind, stream_error_frame, stream_kind
 from ntonix.core.telemetry import RequestRecord
 from ntonix.errors import GatewayError, client_error, dialect_of
+from ntonix.inbox import Inbox
+from ntonix.watchdog import IdleWatch, Silence
 
 
 class ClientGone(Exception):
@@ -44,6 +49,7 @@ class Downstream:
         "dialect",
         "finished",
         "kind",
+        "on_gone",
         "record",
         "request_id",
         "tail",
@@ -59,6 +65,9 @@ class Downstream:
         self.delivered = trio.Event()  # the last send has returned
         self.kind = StreamKind.OTHER
         self.tail = b""
+        # Closes the upstream connection the request holds, if any: run as the client leaves,
+        # so the backend sees the close before the cancelled request has unwound.
+        self.on_gone: Callable[[], None] | None = None
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Commit: status and headers, plus the gateway's own for this request."""
@@ -134,6 +143,48 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+@asynccontextmanager
+async def cancelled_on_disconnect(
+    receive: Receive, downstream: Downstream, timers: IdleWatch
+) -> AsyncIterator[None]:
+    """The body runs in a cancel scope that the client's leaving cancels.
+
+    With an `Inbox` (`ntonix serve`), Hypercorn's disconnect message cancels it from a
+    callback: no task; a last send under way gets `LAST_SEND_GRACE` from the worker's `timers`.
+    Otherwise a watcher task blocked in `receive()` does (`cancel_on_disconnect`).
+    """
+    if not isinstance(receive, Inbox):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_on_disconnect, receive, downstream, nursery.cancel_scope)
+            yield
+            nursery.cancel_scope.cancel()
+        return
+    with trio.CancelScope() as scope:
+        grace: list[Silence] = []
+
+        def client_gone() -> None:
+            if not downstream.finished:
+                client_left(downstream.record, committed=downstream.committed)
+                scope.cancel()
+                if downstream.on_gone is not None:
+                    downstream.on_gone()
+            elif not downstream.delivered.is_set():
+                # Hypercorn's notice that the response ended comes this way too, from inside
+                # the last send, which returns right after it.
+                grace.append(timers.watch(scope))
+                grace[0].expires = trio.current_time() + LAST_SEND_GRACE
+
+        receive.on_disconnect(client_gone)
+        try:
+            yield
+        finally:
+            receive.on_disconnect(None)
+            for silence in grace:
+                timers.forget(silence)
+    if scope.cancelled_caught and grace and not downstream.delivered.is_set():
+        client_left(downstream.record, committed=downstream.committed)
+
+
 async def cancel_on_disconnect(
     receive: Receive, downstream: Downstream, scope: trio.CancelScope
 ) -> None:
@@ -150,6 +201,8 @@ async def cancel_on_disconnect(
             return  # the response ended (or the client left just as it did)
     client_left(downstream.record, committed=downstream.committed)
     scope.cancel()
+    if downstream.on_gone is not None:
+        downstream.on_gone()
 
 
 def client_left(record: RequestRecord, *, committed: bool) -> None:

@@ -42,7 +42,7 @@ from ntonix.core.usage import UsageMeter, prompt_estimate, with_stream_usage
 from ntonix.downstream import (
     ClientGone,
     Downstream,
-    cancel_on_disconnect,
+    cancelled_on_disconnect,
     client_left,
     read_body,
     too_large,
@@ -50,6 +50,7 @@ from ntonix.downstream import (
 from ntonix.errors import GatewayError, client_error, upstream_error
 from ntonix.shared_flights import Follow
 from ntonix.upstream import BackendPool, UpstreamConnection
+from ntonix.watchdog import IdleWatch
 
 log = logging.getLogger("ntonix.proxy")
 
@@ -71,6 +72,7 @@ class Proxy:
         self.tallies = tallies or Tallies()
         self.accounts = accounts or Accounts()
         self.admission = Admission()
+        self.idle_watch = IdleWatch()  # its task runs in the lifespan's supervisor
         # What the engines say about their load, written by the readers (load_reader.py).
         self.loads = LoadBook()
         self._strategy_name = ""
@@ -81,6 +83,7 @@ class Proxy:
         self.config = config
         self.pools = pools
         self._settings = config.gateway
+        self.idle_watch.timeout(config.gateway.idle_timeout)
         self._limits = {b.name: b.max_concurrent for b in config.backends}
         self._affinity = config.balancer.strategy == "prefix-affinity"
         self._load_aware = config.balancer.strategy == "least-loaded"
@@ -123,15 +126,13 @@ class Proxy:
         if self.config.usage.request_stream_usage and request.payload is not None:
             # The client did not ask for usage in its stream: ask for it, and strip it again.
             asked = with_stream_usage(scope["raw_path"], request.payload)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(cancel_on_disconnect, receive, downstream, nursery.cancel_scope)
+        async with cancelled_on_disconnect(receive, downstream, self.idle_watch):
             try:
                 await self.respond(scope, request, asked or body, downstream, strip=bool(asked))
             except GatewayError as error:
                 if error.source != "upstream":  # upstream failures were logged per attempt
                     log.warning("request %s: %s", downstream.request_id.decode(), error.message)
                 await downstream.fail(error)
-            nursery.cancel_scope.cancel()
 
     async def accept(self, scope: Scope, receive: Receive) -> bytes:
         """Phase accept: the whole request body, within `max_request_body` and `body_timeout`."""
@@ -367,6 +368,8 @@ class Proxy:
                     )
                     report.error = error.message
                     return error
+            if isinstance(exchange.downstream, Downstream):  # a shared flight outlives a client
+                exchange.downstream.on_gone = connection.close
             sent_at = trio.current_time()
             with trio.move_on_after(settings.first_byte_timeout) as waiting:
                 await connection.send_request(
@@ -413,6 +416,7 @@ class Proxy:
                     exchange.downstream,
                     settings.idle_timeout,
                     ticket.name,
+                    self.idle_watch,
                     exchange.meter,
                     partial(self._charge, exchange),
                 )
@@ -435,6 +439,8 @@ class Proxy:
             return error
         finally:
             if connection is not None:
+                if isinstance(exchange.downstream, Downstream):
+                    exchange.downstream.on_gone = None
                 pool.checkin(connection)
             if exchange.meter is not None and not exchange.charged:
                 self._charge(exchange)  # cut short: what passed, estimated
@@ -590,36 +596,44 @@ async def relay_body(
     downstream: ResponseSink,
     idle_timeout: float,
     backend: str,
+    watch: IdleWatch,
     meter: UsageMeter | None = None,
     charge: Callable[[], None] | None = None,
 ) -> float | None:
     """Phase stream body: each upstream read goes to the client as soon as it arrives.
 
-    Returns when the first body bytes arrived (None for an empty body). The idle deadline
-    covers only the wait for the backend: the write to the client is outside it, so a slow
-    reader is back-pressure (the socket fills up), not a backend timeout. The `meter` reads
-    the tokens on the way (and may hold back an event it strips); `charge` runs once the body
-    is complete, before its end reaches the client, so that whoever waits for that end finds
-    the tokens counted.
+    Returns when the first body bytes arrived (None for an empty body). The idle timeout covers
+    only the wait for the backend: the write to the client is outside it, so a slow reader is
+    back-pressure (the socket fills up), not a backend timeout. The worker's `IdleWatch` keeps
+    it: per chunk, this only notes until when the backend may be silent (no timer per chunk).
+    The `meter` reads the tokens on the way (and may hold back an event it strips); `charge`
+    runs once the body is complete, before its end reaches the client, so that whoever waits
+    for that end finds the tokens counted.
     """
     first_data_at: float | None = None
     with trio.CancelScope() as idle:
-        while True:
-            idle.deadline = trio.current_time() + idle_timeout
-            data, done = await connection.receive_body()
-            idle.deadline = math.inf
-            if data and first_data_at is None:
-                first_data_at = trio.current_time()
-            if meter is not None:
-                data = meter.feed(data)
+        silence = watch.watch(idle)
+        try:
+            while True:
+                silence.expires = trio.current_time() + idle_timeout
+                data, done = await connection.receive_body()
+                silence.expires = math.inf
+                if idle.cancel_called:
+                    break  # the watch fired as the data came: the backend was silent too long
+                if data and first_data_at is None:
+                    first_data_at = trio.current_time()
+                if meter is not None:
+                    data = meter.feed(data)
+                    if done:
+                        data += meter.flush()
+                        if charge is not None:
+                            charge()
+                if data or done:
+                    await downstream.write(data, more=not done)
                 if done:
-                    data += meter.flush()
-                    if charge is not None:
-                        charge()
-            if data or done:
-                await downstream.write(data, more=not done)
-            if done:
-                return first_data_at
+                    return first_data_at
+        finally:
+            watch.forget(silence)
     raise upstream_error(
         504, "backend_idle_timeout", f"Backend {backend} sent nothing for {idle_timeout:g} s"
     )

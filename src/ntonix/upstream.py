@@ -14,6 +14,7 @@ Callers own the timeouts (`trio.fail_after` around each phase); nothing here wai
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import ssl
 from typing import cast
@@ -229,6 +230,7 @@ class BackendPool:
     def __init__(self, backend: BackendSettings, ssl_context: ssl.SSLContext | None) -> None:
         self.backend = backend
         self._ssl_context = ssl_context
+        self._family = _address_family(backend.host)
         self._idle: list[UpstreamConnection] = []
         self._retired = False
         self._in_use = 0
@@ -299,7 +301,10 @@ class BackendPool:
     async def _open(self) -> tuple[trio.SocketStream, BackendStream]:
         backend = self.backend
         try:
-            socket_stream = await trio.open_tcp_stream(backend.host, backend.port)
+            if self._family is None:
+                socket_stream = await trio.open_tcp_stream(backend.host, backend.port)
+            else:
+                socket_stream = await _connect_to_address(self._family, backend.host, backend.port)
         except _FOREIGN_ERRORS as error:
             exhausted = out_of_resources(error)
             if exhausted is not None:
@@ -330,6 +335,29 @@ def _check_head_size(response: h11.Response) -> None:
     size = sum(len(name) + len(value) + 4 for name, value in response.headers)
     if size > MAX_RESPONSE_HEAD:
         raise h11.RemoteProtocolError(f"response head of {size} bytes, over {MAX_RESPONSE_HEAD}")
+
+
+def _address_family(host: str) -> socket.AddressFamily | None:
+    """The family of a numeric address; None for a name, which must be resolved."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+
+async def _connect_to_address(
+    family: socket.AddressFamily, host: str, port: int
+) -> trio.SocketStream:
+    """A numeric address has one candidate: connect straight to it, without the resolver
+    thread and the nursery of tasks that `open_tcp_stream` runs to race several addresses."""
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 def backend_ssl_context(backend: BackendSettings) -> ssl.SSLContext | None:

@@ -9,6 +9,7 @@ before the first accept and shuts down after the drain.
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -17,12 +18,12 @@ from functools import partial
 import hypercorn.config
 import trio
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
+from ntonix.inbox import InboxTaskGroup
 from ntonix.listening import CappedListener, ConnectionSlots
 from ntonix.protocols import Guard, GuardedProtocol
 
@@ -58,6 +59,7 @@ async def serve_worker(
         async with trio.open_nursery() as lifespan_nursery:
             await lifespan_nursery.start(lifespan.handle_lifespan)
             await lifespan.wait_for_startup()
+            tune_garbage_collector()
             listeners, urls = _listeners(settings, sockets, slots)
             guard = Guard(send_timeout=send_timeout, max_request_body=max_request_body)
             tcp_server = partial(
@@ -87,6 +89,22 @@ async def serve_worker(
     finally:
         for sock in all_sockets:
             sock.close()
+
+
+# Allocations between young collections (CPython's default is 700). Trio makes cyclic garbage
+# (cancelled tasks' exceptions and frames) with every request; collecting it ten times less
+# often costs less in all, for a few thousand short-lived objects more held at a time.
+YOUNG_COLLECTION_THRESHOLD = 10_000
+
+
+def tune_garbage_collector() -> None:
+    """Once the worker has started: what exists now (modules, config, pools) lives as long as
+    the process, so it leaves the collector's view (`gc.freeze`) and no full collection scans
+    it again; young collections run every `YOUNG_COLLECTION_THRESHOLD` allocations."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
 
 
 class _TCPServer(TCPServer):
@@ -130,7 +148,7 @@ class _TCPServer(TCPServer):
                 ssl = False
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
-            async with TaskGroup() as task_group:
+            async with InboxTaskGroup() as task_group:
                 self._task_group = task_group
                 self.protocol = GuardedProtocol(
                     self.guard,

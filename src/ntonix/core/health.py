@@ -145,6 +145,9 @@ class _Record:
     configured_models: frozenset[str]
     breaker: CircuitBreaker
     tickets: dict[int, Ticket] = attrs.field(factory=dict)
+    # The tickets that are requests, not probes: counted as they begin and end, since the
+    # balancer reads it for every request (summing the tickets made a burst quadratic).
+    requests: int = 0
     latency: float | None = None
     last_error: str = ""
     learned_models: frozenset[str] | None = None
@@ -158,7 +161,7 @@ class _Record:
 
     @property
     def in_flight(self) -> int:
-        return sum(not ticket.probe for ticket in self.tickets.values())
+        return self.requests
 
     @property
     def models(self) -> frozenset[str] | None:
@@ -302,6 +305,8 @@ class HealthTable:
             return None
         if record.tickets.pop(ticket.id, None) is None:
             raise ValueError(f"ticket {ticket.id} on {ticket.name} was already ended")
+        if not ticket.probe:
+            record.requests -= 1
         verdict = verdict_of(outcome)
         event = _EVENTS.get((ticket.trial, verdict))  # an ordinary neutral outcome has none
         transition = None if event is None else record.breaker.apply(event, now)
@@ -406,6 +411,8 @@ class HealthTable:
                 self._tell(record, State.HALF_OPEN, f"open for {open_for:g} s; {kind} is the trial")
         ticket = Ticket(next(self._ids), record.name, record.id, trial=trial, probe=probe)
         record.tickets[ticket.id] = ticket
+        if not probe:
+            record.requests += 1
         return ticket
 
     def _announce(

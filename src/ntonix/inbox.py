@@ -1,0 +1,77 @@
+"""A request's ASGI `receive` that can also tell the app, at once, that its client has left.
+
+Hypercorn reports a disconnect only as a message to `receive()`, so a request that must react
+to its client leaving while it streams would need a task of its own blocked in `receive()`:
+one more task, its cancel scope and its wake-ups for every request. `ntonix serve` hands each
+request an `Inbox` instead (its worker's connections spawn apps through `InboxTaskGroup`):
+the same queue, plus one callback that Hypercorn's own `http.disconnect` runs synchronously as
+it is queued. The plain `hypercorn` command hands out its queue's `receive`; the app then
+watches with a task, as before (`downstream.cancelled_on_disconnect`).
+
+Invariants: every message still reaches `receive()` in order (the callback comes on top);
+a callback set after the disconnect was queued runs at once; at most one callback is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.task_group import TaskGroup, _handle
+from hypercorn.typing import AppWrapper, ASGIReceiveCallable
+
+Message = dict[str, Any]
+
+
+class Inbox:
+    """The messages of one request, with an optional callback for its disconnect."""
+
+    __slots__ = ("_on_disconnect", "_receiving", "_sending", "disconnected")
+
+    def __init__(self, size: int) -> None:
+        self._sending, self._receiving = trio.open_memory_channel[Message](size)
+        self._on_disconnect: Callable[[], None] | None = None
+        self.disconnected = False
+
+    async def __call__(self) -> Message:
+        return await self._receiving.receive()
+
+    async def put(self, message: Message) -> None:
+        if message["type"] == "http.disconnect" and not self.disconnected:
+            self.disconnected = True
+            if self._on_disconnect is not None:
+                self._on_disconnect()
+        await self._sending.send(message)
+
+    def on_disconnect(self, callback: Callable[[], None] | None) -> None:
+        """Run `callback` when the client leaves (now, if it has); None removes it."""
+        self._on_disconnect = callback
+        if callback is not None and self.disconnected:
+            callback()
+
+
+class InboxTaskGroup(TaskGroup):
+    """Hypercorn's task group of one connection, giving each request an `Inbox`."""
+
+    async def spawn_app(
+        self,
+        app: AppWrapper,
+        config: Config,
+        scope: Any,
+        send: Callable[[Any], Awaitable[None]],
+    ) -> Callable[[Any], Awaitable[None]]:
+        inbox = Inbox(config.max_app_queue_size)
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            _handle,
+            app,
+            config,
+            scope,
+            cast("ASGIReceiveCallable", inbox),  # Hypercorn types its messages; ours are dicts
+            send,
+            trio.to_thread.run_sync,
+            trio.from_thread.run,
+        )
+        return inbox.put
