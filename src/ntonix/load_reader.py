@@ -16,11 +16,11 @@ import json
 import logging
 import random
 import ssl
-from collections.abc import Iterable
 
 import httpx
 import trio
 
+from ntonix.backend_tasks import BackendTasks
 from ntonix.config import BackendSettings, HealthSettings
 from ntonix.core.engines import (
     METRICS_ENGINES,
@@ -142,33 +142,17 @@ def _closed(health: HealthTable, name: str, now: float) -> bool:
     return any(s.state == "closed" for s in health.snapshot(now) if s.name == name)
 
 
-class LoadReaders:
+class LoadReaders(BackendTasks):
     """The reader tasks, kept in step with the configured backends across reloads."""
 
     def __init__(
         self, nursery: trio.Nursery, health: HealthTable, book: LoadBook, settings: HealthSettings
     ) -> None:
-        self._nursery = nursery
+        super().__init__(nursery, settings)
         self._health = health
         self._book = book
-        self._settings = settings
-        self._rng = random.Random()
-        self._running: dict[str, tuple[BackendSettings, trio.CancelScope]] = {}
 
-    def reconcile(self, backends: Iterable[BackendSettings], settings: HealthSettings) -> None:
-        wanted = {backend.name: backend for backend in backends}
-        changed = settings != self._settings
-        self._settings = settings
-        for name, (backend, scope) in list(self._running.items()):
-            if changed or wanted.get(name) != backend:
-                scope.cancel()
-                del self._running[name]
-        for name, backend in wanted.items():
-            if name not in self._running:
-                scope = trio.CancelScope()
-                self._running[name] = (backend, scope)
-                self._nursery.start_soon(self._run, backend, scope)
-
-    async def _run(self, backend: BackendSettings, scope: trio.CancelScope) -> None:
-        with scope:
-            await read_forever(backend, self._health, self._book, self._settings, self._rng)
+    async def work(
+        self, backend: BackendSettings, settings: HealthSettings, rng: random.Random
+    ) -> None:
+        await read_forever(backend, self._health, self._book, settings, rng)

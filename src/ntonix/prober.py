@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import Iterable
 from typing import Any
 
 import httpx
 import trio
 
+from ntonix.backend_tasks import BackendTasks
 from ntonix.config import BackendSettings, HealthSettings
 from ntonix.core.health import HealthTable, Outcome, outcome_of_status
 from ntonix.upstream import backend_ssl_context, describe_failure, out_of_resources
@@ -82,32 +82,16 @@ async def probe_forever(
             await trio.sleep(settings.interval * rng.uniform(0.8, 1.2))
 
 
-class Probers:
+class Probers(BackendTasks):
     """The probe tasks, kept in step with the configured backends across reloads."""
 
     def __init__(
         self, nursery: trio.Nursery, health: HealthTable, settings: HealthSettings
     ) -> None:
-        self._nursery = nursery
+        super().__init__(nursery, settings)
         self._health = health
-        self._settings = settings
-        self._rng = random.Random()
-        self._running: dict[str, tuple[BackendSettings, trio.CancelScope]] = {}
 
-    def reconcile(self, backends: Iterable[BackendSettings], settings: HealthSettings) -> None:
-        wanted = {backend.name: backend for backend in backends}
-        changed = settings != self._settings
-        self._settings = settings
-        for name, (backend, scope) in list(self._running.items()):
-            if changed or wanted.get(name) != backend:
-                scope.cancel()
-                del self._running[name]
-        for name, backend in wanted.items():
-            if name not in self._running:
-                scope = trio.CancelScope()
-                self._running[name] = (backend, scope)
-                self._nursery.start_soon(self._run, backend, scope)
-
-    async def _run(self, backend: BackendSettings, scope: trio.CancelScope) -> None:
-        with scope:
-            await probe_forever(backend, self._health, self._settings, self._rng)
+    async def work(
+        self, backend: BackendSettings, settings: HealthSettings, rng: random.Random
+    ) -> None:
+        await probe_forever(backend, self._health, settings, rng)
