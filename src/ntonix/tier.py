@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -25,7 +26,7 @@ import trio
 
 from ntonix.config import SharedSettings
 from ntonix.core.breaker import BreakerSettings, CircuitBreaker, Event, State, Transition
-from ntonix.core.valkey_url import ValkeyAddress, parse_valkey_url
+from ntonix.core.valkey_url import ValkeyAddress, parse_valkey_url, shown
 
 if TYPE_CHECKING:
     import glide
@@ -37,6 +38,8 @@ OPEN_FOR = 0.5
 MAX_OPEN_FOR = 5.0
 # How often the prober PINGs: it notices a dead or returning Valkey without traffic.
 PROBE_INTERVAL = 0.5
+# How long the prober's own TLS handshake may take when it looks for why a valkeys:// tier is down.
+TLS_CHECK_TIMEOUT = 2.0
 
 T = TypeVar("T")
 
@@ -59,9 +62,12 @@ class TierStatistics:
 class SharedTier:
     """The worker's connection to Valkey, behind a budget and a breaker."""
 
-    def __init__(self, settings: SharedSettings, address: ValkeyAddress) -> None:
+    def __init__(
+        self, settings: SharedSettings, address: ValkeyAddress, ca_certs: bytes | None = None
+    ) -> None:
         self.settings = settings
         self.address = address
+        self.ca_certs = ca_certs  # PEM: the CAs a valkeys:// server's certificate must chain to
         self._client: glide.GlideClient | None = None
         self._breaker = CircuitBreaker(BreakerSettings(FAILURE_THRESHOLD, OPEN_FOR, MAX_OPEN_FOR))
         self.calls = self.failures = self.skipped = 0
@@ -71,12 +77,20 @@ class SharedTier:
     @classmethod
     def from_settings(cls, settings: SharedSettings) -> SharedTier:
         """The tier `settings.url` names (already resolved: not "embedded"); reads
-        `password_file` (OSError if it cannot)."""
+        `password_file` and `ca_file` (OSError if it cannot, ValueError if the CA file holds no
+        certificate)."""
         address = parse_valkey_url(settings.url)
         if settings.password_file:
             with open(settings.password_file, encoding="utf-8") as file:
                 address = attrs.evolve(address, password=file.read().strip())
-        return cls(settings, address)
+        ca_certs = None
+        if settings.ca_file:
+            with open(settings.ca_file, "rb") as file:
+                ca_certs = file.read()
+            # glide would take any bytes and fail every handshake later, unexplained.
+            if b"-----BEGIN CERTIFICATE-----" not in ca_certs:
+                raise ValueError(f"[shared] ca_file {settings.ca_file}: no PEM certificate in it")
+        return cls(settings, address, ca_certs)
 
     @property
     def up(self) -> bool:
@@ -102,6 +116,15 @@ class SharedTier:
             else None
         )
         budget_ms = math.ceil(self.settings.timeout * 1000)
+        # Without a CA file a valkeys:// server's certificate is checked against the system's
+        # trust store; with one, against its CAs only (glide replaces the store, never adds).
+        advanced = (
+            glide.AdvancedGlideClientConfiguration(
+                tls_config=glide.TlsAdvancedConfiguration(root_pem_cacerts=self.ca_certs)
+            )
+            if self.ca_certs is not None
+            else None
+        )
         configuration = glide.GlideClientConfiguration(
             [node],
             use_tls=address.tls,
@@ -113,6 +136,7 @@ class SharedTier:
             reconnect_strategy=glide.BackoffStrategy(num_of_retries=5, factor=50, exponent_base=2),
             client_name="ntonix",
             lazy_connect=True,
+            advanced_config=advanced,
         )
         try:
             self._client = await glide.GlideClient.create(configuration)
@@ -142,7 +166,8 @@ class SharedTier:
         except self._errors as error:  # glide's errors and our budget: nothing else
             self.failures += 1
             slow = isinstance(error, trio.TooSlowError)
-            reason = "no answer within the budget" if slow else error
+            # One line: glide's messages may end in a newline.
+            reason = "no answer within the budget" if slow else " ".join(str(error).split())
             self._note(Event.TRIAL_FAILED if trial else Event.FAILURE, reason)
             raise TierUnavailable(str(reason)) from None
         except BaseException:
@@ -154,13 +179,45 @@ class SharedTier:
         return result
 
     async def probe_forever(self) -> None:
-        """PING every PROBE_INTERVAL: the breaker opens and closes without traffic too."""
+        """PING every PROBE_INTERVAL: the breaker opens and closes without traffic too. Once
+        per outage of a valkeys:// tier, it says whether the TLS handshake is what fails."""
+        looked_at_tls = False
         while True:
             await trio.sleep(PROBE_INTERVAL)
             if self._client is None:
                 await self.connect()
             with contextlib.suppress(TierUnavailable):
                 await self.call(_ping)
+            if self.up:
+                looked_at_tls = False
+            elif self.address.tls and not looked_at_tls:
+                looked_at_tls = True
+                await self._log_tls_problem()
+
+    async def _log_tls_problem(self) -> None:
+        # glide reports a certificate it cannot verify as a connection that "timed out": our
+        # own handshake, with the same CAs and name, tells the operator what is wrong.
+        address = self.address
+        context = ssl.create_default_context(
+            cadata=self.ca_certs.decode("ascii", "replace") if self.ca_certs else None
+        )
+        with trio.move_on_after(TLS_CHECK_TIMEOUT):
+            try:
+                stream = await trio.open_ssl_over_tcp_stream(
+                    address.host, address.port, ssl_context=context
+                )
+                async with stream:
+                    await stream.do_handshake()
+            except (OSError, trio.BrokenResourceError) as error:
+                reason = error.__cause__ if isinstance(error.__cause__, ssl.SSLError) else error
+                if isinstance(reason, ssl.SSLError):
+                    advice = "ca_file" if self.ca_certs else "ca_file (none set: system CAs)"
+                    log.error(
+                        "shared tier: TLS with %s fails: %s; check [shared] %s",
+                        shown(address),
+                        reason,
+                        advice,
+                    )
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
