@@ -73,6 +73,7 @@ class SharedTier:
         self.calls = self.failures = self.skipped = 0
         self._errors: tuple[type[Exception], ...] = (trio.TooSlowError,)
         self._told_cannot_create = False
+        self._answered_at = -math.inf  # when a call last succeeded
 
     @classmethod
     def from_settings(cls, settings: SharedSettings) -> SharedTier:
@@ -175,15 +176,19 @@ class SharedTier:
             if trial:
                 self._note(Event.TRIAL_ABANDONED, "")
             raise
+        self._answered_at = trio.current_time()
         self._note(Event.TRIAL_SUCCEEDED if trial else Event.SUCCESS, "")
         return result
 
     async def probe_forever(self) -> None:
-        """PING every PROBE_INTERVAL: the breaker opens and closes without traffic too. Once
+        """PING every PROBE_INTERVAL unless a call answered within it: the breaker opens and
+        closes without traffic too. Once
         per outage of a valkeys:// tier, it says whether the TLS handshake is what fails."""
         looked_at_tls = False
         while True:
             await trio.sleep(PROBE_INTERVAL)
+            if self.up and trio.current_time() - self._answered_at < PROBE_INTERVAL:
+                continue  # requests' calls say it is up: a PING would only cost CPU
             if self._client is None:
                 await self.connect()
             with contextlib.suppress(TierUnavailable):
