@@ -41,7 +41,8 @@ class ValkeyServer:
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
-    async def start(self) -> None:
+    async def start(self, *options: str) -> None:
+        """Start it (again); `options` go to valkey-server's command line."""
         self.child = await self._spawn(
             str(get_binary_path()),
             "--port", "0",
@@ -49,6 +50,7 @@ class ValkeyServer:
             "--dir", str(self.directory),
             "--save", "",
             "--appendonly", "no",
+            *options,
         )  # fmt: skip
         with trio.fail_after(10):
             while not _accepts(self.socket_path):

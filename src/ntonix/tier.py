@@ -44,6 +44,14 @@ TLS_CHECK_TIMEOUT = 2.0
 T = TypeVar("T")
 
 
+# A standalone client on a cluster node gets MOVED or CLUSTERDOWN for most keys, and the
+# lookup script's keys span hash slots: found out, the tier is refused rather than half-used.
+CLUSTER_REFUSED = (
+    "[shared] url names a node of a Valkey cluster (cluster_enabled:1): cluster mode is not "
+    "supported; give the URL of a standalone server or of a primary (with replicas or not)"
+)
+
+
 class TierUnavailable(Exception):
     """The tier did not answer within its budget, failed, or is skipped while its breaker is
     open: go on without it."""
@@ -74,6 +82,8 @@ class SharedTier:
         self._errors: tuple[type[Exception], ...] = (trio.TooSlowError,)
         self._told_cannot_create = False
         self._answered_at = -math.inf  # when a call last succeeded
+        self._cluster_checked = False
+        self.refused = ""  # why the tier is off for good (a cluster), once found out
 
     @classmethod
     def from_settings(cls, settings: SharedSettings) -> SharedTier:
@@ -180,19 +190,39 @@ class SharedTier:
         self._note(Event.TRIAL_SUCCEEDED if trial else Event.SUCCESS, "")
         return result
 
+    async def refuses_cluster(self) -> bool:
+        """Whether the server is a cluster node, which the tier refuses: then it is off for
+        good (logged once, every call skipped). Asked once the server answers; False while it
+        cannot tell."""
+        if not self._cluster_checked:
+            with contextlib.suppress(TierUnavailable):
+                info = await self.call(_cluster_info)
+                self._cluster_checked = True
+                if b"cluster_enabled:1" in info:
+                    self.refused = CLUSTER_REFUSED
+                    log.error("shared tier: %s; going on without it", CLUSTER_REFUSED)
+                    await self.aclose()
+        return bool(self.refused)
+
     async def probe_forever(self) -> None:
         """PING every PROBE_INTERVAL unless a call answered within it: the breaker opens and
-        closes without traffic too. Once
-        per outage of a valkeys:// tier, it says whether the TLS handshake is what fails."""
+        closes without traffic too. The first answer it gets says whether the server is a
+        cluster node (refused: the prober ends). Once per outage of a valkeys:// tier, it says
+        whether the TLS handshake is what fails."""
         looked_at_tls = False
         while True:
             await trio.sleep(PROBE_INTERVAL)
-            if self.up and trio.current_time() - self._answered_at < PROBE_INTERVAL:
+            answered_lately = trio.current_time() - self._answered_at < PROBE_INTERVAL
+            if self._cluster_checked and self.up and answered_lately:
                 continue  # requests' calls say it is up: a PING would only cost CPU
             if self._client is None:
                 await self.connect()
-            with contextlib.suppress(TierUnavailable):
-                await self.call(_ping)
+            if not self._cluster_checked:
+                if await self.refuses_cluster():  # a call: it stands for the PING
+                    return
+            else:
+                with contextlib.suppress(TierUnavailable):
+                    await self.call(_ping)
             if self.up:
                 looked_at_tls = False
             elif self.address.tls and not looked_at_tls:
@@ -258,3 +288,8 @@ class SharedTier:
 
 async def _ping(client: glide.GlideClient) -> bytes:
     return await client.ping()
+
+
+async def _cluster_info(client: glide.GlideClient) -> bytes:
+    info = await client.custom_command(["INFO", "cluster"])
+    return info if isinstance(info, bytes) else str(info).encode()
