@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ntonix.shared")
 
-STORE_WAIT = 0.02  # seconds an entry waits for a lookup to carry it
+STORE_WAIT = 0.05  # seconds an entry waits for a lookup to carry it
 CLEAR_BUDGET = 30.0  # seconds for the whole sweep of `clear`
 CLEAR_PAGE = 1000  # keys asked of each SCAN
 
