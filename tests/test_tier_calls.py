@@ -4,6 +4,7 @@ flights it leads riding in that call, and no PING while calls answer."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 
 import pytest
@@ -26,6 +27,7 @@ async def valkey(spawn: Spawn) -> AsyncIterator[ValkeyServer]:
     server = ValkeyServer(spawn)
     await server.start()
     yield server
+    shutil.rmtree(server.directory, ignore_errors=True)
 
 
 @pytest.fixture
