@@ -256,6 +256,14 @@ async def test_a_gateway_with_a_private_ca_is_read_with_cacert(
 # --- The dashboard and the alert rules name only metrics the gateway serves ----------------
 
 _METRIC = re.compile(r"\bntonix_[a-z0-9_]+")
+ENGINE_LOAD_METRICS = {
+    "ntonix_backend_engine_waiting",
+    "ntonix_backend_engine_running",
+    "ntonix_backend_engine_kv_usage",
+    "ntonix_backend_load_score",
+    "ntonix_backend_load_signal_age_seconds",
+    "ntonix_backend_ttfb_ewma_seconds",
+}
 # A histogram `x` is queried through its samples `x_bucket`, `x_sum` and `x_count`.
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
@@ -308,15 +316,16 @@ async def test_every_metric_in_the_dashboard_and_the_alerts_is_served(
     start_mock: StartMock, start_gateway_with: StartGatewayWith, client: httpx.AsyncClient
 ) -> None:
     # Traffic that makes each family show up: a miss and a hit, a sampled request (bypass), a
-    # retry away from a refusing backend that then opens, and a client that hangs up mid-stream.
-    mock = await start_mock()
+    # retry away from a refusing backend that then opens, and a client that hangs up mid-stream;
+    # the backend speaks vLLM's signals, so the engine-load families have samples too.
+    mock = await start_mock(engine="vllm")
+    health = attrs.evolve(FAST_HEALTH, load_interval=0.1)
     config = attrs.evolve(
-        gateway_config(
-            backend(mock.url, "up"), backend(closed_port_url(), "down"), health=FAST_HEALTH
-        ),
+        gateway_config(backend(mock.url, "up"), backend(closed_port_url(), "down"), health=health),
         cache=CacheSettings(),
     )
     gateway = await start_gateway_with(config)
+    await wait_for_backend(client, gateway, "up", lambda r: r["load"]["reading"] is not None)
     for body in [chat("same", stream=False), chat("same", stream=False), chat(temperature=1)]:
         assert (await client.post(f"{gateway}/v1/chat/completions", json=body)).is_success
     await wait_for_backend(client, gateway, "down", lambda r: r["state"] == "open")
@@ -328,10 +337,16 @@ async def test_every_metric_in_the_dashboard_and_the_alerts_is_served(
     await leaver.hang_up()
     await wait_until(lambda: mock.stats["client_disconnects"] == 1)
 
-    served = served_metric_names((await client.get(f"{gateway}/metrics")).text)
+    exposition = (await client.get(f"{gateway}/metrics")).text
+    served = served_metric_names(exposition)
 
     exprs = dashboard_exprs() + alert_rule_exprs()
     assert len(alert_rule_exprs()) >= 7
     used = {name for expr in exprs for name in _METRIC.findall(expr)}
     assert used, exprs
     assert sorted(used - served) == []
+    # The engines' load has its panels, and each of them draws a real sample, not an empty
+    # family: the dashboard shows what least-loaded decides on.
+    assert ENGINE_LOAD_METRICS <= used
+    sampled = {line.split("{")[0] for line in exposition.splitlines() if line.startswith("ntonix")}
+    assert sorted(ENGINE_LOAD_METRICS - sampled) == []
