@@ -347,6 +347,6 @@ async def test_every_metric_in_the_dashboard_and_the_alerts_is_served(
     assert sorted(used - served) == []
     # The engines' load has its panels, and each of them draws a real sample, not an empty
     # family: the dashboard shows what least-loaded decides on.
-    assert ENGINE_LOAD_METRICS <= used
+    assert used >= ENGINE_LOAD_METRICS
     sampled = {line.split("{")[0] for line in exposition.splitlines() if line.startswith("ntonix")}
     assert sorted(ENGINE_LOAD_METRICS - sampled) == []
