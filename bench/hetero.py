@@ -38,7 +38,7 @@ BODY = {
 
 @dataclass(frozen=True)
 class HeteroSpec:
-    rates: tuple[float, ...] = (8.0, 12.0)  # requests per second, Poisson arrivals
+    rates: tuple[float, ...] = (8.0, 10.0, 12.0)  # requests per second, Poisson arrivals
     warmup: float = 5.0  # seconds of the schedule before the measured window
     duration: float = 20.0  # measured seconds per strategy and round
     rounds: int = 2

@@ -278,10 +278,30 @@ async def test_least_connections_queues_half_of_them_behind_the_busy_backend(
 async def test_two_gateways_sharing_nothing_keep_the_queues_within_one(
     start_mock: StartMock, start_gateway_with: StartGatewayWith, client: httpx.AsyncClient
 ) -> None:
+    """The issue's requirement: two gateway instances that share nothing, each reading the
+    engines' own queues, keep the backends' waiting queues within 1 of each other.
+
+    Asserted on the mocks' own queues, sampled every 10 ms while 6 closed-loop clients (4 on one
+    gateway, 2 on the other) keep 6 requests on 4 slots, so that 2 wait somewhere nearly all
+    the time: the only split within 1 is one waiting on each backend. Each gateway knows its
+    own requests exactly (core/signals.py counts its sends and finishes since the reading, and
+    which of them the reading can have counted) and the other's only from the next reading of
+    the engines: a request the other sent less than one `load_interval` ago is in no reading
+    yet. A decision in that window between two backends that look equally loaded is a coin
+    toss, and if it goes to the one the other just filled, the two requests queue there until
+    that backend finishes one (up to a generation: tens of samples). Nothing short of shared
+    state avoids that, so the test asks for what sharing nothing gives: within 1 in at least
+    90% of the samples (in 40 runs here, beside a benchmark: 37 within 1 throughout, 3 with one
+    such episode, 92-94% within 1), and never more than 2 apart.
+    """
     a = await start_mock("a", slots=2, engine="vllm")
     b = await start_mock("b", slots=2, engine="vllm")
+    # Read every 0.1 s (stale after 0.3 s, which a busy machine's pauses rarely reach), while
+    # generations take 0.5 to 1.4 s: as generations of 5 to 14 s read every second, busier
+    # than real ones of 10 to 30 s.
+    health = attrs.evolve(QUICK_SIGNALS, load_interval=0.1)
     config = gateway_config(
-        backend(a.url, "a"), backend(b.url, "b"), strategy="least-loaded", health=QUICK_SIGNALS
+        backend(a.url, "a"), backend(b.url, "b"), strategy="least-loaded", health=health
     )
     gateways = [await start_gateway_with(config) for _ in range(2)]
     for gateway in gateways:
@@ -293,32 +313,30 @@ async def test_two_gateways_sharing_nothing_keep_the_queues_within_one(
     async def closed_loop(gateway: str, index: int) -> None:
         async with httpx.AsyncClient(timeout=10) as own:
             while True:
-                # 0.5 to 1.4 s of generation, read every 0.05 s: as generations of 10 to 30 s
-                # read every second. Equal lengths would end in lockstep, as nothing real does.
+                # Equal lengths would end in lockstep, as nothing real does.
                 tokens = str(rng.randint(8, 24))
                 headers = {"x-mock-tokens": tokens, "x-mock-token-delay": "0.06"}
                 body = chat(f"{gateway}{index}", stream=False)
                 answer = await own.post(f"{gateway}{CHAT}", json=body, headers=headers)
                 assert answer.status_code == 200
 
+    def completed() -> int:
+        return int(a.stats["completed"] + b.stats["completed"])
+
     async with trio.open_nursery() as nursery:
-        # 4 + 2 clients: 6 requests for 4 slots, so there is a queue to balance.
         for gateway, clients in zip(gateways, (4, 2), strict=True):
             for index in range(clients):
                 nursery.start_soon(closed_loop, gateway, index)
-        with trio.move_on_after(6):
-            while True:
+        # 40 generations, however long this machine takes for them.
+        with trio.fail_after(60):
+            while completed() < 40:
                 gaps.append(abs(a.stats["waiting"] - b.stats["waiting"]))
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
-    total = a.stats["completed"] + b.stats["completed"]
-    assert total > 20 and max(a.stats["max_waiting"], b.stats["max_waiting"]) >= 1
-    print(f"{total} requests; queue gaps seen: {sorted(Counter(gaps).items())}")
-    # Neither gateway sees the other's requests until the next reading (0.05 s here): a
-    # decision taken in that window can put a second request in one queue until the next one
-    # (a few tenths of a second). Within one most of the time, never further than two.
+    assert max(a.stats["max_waiting"], b.stats["max_waiting"]) >= 1  # there was a queue
+    print(f"{completed()} requests; queue gaps seen: {sorted(Counter(gaps).items())}")
+    assert sum(gap <= 1 for gap in gaps) >= 0.9 * len(gaps)
     assert max(gaps) <= 2
-    assert sum(gap <= 1 for gap in gaps) >= 0.85 * len(gaps)
 
 
 # --- Residency (Ollama) -----------------------------------------------------------------------

@@ -104,6 +104,54 @@ async def test_status_shows_each_backend_its_state_and_the_cache_and_exits_0(
     assert "\x1b[" not in run.out  # stdout is a pipe: no colour
 
 
+async def test_status_shows_what_each_engine_says_about_its_load(
+    start_mock: StartMock, start_gateway_with: StartGatewayWith, client: httpx.AsyncClient
+) -> None:
+    busy = await start_mock(name="busy", slots=1, engine="vllm")
+    plain = await start_mock(name="plain")
+    quick = attrs.evolve(EJECT_AND_HOLD, load_interval=0.05, load_timeout=0.5)
+    gateway = await start_gateway_with(
+        gateway_config(
+            backend(busy.url, "busy"), backend(plain.url, "plain"),
+            strategy="least-loaded", health=quick,
+        )
+    )  # fmt: skip
+    long = {"x-mock-tokens": "8", "x-mock-token-delay": "1"}
+    async with trio.open_nursery() as direct:
+        for index in range(2):  # straight to the engine: one generates, one waits
+            body = chat(f"direct{index}", stream=False)
+            url = f"{busy.url}/v1/chat/completions"
+            direct.start_soon(partial(client.post, url, json=body, headers=long))
+        await wait_until(lambda: busy.stats["running"] == 1 and busy.stats["waiting"] == 1)
+        await wait_for_backend(
+            client,
+            gateway,
+            "busy",
+            lambda r: (r["load"]["reading"] or {}).get("waiting") == 1,
+        )
+        await wait_for_backend(client, gateway, "plain", lambda r: r["load"]["engine"] == "none")
+
+        run = await ntonix_status("--url", gateway)
+        direct.cancel_scope.cancel()
+
+    assert run.code == 0, run
+    header, *rows = run.out.split("\n\n")[1].splitlines()
+    assert re.split(r"\s{2,}", header) == [
+        "BACKEND", "ENGINE", "WAITING", "RUNNING", "KV USE", "LOADED MODELS", "READ AGO",
+        "TTFB MS", "SCORE",
+    ]  # fmt: skip
+    busy_row, plain_row = (re.split(r"\s{2,}", row) for row in rows)
+    # vLLM's own count: one generating, one waiting (the direct client's, not the gateway's),
+    # its one-slot KV cache full; read 0.05 s ago at most, give or take the machine.
+    assert busy_row[:6] == ["busy", "vllm", "1", "1", "100.0%", "mock-llm"]
+    assert busy_row[6].endswith("s") and float(busy_row[6][:-1]) < 1
+    # Two requests on one slot: one more would be the second queued (2 x 1), plus a full
+    # house (1) and a full cache (0.5).
+    assert busy_row[8] == "3.50"
+    assert plain_row[:7] == ["plain", "none", "-", "-", "-", "-", "-"]
+    assert plain_row[8] == "1.00"  # no signal: one request of its own would be its load
+
+
 async def test_all_backends_open_still_prints_the_table_and_exits_1(
     start_gateway_with: StartGatewayWith, client: httpx.AsyncClient
 ) -> None:
@@ -208,6 +256,14 @@ async def test_a_gateway_with_a_private_ca_is_read_with_cacert(
 # --- The dashboard and the alert rules name only metrics the gateway serves ----------------
 
 _METRIC = re.compile(r"\bntonix_[a-z0-9_]+")
+ENGINE_LOAD_METRICS = {
+    "ntonix_backend_engine_waiting",
+    "ntonix_backend_engine_running",
+    "ntonix_backend_engine_kv_usage",
+    "ntonix_backend_load_score",
+    "ntonix_backend_load_signal_age_seconds",
+    "ntonix_backend_ttfb_ewma_seconds",
+}
 # A histogram `x` is queried through its samples `x_bucket`, `x_sum` and `x_count`.
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
@@ -260,15 +316,16 @@ async def test_every_metric_in_the_dashboard_and_the_alerts_is_served(
     start_mock: StartMock, start_gateway_with: StartGatewayWith, client: httpx.AsyncClient
 ) -> None:
     # Traffic that makes each family show up: a miss and a hit, a sampled request (bypass), a
-    # retry away from a refusing backend that then opens, and a client that hangs up mid-stream.
-    mock = await start_mock()
+    # retry away from a refusing backend that then opens, and a client that hangs up mid-stream;
+    # the backend speaks vLLM's signals, so the engine-load families have samples too.
+    mock = await start_mock(engine="vllm")
+    health = attrs.evolve(FAST_HEALTH, load_interval=0.1)
     config = attrs.evolve(
-        gateway_config(
-            backend(mock.url, "up"), backend(closed_port_url(), "down"), health=FAST_HEALTH
-        ),
+        gateway_config(backend(mock.url, "up"), backend(closed_port_url(), "down"), health=health),
         cache=CacheSettings(),
     )
     gateway = await start_gateway_with(config)
+    await wait_for_backend(client, gateway, "up", lambda r: r["load"]["reading"] is not None)
     for body in [chat("same", stream=False), chat("same", stream=False), chat(temperature=1)]:
         assert (await client.post(f"{gateway}/v1/chat/completions", json=body)).is_success
     await wait_for_backend(client, gateway, "down", lambda r: r["state"] == "open")
@@ -280,10 +337,16 @@ async def test_every_metric_in_the_dashboard_and_the_alerts_is_served(
     await leaver.hang_up()
     await wait_until(lambda: mock.stats["client_disconnects"] == 1)
 
-    served = served_metric_names((await client.get(f"{gateway}/metrics")).text)
+    exposition = (await client.get(f"{gateway}/metrics")).text
+    served = served_metric_names(exposition)
 
     exprs = dashboard_exprs() + alert_rule_exprs()
     assert len(alert_rule_exprs()) >= 7
     used = {name for expr in exprs for name in _METRIC.findall(expr)}
     assert used, exprs
     assert sorted(used - served) == []
+    # The engines' load has its panels, and each of them draws a real sample, not an empty
+    # family: the dashboard shows what least-loaded decides on.
+    assert used >= ENGINE_LOAD_METRICS
+    sampled = {line.split("{")[0] for line in exposition.splitlines() if line.startswith("ntonix")}
+    assert sorted(ENGINE_LOAD_METRICS - sampled) == []

@@ -52,6 +52,7 @@ def as_json(load: BackendLoad) -> dict[str, object]:
         "ttfb_ewma_ms": {
             (model or "*"): round(seconds * 1000, 3) for model, seconds in status.ttfb.items()
         },
+        "hold_ewma_ms": None if status.hold is None else round(status.hold * 1000, 3),
         "score": round(load.score, 4),
     }
 

@@ -3,7 +3,9 @@
 Pure functions, no I/O, so every layout decision is tested with fixed inputs. The input is
 read leniently (missing keys and nulls become "-"): a newer CLI must still show what an older
 gateway reports. Widths are measured on the plain text and colour is added after padding,
-because escape codes take no room on screen but would count in `len`.
+because escape codes take no room on screen but would count in `len`. The engines' load (each
+backend's `load` record) is a second table under the first, so that neither outgrows a wide
+terminal; a gateway that reports no load (an older one) prints none.
 """
 
 from __future__ import annotations
@@ -33,11 +35,26 @@ _COLUMNS = (
     ("NOT ELIGIBLE BECAUSE", False),
 )
 _STATE_COLUMN = 1
+_LOAD_COLUMNS = (
+    ("BACKEND", False),
+    ("ENGINE", False),
+    ("WAITING", True),
+    ("RUNNING", True),
+    ("KV USE", True),
+    ("LOADED MODELS", False),
+    ("READ AGO", True),
+    ("TTFB MS", True),
+    ("SCORE", True),
+)
 
 
 def render_status(status: Mapping[str, Any], *, colour: bool = False) -> str:
     """The whole output: the backends table, a gateway line and a cache line."""
-    lines = backend_table(status.get("backends") or [], colour=colour)
+    backends = status.get("backends") or []
+    lines = backend_table(backends, colour=colour)
+    if any(backend.get("load") for backend in backends):
+        lines.append("")
+        lines.extend(load_table(backends))
     lines.append("")
     lines.append(gateway_line(status))
     lines.append(cache_line(status.get("cache")))
@@ -51,19 +68,35 @@ def any_backend_usable(status: Mapping[str, Any]) -> bool:
 
 def backend_table(backends: Sequence[Mapping[str, Any]], *, colour: bool = False) -> list[str]:
     """One header line and one line per backend, columns aligned."""
-    rows = [[title for title, _ in _COLUMNS], *(_backend_cells(b) for b in backends)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = _aligned(
+        _COLUMNS, [_backend_cells(b) for b in backends], _STATE_COLUMN if colour else None
+    )
+    if not backends:
+        lines.append("(no backends)")
+    return lines
+
+
+def load_table(backends: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The engines' last word on each backend (as `least-loaded` reads it) and its score."""
+    return _aligned(_LOAD_COLUMNS, [_load_cells(b) for b in backends], None)
+
+
+def _aligned(
+    columns: Sequence[tuple[str, bool]], rows: Sequence[list[str]], painted: int | None
+) -> list[str]:
+    """The header and `rows`, each column as wide as its widest cell; `painted` is the column
+    coloured by state (None: no colour)."""
+    table = [[title for title, _ in columns], *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     lines = []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(table):
         cells = []
         for column, (text, width) in enumerate(zip(row, widths, strict=True)):
-            padded = text.rjust(width) if _COLUMNS[column][1] else text.ljust(width)
-            if colour and index > 0 and column == _STATE_COLUMN:
+            padded = text.rjust(width) if columns[column][1] else text.ljust(width)
+            if index > 0 and column == painted:
                 padded = paint_state(text, padded)
             cells.append(padded)
         lines.append(GAP.join(cells).rstrip())
-    if not backends:
-        lines.append("(no backends)")
     return lines
 
 
@@ -80,6 +113,32 @@ def _backend_cells(backend: Mapping[str, Any]) -> list[str]:
         truncate(_models(backend.get("models")), MODELS_WIDTH),
         truncate(_text(backend.get("last_error")), LAST_ERROR_WIDTH),
         truncate("; ".join(reasons) or "-", REASONS_WIDTH),
+    ]
+
+
+def _load_cells(backend: Mapping[str, Any]) -> list[str]:
+    load = backend.get("load") or {}
+    reading = load.get("reading") or {}
+    age = load.get("age_seconds")
+    read_ago = "-" if age is None else f"{age:.1f}s"
+    if load.get("stale"):
+        read_ago += " stale"  # no longer used: the backend counts by local requests
+    kv = reading.get("kv_usage")
+    loaded = reading.get("loaded_models")
+    ttfb = (load.get("ttfb_ewma_ms") or {}).get("*")
+    return [
+        _text(backend.get("name")),
+        _text(load.get("engine")),
+        _text(reading.get("waiting")),
+        _text(reading.get("running")),
+        "-" if kv is None else percent(kv),
+        truncate(
+            "-" if loaded is None else ",".join(m.get("name", "?") for m in loaded) or "none",
+            MODELS_WIDTH,
+        ),
+        read_ago,
+        _number(ttfb),
+        "-" if load.get("score") is None else f"{load['score']:.2f}",
     ]
 
 

@@ -44,7 +44,8 @@ def sample(name: str) -> str:
                 "sglang", 2, 28, 0.28, None, (LoadedModel("meta-llama/Llama-3.1-8B-Instruct"),)
             ),
         ),
-        ("llamacpp_metrics.txt", LoadReading("llamacpp", 1, 2, None, None, None)),
+        # Captured from a real llama-server: 2 slots generating, 3 requests deferred.
+        ("llamacpp_metrics.txt", LoadReading("llamacpp", 3, 2, None, None, None)),
         ("llamacpp_old_metrics.txt", LoadReading("llamacpp", 0, 1, 0.25, None, None)),
         ("tgi_metrics.txt", LoadReading("tgi", 4, 16, None, None, None)),
     ],
@@ -56,7 +57,8 @@ def test_each_engines_metrics_page_is_read_and_detected(file: str, expected: Loa
 
 def test_llamacpp_slots_give_running_and_capacity() -> None:
     reading = read_llamacpp_slots(json.loads(sample("llamacpp_slots.json")))
-    assert reading == LoadReading("llamacpp", running=2, capacity=4)
+    # Captured from a real llama-server with 2 slots, one of them generating.
+    assert reading == LoadReading("llamacpp", running=1, capacity=2)
 
 
 def test_ollama_ps_gives_the_loaded_models_and_their_expiry() -> None:

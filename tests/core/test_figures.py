@@ -269,6 +269,7 @@ def _load(name: str, *, age: float | None, waiting: int, score: float, ramp: flo
         capacity=None if reading is None else 2,
         ramp=ramp,
         ttfb={"": 0.05 * score, "llama3": 0.04},
+        hold=None if reading is None else 0.4 * score,
     )
     return BackendLoad(name, status, score)
 
@@ -290,6 +291,7 @@ def test_the_freshest_reading_wins_with_the_answering_workers_own_score() -> Non
     assert (a.status.reading, a.status.age) == (other.status.reading, 0.1)
     # What the answering worker (the first) makes of it for its own next pick.
     assert a.score == 1.5 and a.status.ramp == 0.5 and a.status.ttfb == answering.status.ttfb
+    assert a.status.hold == answering.status.hold
     assert a.status.estimated_load == answering.status.estimated_load
     # One the answering worker does not list (a reload under way): the first that does.
     assert b.name == "b" and b.status.age == 0.2 and b.status.engine == "vllm"

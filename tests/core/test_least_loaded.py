@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from ntonix.core.balancer import Candidate, LeastConnections, Signals, make_strategy
 from ntonix.core.engines import LoadedModel, LoadReading
-from ntonix.core.least_loaded import LeastLoaded, load_score, scores
-from ntonix.core.signals import LoadBook
+from ntonix.core.least_loaded import LeastLoaded, drain_factors, load_score, scores
+from ntonix.core.signals import LoadBook, ours_counted
 
 
 def pick(strategy: LeastLoaded, *candidates: Candidate) -> str:
@@ -98,11 +98,54 @@ def test_our_requests_counted_by_the_reading_are_not_counted_twice() -> None:
         book.sent("a", ticket, now=sent_at)
     book.finished("a", 0, now=0.05)  # before the reading was asked for: not in it
     book.finished("a", 1, now=0.22)  # during the reading: it may have counted it
-    # Asked at 0.2, answered at 0.3: tickets 1, 2 and 3 may be in its 5 (2 from elsewhere);
-    # ticket 4 went out after the answer.
+    # Asked at 0.2, answered at 0.3: at any one moment between, 1 or 2 of ours were on the
+    # engine (tickets 1 and 2 until 0.22, then 2 alone, then 2 and 3 from 0.25); ticket 4 went
+    # out after the answer. With nothing learned before, the engine's 5 held 2 of ours.
+    assert ours_counted([(0.0, 0.05), (0.1, 0.22), (0.2, None), (0.25, None)], 0.2, 0.3) == (1, 2)
     book.record("a", LoadReading("vllm", 1, 4), taken_at=0.2, received_at=0.3)
     book.finished("a", 2, now=0.35)
-    assert book.signals("a", in_flight=2, model=None, now=0.5).load == 2 + 2
+    assert book.signals("a", in_flight=2, model=None, now=0.5).load == 3 + 2
+
+
+def test_a_reading_that_straddles_a_finish_and_a_resend_counts_one_of_them() -> None:
+    # Two requests of others on A, and one of ours, which finishes at 1.02; our client sends
+    # its next at 1.03. The engine's snapshot (2 + 1 = 3) was taken between 1.0 and 1.05.
+    book = LoadBook(interval=1.0)
+    book.reconcile(["a"], now=0.0)
+    book.sent("a", 1, now=0.5)
+    book.record("a", LoadReading("vllm", 0, 3), taken_at=0.9, received_at=0.9)
+    book.finished("a", 1, now=1.02)
+    book.sent("a", 2, now=1.03)
+    book.record("a", LoadReading("vllm", 1, 2), taken_at=1.0, received_at=1.05)
+    # Counting both as seen by the engine would leave 1 for the others and say 2 in all.
+    assert book.signals("a", in_flight=1, model=None, now=1.1).load == 3
+
+
+@given(
+    spans=st.lists(
+        st.tuples(st.integers(0, 15), st.one_of(st.none(), st.integers(1, 20))), max_size=8
+    ),
+    snapshot=st.integers(5, 15),
+    others=st.integers(0, 5),
+)
+def test_with_the_others_unchanged_the_estimate_is_exact_whenever_the_snapshot_was_taken(
+    spans: list[tuple[int, int | None]], snapshot: int, others: int
+) -> None:
+    # Our requests are (sent, finished) in tenths of a second; the reading is asked for at 0.5
+    # and answered at 1.5, the engine took its snapshot at `snapshot` (between), and the other
+    # clients ran `others` requests throughout.
+    spans = [(sent, None if done is None else max(done, sent + 1)) for sent, done in spans]
+    book = LoadBook(interval=10.0)
+    book.reconcile(["a"], now=0.0)
+    book.record("a", LoadReading("vllm", 0, others), taken_at=0.0, received_at=0.0)
+    for ticket, (sent, done) in enumerate(spans):
+        book.sent("a", ticket, now=sent / 10)
+        if done is not None and done <= 15:
+            book.finished("a", ticket, now=done / 10)
+    on_engine = sum(sent <= snapshot and (done is None or snapshot < done) for sent, done in spans)
+    book.record("a", LoadReading("vllm", 0, others + on_engine), taken_at=0.5, received_at=1.5)
+    in_flight = sum(sent <= 15 and (done is None or done > 15) for sent, done in spans)
+    assert book.signals("a", in_flight, None, now=1.5).load == others + in_flight
 
 
 def test_a_request_that_finished_while_the_reading_travelled_leaves_no_phantom() -> None:
@@ -142,6 +185,38 @@ def test_a_slow_backend_pays_for_its_latency_and_near_ties_go_to_the_faster() ->
     b = Candidate("b", signals=Signals(load=0, capacity=4, ttfb=0.125))
     assert scores([a, b])["b"] == scores([a, b])["a"]
     assert [pick(LeastLoaded(), b, a) for _ in range(3)] == ["a"] * 3
+
+
+def test_near_saturation_the_queue_forms_where_it_drains_sooner() -> None:
+    # Both full (4 of 4 slots); our requests hold the slow one 3x as long, so each request
+    # queued there waits about as long as three queued on the fast one.
+    def queue_eight(hold: dict[str, float | None]) -> Counter[str]:
+        strategy, queued = LeastLoaded(), Counter[str]()
+        for _ in range(8):
+            candidates = [
+                Candidate(n, signals=Signals(load=4 + queued[n], capacity=4, hold=hold[n]))
+                for n in ("fast", "slow")
+            ]
+            queued[pick(strategy, *candidates)] += 1
+        return queued
+
+    assert queue_eight({"fast": 0.35, "slow": 1.05}) == {"fast": 6, "slow": 2}
+    # Before any of ours finished there (no hold time yet), the queues grow evenly.
+    assert queue_eight({"fast": 0.35, "slow": None}) == {"fast": 4, "slow": 4}
+
+
+def test_the_hold_time_is_a_moving_average_of_sent_to_finished_whatever_the_outcome() -> None:
+    book = LoadBook(interval=1.0)
+    book.reconcile(["a"], now=0.0)
+    book.sent("a", 1, now=0.0)
+    book.finished("a", 1, now=1.0)
+    book.sent("a", 2, now=1.0)
+    book.finished("a", 2, now=1.5)  # a client that left early frees the slot early too
+    assert book.signals("a", 0, None, now=2.0).hold == pytest.approx(1.0 + 0.2 * (0.5 - 1.0))
+    assert book.status("a", 0, now=2.0).hold == pytest.approx(0.9)
+    assert drain_factors(
+        [Candidate("x", signals=Signals(hold=0.1)), Candidate("y", signals=Signals(hold=2.0))]
+    ) == {"x": 1.0, "y": 8.0}  # capped
 
 
 # --- Slow start ------------------------------------------------------------------------------

@@ -222,3 +222,69 @@ def test_hit_ratio_counts_each_cacheable_request_once() -> None:
     assert hit_ratio(0, 0, 0) is None
     assert hit_ratio(30, 10, 10) == 0.6
     assert hit_ratio(0, 5, 5) == 0
+
+
+# --- The engines' load, a second table -----------------------------------------------------
+
+
+def _loaded(status: dict[str, Any]) -> dict[str, Any]:
+    """`status` with the load records a least-loaded gateway reports for its backends."""
+    status = copy.deepcopy(status)
+    vllm, ollama, plain = status["backends"]
+    vllm["load"] = {
+        "engine": "vllm",
+        "reading": {
+            "waiting": 3, "running": 8, "kv_usage": 0.8125, "capacity": 8,
+            "loaded_models": [{"name": "llama-8b", "expires_at": None}],
+        },
+        "age_seconds": 0.4, "stale": False, "error": "", "estimated_load": 11,
+        "slow_start": 1.0, "ttfb_ewma_ms": {"*": 182.25, "llama-8b": 182.25}, "score": 4.40625,
+    }  # fmt: skip
+    ollama["load"] = {
+        "engine": "ollama",
+        "reading": {
+            "waiting": None, "running": None, "kv_usage": None, "capacity": None,
+            "loaded_models": [
+                {"name": "llama3:latest", "expires_at": "2026-12-06T20:00:00Z"},
+                {"name": "qwen2:7b", "expires_at": "2026-12-06T20:05:00Z"},
+            ],
+        },
+        "age_seconds": 12.75, "stale": True, "error": "load signals unreadable: ConnectError",
+        "estimated_load": None, "slow_start": 1.0, "ttfb_ewma_ms": {}, "score": 1.0,
+    }  # fmt: skip
+    plain["load"] = {
+        "engine": "none", "reading": None, "age_seconds": None, "stale": False,
+        "error": "no load signal: GET /metrics answered 404", "estimated_load": None,
+        "slow_start": 0.55, "ttfb_ewma_ms": {}, "score": 3.6364,
+    }  # fmt: skip
+    return status
+
+
+def test_the_load_table_shows_each_engines_reading_its_age_and_the_score() -> None:
+    output = render_status(_loaded(STATUS))
+    table = output.split("\n\n")[1].splitlines()
+    assert table == [
+        "BACKEND           ENGINE  WAITING  RUNNING  KV USE  LOADED MODELS              READ AGO"
+        "  TTFB MS  SCORE",
+        "vllm-a            vllm          3        8   81.2%  llama-8b                       0.4s"
+        "    182.2   4.41",
+        "ollama-long-name  ollama        -        -       -  llama3:latest,qwen2:7b  12.8s stale"
+        "        -   1.00",
+        "b                 none          -        -       -  -                                 -"
+        "        -   3.64",
+    ]
+    # The first table is unchanged, and the gateway and cache lines still close the output.
+    assert output.startswith(render_status(STATUS).split("\n\n")[0] + "\n\n")
+    assert output.endswith("\n\n" + "\n".join(render_status(STATUS).splitlines()[-2:]) + "\n")
+
+
+def test_no_load_records_no_load_table() -> None:
+    assert "ENGINE" not in render_status(STATUS)  # a gateway from before issue 13
+    sparse = {"backends": [{"name": "old", "state": "closed", "load": None}]}
+    assert "ENGINE" not in render_status(sparse)
+
+
+def test_a_load_record_with_missing_keys_shows_dashes() -> None:
+    status = {"backends": [{"name": "m", "state": "closed", "load": {"engine": "sglang"}}]}
+    row = render_status(status).split("\n\n")[1].splitlines()[1]
+    assert row.split() == ["m", "sglang", "-", "-", "-", "-", "-", "-", "-"]

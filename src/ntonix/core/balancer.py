@@ -41,6 +41,7 @@ class Signals:
     kv_usage: float | None = None  # 0..1
     warm: bool | None = None  # the requested model is loaded; None: not reported
     ttfb: float | None = None  # EWMA of time to first byte for this model, seconds
+    hold: float | None = None  # EWMA of how long our requests held the backend, seconds
     ramp: float = 1.0  # slow start: share of its weight it takes now, 0.1..1
 
 

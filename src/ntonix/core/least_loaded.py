@@ -11,6 +11,10 @@ The score of a backend is what it would carry if it took this request, per unit 
   whole generation), the running ones count their share of the capacity (below 1 together),
   and KV-cache use adds up to 0.5; without a known capacity (vLLM, SGLang and TGI do not
   export theirs) each running request counts 1 and each queued one 2;
+- a queued request waits for a slot to free, and a backend that holds each request longer
+  frees them later: its queued requests count as many times more as our requests take longer
+  there than on the quickest backend (at most DRAIN_CAP times), so near saturation a queue
+  forms where it drains soonest, not evenly on a backend three times slower;
 - the load is the engine's reading brought up to now with this worker's own requests
   (core/signals.py), so a burst between two readings spreads instead of herding;
 - it is divided by the weight times the slow-start ramp, so a backend back from an open circuit
@@ -34,6 +38,7 @@ from ntonix.core.balancer import Candidate, LeastConnections, _smooth_pick
 WAITING_COST = 1.0  # per request queued beyond capacity
 UNKNOWN_CAPACITY_WAITING_COST = 2.0  # per request queued, when running ones count 1 each
 KV_COST = 0.5  # a full KV cache
+DRAIN_CAP = 8.0  # a queued request costs at most this many times more on a slow backend
 SLOW_RATIO = 1.5  # this much slower than the fastest: the backend pays for its latency
 SLOW_COST = 1.0  # per extra multiple of the fastest TTFB: as much as one queued request
 SLOW_CAP = 4.0
@@ -65,16 +70,20 @@ def has_room(candidate: Candidate) -> bool:
     return total <= capacity if capacity else waiting == 0
 
 
-def load_score(candidate: Candidate) -> float:
-    """The backend's load if it took this request, per unit of (ramped) weight; no latency."""
+def load_score(candidate: Candidate, drain: float = 1.0) -> float:
+    """The backend's load if it took this request, per unit of (ramped) weight; no latency.
+
+    `drain` is how many times longer than on the quickest backend a queued request waits here
+    for each one ahead of it (`drain_factors`).
+    """
     total, waiting = load_after(candidate)
     signals = candidate.signals
     capacity = signals.capacity if signals is not None else None
     running = total - waiting
     if capacity:
-        load = WAITING_COST * waiting + running / capacity
+        load = WAITING_COST * drain * waiting + running / capacity
     else:
-        load = UNKNOWN_CAPACITY_WAITING_COST * waiting + running
+        load = UNKNOWN_CAPACITY_WAITING_COST * drain * waiting + running
     kv = (signals.kv_usage or 0.0) if signals is not None else 0.0
     ramp = signals.ramp if signals is not None else 1.0
     return (load + KV_COST * kv) / (candidate.weight * ramp)
@@ -89,13 +98,25 @@ def slowness(candidate: Candidate, fastest: float | None) -> float:
     return 0.0 if ratio < SLOW_RATIO else min(SLOW_CAP, SLOW_COST * (ratio - 1))
 
 
+def drain_factors(candidates: Sequence[Candidate]) -> dict[str, float]:
+    """How much slower than the quickest each backend frees a slot: its requests' hold time
+    over the shortest one's, 1..DRAIN_CAP (1 where unknown)."""
+    holds = {c.name: c.signals.hold for c in candidates if c.signals is not None and c.signals.hold}
+    quickest = min(holds.values(), default=None)
+    return {
+        c.name: min(DRAIN_CAP, holds[c.name] / quickest) if quickest and c.name in holds else 1.0
+        for c in candidates
+    }
+
+
 def scores(candidates: Sequence[Candidate]) -> dict[str, float]:
     """Each candidate's score, latency surcharge included (lower is better)."""
     fastest = min(
         (c.signals.ttfb for c in candidates if c.signals is not None and c.signals.ttfb),
         default=None,
     )
-    return {c.name: load_score(c) + slowness(c, fastest) for c in candidates}
+    drain = drain_factors(candidates)
+    return {c.name: load_score(c, drain[c.name]) + slowness(c, fastest) for c in candidates}
 
 
 def _informed(candidate: Candidate) -> bool:

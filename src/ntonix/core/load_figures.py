@@ -3,11 +3,11 @@
 Invariants: a backend's reading is the engine's own account, the same truth whichever worker
 read it, so the gateway shows the freshest one any live worker holds (with its engine, age,
 staleness, error and capacity). What follows from this worker's own traffic and clock (the
-estimated load, the slow-start ramp, the TTFB averages and the score) is per worker: the
-gateway shows the answering worker's, which comes first in `merge_loads`'s views (for a
-backend it does not list, during a reload, the first worker's that does). A gone
-worker's loads are not shown: they describe a moment, not a count. `decode_loads(encode_loads(x))`
-gives `x` back.
+estimated load, the slow-start ramp, the TTFB and hold-time averages and the score) is per
+worker: the gateway shows the answering worker's, which comes first in `merge_loads`'s views
+(for a backend it does not list, during a reload, the first worker's that does). A gone worker's
+loads are not shown: they describe a moment, not a count. `decode_loads(encode_loads(x))` gives
+`x` back.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def _decode(row: Mapping[str, Any]) -> BackendLoad:
             capacity=_count(status["capacity"]),
             ramp=float(status["ramp"]),
             ttfb={str(model): float(seconds) for model, seconds in status["ttfb"].items()},
+            hold=_number(status["hold"]),
         ),
         score=float(row["score"]),
     )

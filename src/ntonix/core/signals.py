@@ -5,15 +5,22 @@ knows (`sent`, `finished`, `observe_ttfb`) and reads `annotate`; nothing here aw
 clock, time comes in as `now`. A reading older than `STALE_AFTER` load intervals is ignored: the
 backend then counts by this worker's own requests, as under least-connections (its loaded models
 count for `RESIDENCY_STALE_AFTER` intervals). A reading is brought up to now with this worker's
-requests: what the engine reported, less our requests it may have counted (those on the engine
-at some moment between asking for the reading and getting it: sent before the answer came, and
-not finished before the question went), plus ours in flight now, so requests sent since the
-reading count once and requests since finished stop counting. An engine that does not report its
-capacity (vLLM, SGLang, TGI) shows it when it queues: the most requests it ran while others
-waited is its learned capacity (raised when it runs more without a queue). Until then its KV
-cache tells: r requests filling a fraction k of it make room for about r / k; and without
-either, it is taken to be like its peers of the same engine (replicas usually are), else
-unknown. Slow start ramps linearly from `RAMP_FLOOR` to 1 over `slow_start` seconds after a
+requests: what the engine reported, less our requests it counted, plus ours in flight now, so
+requests sent since the reading count once and requests since finished stop counting. Which of
+ours it counted is known only up to the moment of its snapshot, somewhere between our question
+and its answer: a request of ours that finished in that window and one sent in it cannot both
+have been counted. So the count of ours is what was on the engine at one moment of the window,
+and of the counts the window allows, the one that changes least what we last learned of the
+others' load (theirs moves little in a few milliseconds; ours we know). Counting every request
+of the window instead undercounts the backend by one for each finish-then-send that a reading
+straddles: enough to queue two behind one while the other backend queues none. An engine that
+does not report its capacity (vLLM, SGLang, TGI) shows it when it queues: the most requests it
+ran while others waited is its learned capacity (raised when it runs more without a queue).
+Until then its KV cache tells: r requests filling a fraction k of it make room for about r / k;
+and without either, it is taken to be like its peers of the same engine (replicas usually are),
+else unknown. How long our requests hold a backend (sent to finished, whatever the outcome: a
+slot is free again either way) is kept as a moving average: it tells how fast a backend's queue
+drains. Slow start ramps linearly from `RAMP_FLOOR` to 1 over `slow_start` seconds after a
 backend's circuit closes again or a reload adds it; backends present at start do not ramp.
 """
 
@@ -45,6 +52,7 @@ class LoadStatus:
     capacity: int | None  # as reported, else as learned from a queue
     ramp: float
     ttfb: dict[str, float]  # EWMA seconds per model ("" = the backend over all models)
+    hold: float | None = None  # EWMA seconds our requests held the backend
 
 
 @attrs.define
@@ -53,6 +61,7 @@ class _Entry:
     reading: LoadReading | None = None
     taken_at: float = 0.0
     ours_then: int = 0  # this worker's requests the reading counted
+    others: int | None = None  # the rest of the reading: other clients' requests
     sent: dict[int, float] = attrs.Factory(dict)  # our requests in flight: ticket -> sent at
     done: list[tuple[float, float]] = attrs.Factory(list)  # (sent, finished) since last reading
     error: str = ""
@@ -61,6 +70,7 @@ class _Entry:
     closed: bool = True
     ramp_from: float | None = None
     ttfb: dict[str, float] = attrs.Factory(dict)
+    hold: float | None = None
 
 
 class LoadBook:
@@ -96,6 +106,7 @@ class LoadBook:
         entry = self._entries.get(name)
         if entry is not None and (sent_at := entry.sent.pop(ticket, None)) is not None:
             entry.done.append((sent_at, now))
+            entry.hold = _ewma(entry.hold, now - sent_at)
 
     def record(
         self, name: str, reading: LoadReading, *, taken_at: float, received_at: float
@@ -104,12 +115,16 @@ class LoadBook:
         entry = self._entries.get(name)
         if entry is None:
             return
-        ours = sum(sent_at <= received_at for sent_at in entry.sent.values()) + sum(
-            sent_at <= received_at and finished_at >= taken_at
-            for sent_at, finished_at in entry.done
-        )
+        spans: list[tuple[float, float | None]] = [(at, None) for at in entry.sent.values()]
+        spans += entry.done
         entry.done.clear()  # finished before this reading was answered: no later one counts them
+        reported = (reading.waiting or 0) + (reading.running or 0)
+        least, most = ours_counted(spans, taken_at, received_at)
+        # Nothing learned of the others yet: the engine took the busiest moment of ours.
+        guess = most if entry.others is None else reported - entry.others
+        ours = min(max(least, min(most, guess)), reported)
         entry.reading, entry.taken_at, entry.ours_then = reading, taken_at, ours
+        entry.others = reported - ours
         entry.engine = reading.engine
         running = reading.running or 0
         if (reading.waiting and running) or (entry.learned_capacity or running) < running:
@@ -146,10 +161,7 @@ class LoadBook:
         if entry is None:
             return
         for key in {"", model or ""}:
-            previous = entry.ttfb.get(key)
-            entry.ttfb[key] = (
-                seconds if previous is None else previous + LATENCY_ALPHA * (seconds - previous)
-            )
+            entry.ttfb[key] = _ewma(entry.ttfb.get(key), seconds)
 
     def ramp(self, name: str, now: float) -> float:
         """The share of its weight the backend takes now, RAMP_FLOOR..1."""
@@ -188,7 +200,7 @@ class LoadBook:
                 and now - entry.taken_at <= (RESIDENCY_STALE_AFTER * self.interval)
             ):
                 warm = serves_loaded(last, model)
-            return Signals(ttfb=ttfb, ramp=ramp, warm=warm)
+            return Signals(ttfb=ttfb, hold=entry.hold, ramp=ramp, warm=warm)
         load = self._estimate(entry, reading, in_flight)
         return Signals(
             load=load,
@@ -197,6 +209,7 @@ class LoadBook:
             kv_usage=_kv_now(reading, load),
             warm=None if model is None else serves_loaded(reading, model),
             ttfb=ttfb,
+            hold=entry.hold,
             ramp=ramp,
         )
 
@@ -214,6 +227,7 @@ class LoadBook:
             capacity=None if reading is None else self._capacity(entry, reading),
             ramp=self.ramp(name, now),
             ttfb=dict(entry.ttfb),
+            hold=entry.hold,
         )
 
     def _fresh(self, entry: _Entry, now: float) -> LoadReading | None:
@@ -238,6 +252,26 @@ class LoadBook:
             return None  # residency only (Ollama): count locally
         reported = (reading.waiting or 0) + (reading.running or 0)
         return max(0, reported - entry.ours_then) + in_flight
+
+
+def _ewma(previous: float | None, sample: float) -> float:
+    return sample if previous is None else previous + LATENCY_ALPHA * (sample - previous)
+
+
+def ours_counted(
+    spans: Iterable[tuple[float, float | None]], taken_at: float, received_at: float
+) -> tuple[int, int]:
+    """(fewest, most) of our requests on the engine at one moment between `taken_at` and
+    `received_at`; a span is (sent, finished or None while in flight)."""
+    spans = list(spans)
+    moments = [taken_at] + [
+        at for span in spans for at in span if at is not None and taken_at < at <= received_at
+    ]
+    counts = [
+        sum(sent <= moment and (finished is None or moment < finished) for sent, finished in spans)
+        for moment in moments
+    ]
+    return min(counts), max(counts)
 
 
 def _kv_now(reading: LoadReading, load: int | None) -> float | None:
