@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
 
 import trio
 
@@ -143,46 +144,77 @@ async def read_body(receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-@asynccontextmanager
-async def cancelled_on_disconnect(
+def cancelled_on_disconnect(
     receive: Receive, downstream: Downstream, timers: IdleWatch
-) -> AsyncIterator[None]:
+) -> AbstractAsyncContextManager[None]:
     """The body runs in a cancel scope that the client's leaving cancels.
 
     With an `Inbox` (`ntonix serve`), Hypercorn's disconnect message cancels it from a
-    callback: no task; a last send under way gets `LAST_SEND_GRACE` from the worker's `timers`.
-    Otherwise a watcher task blocked in `receive()` does (`cancel_on_disconnect`).
+    callback: no task (`_InboxWatch`); a last send under way gets `LAST_SEND_GRACE` from the
+    worker's `timers`. Otherwise a watcher task blocked in `receive()` does
+    (`cancel_on_disconnect`).
     """
-    if not isinstance(receive, Inbox):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(cancel_on_disconnect, receive, downstream, nursery.cancel_scope)
-            yield
-            nursery.cancel_scope.cancel()
-        return
-    with trio.CancelScope() as scope:
-        grace: list[Silence] = []
+    if isinstance(receive, Inbox):
+        return _InboxWatch(receive, downstream, timers)
+    return _watched(receive, downstream)
 
-        def client_gone() -> None:
-            if not downstream.finished:
-                client_left(downstream.record, committed=downstream.committed)
-                scope.cancel()
-                if downstream.on_gone is not None:
-                    downstream.on_gone()
-            elif not downstream.delivered.is_set():
-                # Hypercorn's notice that the response ended comes this way too, from inside
-                # the last send, which returns right after it.
-                grace.append(timers.watch(scope))
-                grace[0].expires = trio.current_time() + LAST_SEND_GRACE
 
-        receive.on_disconnect(client_gone)
-        try:
-            yield
-        finally:
-            receive.on_disconnect(None)
-            for silence in grace:
-                timers.forget(silence)
-    if scope.cancelled_caught and grace and not downstream.delivered.is_set():
-        client_left(downstream.record, committed=downstream.committed)
+class _InboxWatch:
+    """`cancelled_on_disconnect` for an `Inbox`: a class, not a generator-based context
+    manager, because every request enters one (no generator, no closure per request)."""
+
+    __slots__ = ("_downstream", "_grace", "_inbox", "_scope", "_timers")
+
+    def __init__(self, inbox: Inbox, downstream: Downstream, timers: IdleWatch) -> None:
+        self._inbox = inbox
+        self._downstream = downstream
+        self._timers = timers
+        self._scope = trio.CancelScope()
+        self._grace: Silence | None = None
+
+    async def __aenter__(self) -> None:
+        self._scope.__enter__()
+        self._inbox.on_disconnect(self._client_gone)
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        self._inbox.on_disconnect(None)
+        if self._grace is not None:
+            self._timers.forget(self._grace)
+        handled = self._scope.__exit__(kind, error, traceback)
+        downstream = self._downstream
+        if (
+            self._scope.cancelled_caught
+            and self._grace is not None
+            and not downstream.delivered.is_set()
+        ):
+            client_left(downstream.record, committed=downstream.committed)
+        return handled
+
+    def _client_gone(self) -> None:
+        downstream = self._downstream
+        if not downstream.finished:
+            client_left(downstream.record, committed=downstream.committed)
+            self._scope.cancel()
+            if downstream.on_gone is not None:
+                downstream.on_gone()
+        elif not downstream.delivered.is_set() and self._grace is None:
+            # Hypercorn's notice that the response ended comes this way too, from inside
+            # the last send, which returns right after it.
+            self._grace = self._timers.watch(self._scope)
+            self._grace.expires = trio.current_time() + LAST_SEND_GRACE
+
+
+@asynccontextmanager
+async def _watched(receive: Receive, downstream: Downstream) -> AsyncIterator[None]:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancel_on_disconnect, receive, downstream, nursery.cancel_scope)
+        yield
+        nursery.cancel_scope.cancel()
 
 
 async def cancel_on_disconnect(

@@ -8,8 +8,16 @@ the same queue, plus one callback that Hypercorn's own `http.disconnect` runs sy
 it is queued. The plain `hypercorn` command hands out its queue's `receive`; the app then
 watches with a task, as before (`downstream.cancelled_on_disconnect`).
 
+Its queue is a plain list with the one waiting reader (and any writer waiting for room)
+parked on Trio's low-level primitives, not a memory channel: the channel's state, its two ends
+and their task tables cost about 1.2 KiB and a generic alias per request, for a queue that
+holds one or two messages. Neither end yields when it need not wait (Hypercorn's read loop and
+the app both reach a schedule point at their next socket call).
+
 Invariants: every message still reaches `receive()` in order (the callback comes on top);
-a callback set after the disconnect was queued runs at once; at most one callback is set.
+a callback set after the disconnect was queued runs at once; at most one callback is set; at
+most `size` messages wait (at least one), a writer beyond that waits for the reader; one task
+reads at a time.
 """
 
 from __future__ import annotations
@@ -28,22 +36,51 @@ Message = dict[str, Any]
 class Inbox:
     """The messages of one request, with an optional callback for its disconnect."""
 
-    __slots__ = ("_on_disconnect", "_receiving", "_sending", "disconnected")
+    __slots__ = ("_messages", "_on_disconnect", "_reader", "_size", "_writers", "disconnected")
 
     def __init__(self, size: int) -> None:
-        self._sending, self._receiving = trio.open_memory_channel[Message](size)
+        self._messages: list[Message] = []
+        self._size = max(size, 1)
+        self._reader: trio.lowlevel.Task | None = None
+        self._writers: list[trio.lowlevel.Task] = []
         self._on_disconnect: Callable[[], None] | None = None
         self.disconnected = False
 
     async def __call__(self) -> Message:
-        return await self._receiving.receive()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self._messages:
+            if self._reader is not None:
+                raise trio.BusyResourceError("another task is already receiving this request")
+            self._reader = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self._reader = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        if self._writers:
+            trio.lowlevel.reschedule(self._writers.pop(0))
+        return self._messages.pop(0)
 
     async def put(self, message: Message) -> None:
         if message["type"] == "http.disconnect" and not self.disconnected:
             self.disconnected = True
             if self._on_disconnect is not None:
                 self._on_disconnect()
-        await self._sending.send(message)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while len(self._messages) >= self._size:
+            writer = trio.lowlevel.current_task()
+            self._writers.append(writer)
+
+            def abort(_: object, writer: trio.lowlevel.Task = writer) -> trio.lowlevel.Abort:
+                self._writers.remove(writer)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        self._messages.append(message)
+        if self._reader is not None:
+            trio.lowlevel.reschedule(self._reader)
+            self._reader = None
 
     def on_disconnect(self, callback: Callable[[], None] | None) -> None:
         """Run `callback` when the client leaves (now, if it has); None removes it."""

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
+import attrs
 import trio
 
 from ntonix.accounts import Accounts
@@ -33,7 +34,7 @@ from ntonix.core.health import (
     outcome_of_status,
     retry_after_of,
 )
-from ntonix.core.keys import cache_key, cacheability, scope_for
+from ntonix.core.keys import Decision, cache_key, cacheability, scope_for
 from ntonix.core.lru import CachedResponse
 from ntonix.core.requests import ProxiedRequest, classify
 from ntonix.core.signals import LoadBook
@@ -107,28 +108,16 @@ class Proxy:
             body = await self.accept(scope, receive)
             record.bytes_in = len(body)
             record.phase = "first_byte"
-            request = classify(
-                scope["method"].encode(), scope["raw_path"], scope["query_string"], body
-            )
+            prepared = self.prepare(scope, body, record)
         except ClientGone:
             client_left(record, committed=False)
             return
         except GatewayError as error:
             await downstream.fail(error)
             return
-        record.model = request.model
-        tenant = record.tenant
-        if tenant is not None and not tenant.may_use(request.model):
-            message = f"The key {tenant.name!r} may not use the model {request.model!r}"
-            await downstream.fail(client_error(403, "model_not_allowed", message))
-            return
-        asked = None
-        if self.config.usage.request_stream_usage and request.payload is not None:
-            # The client did not ask for usage in its stream: ask for it, and strip it again.
-            asked = with_stream_usage(scope["raw_path"], request.payload)
         async with cancelled_on_disconnect(receive, downstream, self.idle_watch):
             try:
-                await self.respond(scope, request, asked or body, downstream, strip=bool(asked))
+                await self.respond(scope, prepared, downstream)
             except GatewayError as error:
                 if error.source != "upstream":  # upstream failures were logged per attempt
                     log.warning("request %s: %s", downstream.request_id.decode(), error.message)
@@ -145,47 +134,65 @@ class Proxy:
         assert reading.cancelled_caught
         raise client_error(408, "request_timeout", "The request body did not arrive in time")
 
-    async def respond(
-        self,
-        scope: Scope,
-        request: ProxiedRequest,
-        body: bytes,
-        downstream: Downstream,
-        *,
-        strip: bool = False,
-    ) -> None:
-        """Phase cache lookup: a hit is replayed, an identical request in flight is joined, a
-        cacheable miss becomes a shared flight; anything else goes straight upstream.
+    def prepare(self, scope: Scope, body: bytes, record: RequestRecord) -> Prepared:
+        """Classify the request and take from its parsed body all that later phases need.
 
-        `body` is what goes upstream; `strip` says it asks for stream usage the client's
-        `request` did not, so the usage-only event is taken out of the response."""
+        The parsed body (`ProxiedRequest.payload`) is not kept: a request holds what it
+        prepared for as long as its stream lasts, and the parsed form of a prompt takes several
+        times its size. `record.tenant`, when set, is who asks: a model its key may not use is
+        refused (403)."""
+        request = classify(scope["method"].encode(), scope["raw_path"], scope["query_string"], body)
+        record.model = request.model
+        tenant = record.tenant
+        if tenant is not None and not tenant.may_use(request.model):
+            message = f"The key {tenant.name!r} may not use the model {request.model!r}"
+            raise client_error(403, "model_not_allowed", message)
+        payload = request.payload
+        prepared = Prepared(attrs.evolve(request, payload=None), body)
+        if payload is None:
+            return prepared
+        prepared.prompt = prompt_estimate(payload)
+        if self.config.usage.request_stream_usage:
+            # The client did not ask for usage in its stream: ask for it, and strip it again.
+            asked = with_stream_usage(scope["raw_path"], payload)
+            if asked:
+                prepared.body, prepared.strip = asked, True
+        if self._affinity:
+            prepared.affinity = affinity_key(payload)
         cache = self.cache
-        forward = partial(self.forward, scope, request, body, strip=strip)
-        if cache is None:
-            await forward(downstream, downstream.record)
-            return
-        plan = (
-            cacheability(
+        if cache is not None:
+            plan = cacheability(
                 scope["raw_path"],
-                request.payload,
+                payload,
                 deterministic_only=cache.settings.deterministic_only,
                 cache_control=header(scope, b"cache-control"),
             )
-            if request.payload is not None
-            else None
-        )
-        if plan is None or not (plan.lookup or plan.store):
+            prepared.plan = plan
+            if plan.lookup or plan.store:
+                prepared.key = cache_key(
+                    scope["method"].encode(),
+                    request.target,
+                    scope_for(_bearer_token(scope), cache.settings.scope),
+                    payload,
+                )
+        return prepared
+
+    async def respond(self, scope: Scope, prepared: Prepared, downstream: Downstream) -> None:
+        """Phase cache lookup: a hit is replayed, an identical request in flight is joined, a
+        cacheable miss becomes a shared flight; anything else goes straight upstream."""
+        cache = self.cache
+        forward = partial(self.forward, scope, prepared)
+        if cache is None:
+            await forward(downstream, downstream.record)
+            return
+        key = prepared.key
+        if key is None:
             cache.bypass += 1
             downstream.record.cache = "bypass"
             await forward(downstream, downstream.record)
             return
-        assert request.payload is not None
-        key = cache_key(
-            scope["method"].encode(),
-            request.target,
-            scope_for(_bearer_token(scope), cache.settings.scope),
-            request.payload,
-        )
+        plan = prepared.plan
+        assert plan is not None
         remote = None
         if plan.lookup:
             if (hit := cache.lookup(key)) is not None:
@@ -235,14 +242,7 @@ class Proxy:
             self.accounts.served(record, flight.usage)
 
     async def forward(
-        self,
-        scope: Scope,
-        request: ProxiedRequest,
-        body: bytes,
-        downstream: ResponseSink,
-        record: RequestRecord,
-        *,
-        strip: bool = False,
+        self, scope: Scope, prepared: Prepared, downstream: ResponseSink, record: RequestRecord
     ) -> None:
         """Phases pick upstream and admission, then tries on backends until one answers.
 
@@ -250,10 +250,7 @@ class Proxy:
         most `retries` times; after commit the stream is never replayed elsewhere. `record`
         is the client's (for a shared flight: its first client's).
         """
-        exchange = Exchange(scope, request, body, downstream, record)
-        exchange.strip = strip
-        if self._affinity and request.payload is not None:
-            exchange.affinity = affinity_key(request.payload)
+        exchange = Exchange(scope, prepared, downstream, record)
         tallies = self.tallies
         last_error: GatewayError | None = None
         failed = ""
@@ -400,11 +397,9 @@ class Proxy:
                 return upstream_error(
                     502, "backend_error", f"Backend {ticket.name} answered {status}"
                 )
-            if 200 <= status < 300 and exchange.request.payload is not None:
+            if 200 <= status < 300 and exchange.prompt is not None:
                 exchange.meter = UsageMeter(
-                    stream_kind(response.headers),
-                    strip=exchange.strip,
-                    prompt=prompt_estimate(exchange.request.payload),
+                    stream_kind(response.headers), strip=exchange.strip, prompt=exchange.prompt
                 )
             await exchange.downstream.start(
                 status,
@@ -540,6 +535,7 @@ class Exchange:
         "downstream",
         "meter",
         "method",
+        "prompt",
         "record",
         "request",
         "scope",
@@ -548,28 +544,41 @@ class Exchange:
     )
 
     def __init__(
-        self,
-        scope: Scope,
-        request: ProxiedRequest,
-        body: bytes,
-        downstream: ResponseSink,
-        record: RequestRecord,
+        self, scope: Scope, prepared: Prepared, downstream: ResponseSink, record: RequestRecord
     ) -> None:
         self.scope = scope
-        self.request = request
-        self.body = body
+        self.request = prepared.request
+        self.body = prepared.body
         self.downstream = downstream
         self.record = record
         self.method = scope["method"].encode()
         self.tried: set[str] = set()
-        self.affinity: str | None = None
-        self.strip = False  # take the usage-only event the gateway asked for out of the stream
+        self.affinity = prepared.affinity
+        self.strip = prepared.strip
+        self.prompt = prepared.prompt
         self.meter: UsageMeter | None = None  # reads the committed response's tokens
         self.charged = False
 
     @property
     def model(self) -> str | None:
         return self.request.model
+
+
+class Prepared:
+    """A request as the phases after accept see it: no parsed body, what they need of it."""
+
+    __slots__ = ("affinity", "body", "key", "plan", "prompt", "request", "strip")
+
+    def __init__(self, request: ProxiedRequest, body: bytes) -> None:
+        self.request = request  # without its payload
+        self.body = body  # what goes upstream
+        # Asks for stream usage the client did not: the usage-only event is taken out again.
+        self.strip = False
+        # The prompt's estimated tokens; None when the body was not parsed (not a generation).
+        self.prompt: int | None = None
+        self.affinity: str | None = None  # prefix-affinity's key
+        self.plan: Decision | None = None  # what the cache may do (cache on, body parsed)
+        self.key: str | None = None  # the cache key, when the plan looks up or stores
 
 
 class Report:

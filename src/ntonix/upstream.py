@@ -1,11 +1,12 @@
-"""The data-plane client: HTTP/1.1 over Trio streams with h11, one keep-alive pool per backend.
+"""The data-plane client: HTTP/1.1 over Trio streams (`http1`: llhttp), one keep-alive pool per
+backend.
 
 Why not httpx's pool here: on this machine it served ~4x fewer requests per second and leaked
 pool slots when requests were cancelled while waiting (docs/BENCHMARKS.md). Why HTTP/1.1: closing
 the connection is the one cancel signal every LLM server understands, so a cancelled request
 closes its socket at once and the backend stops generating.
 
-This is the one place where socket, TLS and h11 errors become `GatewayError`s, and where any
+This is the one place where socket, TLS and HTTP/1.1 errors become `GatewayError`s, and where any
 failed connection (the probers' too) is put in plain words: "connection refused by
 127.0.0.1:11434", never the text of the exception groups that Trio raises for a connect.
 Callers own the timeouts (`trio.fail_after` around each phase); nothing here waits on a clock.
@@ -20,11 +21,11 @@ import ssl
 from typing import cast
 
 import attrs
-import h11
 import trio
 
 from ntonix.config import BackendSettings
 from ntonix.errors import GatewayError, upstream_error
+from ntonix.http1 import RequestError, ResponseError, ResponseReader, request_head
 
 RECEIVE_SIZE = 65536
 # A response head larger than this is a broken or hostile backend, not an LLM server.
@@ -36,13 +37,19 @@ MAX_IDLE_PER_BACKEND = 512
 BackendStream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 
 # What a socket, TLS or HTTP/1.1 failure can raise; translated in one place, below.
-_FOREIGN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError)
+_FOREIGN_ERRORS = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+    ResponseError,
+    RequestError,
+)
 
 
 def _gateway_error(
     error: BaseException, backend: BackendSettings, doing: str, closed_by_backend: bool = False
 ) -> GatewayError:
-    if isinstance(error, h11.ProtocolError) and not closed_by_backend:
+    if isinstance(error, ResponseError | RequestError) and not closed_by_backend:
         return upstream_error(
             502,
             "backend_protocol_error",
@@ -123,10 +130,18 @@ def _in_words(error: BaseException, host: str, address: str) -> str:
     return str(error) or type(error).__name__
 
 
+@attrs.frozen
+class Response:
+    """A backend's response head: status and headers (names lowercased)."""
+
+    status_code: int
+    headers: list[tuple[bytes, bytes]]
+
+
 class UpstreamConnection:
     """One HTTP/1.1 connection to a backend; used by one request at a time."""
 
-    __slots__ = ("_backend", "_h11", "_socket", "_stream", "closed_by_backend")
+    __slots__ = ("_backend", "_reader", "_socket", "_stream", "closed_by_backend")
 
     def __init__(
         self, backend: BackendSettings, socket_stream: trio.SocketStream, stream: trio.abc.Stream
@@ -134,77 +149,55 @@ class UpstreamConnection:
         self._backend = backend
         self._socket = socket_stream.socket
         self._stream = stream
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        self._reader: ResponseReader | None = None  # of the exchange under way
         self.closed_by_backend = False
 
     async def send_request(
         self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
-        connection = self._h11
+        self._reader = ResponseReader(max_head=MAX_RESPONSE_HEAD, head_request=method == b"HEAD")
         try:
-            data = connection.send(h11.Request(method=method, target=target, headers=headers))
-            assert data is not None
-            if body:
-                data += connection.send(h11.Data(data=body)) or b""
-            data += connection.send(h11.EndOfMessage()) or b""
-            await self._stream.send_all(data)
+            await self._stream.send_all(request_head(method, target, headers) + body)
         except _FOREIGN_ERRORS as error:
             raise self._failed(error, "sending the request") from error
 
-    async def receive_response(self) -> h11.Response:
+    async def receive_response(self) -> Response:
         """The response head; interim 1xx responses are skipped."""
-        connection = self._h11
+        reader = self._reader
+        assert reader is not None, "send_request first"
         try:
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    await self._receive()
-                elif isinstance(event, h11.Response):
-                    _check_head_size(event)
-                    return event
-                elif not isinstance(event, h11.InformationalResponse):
-                    raise h11.RemoteProtocolError("connection closed before a response")
+            while not reader.status:
+                await self._receive(reader)
         except _FOREIGN_ERRORS as error:
             raise self._failed(error, "waiting for the response") from error
+        return Response(reader.status, reader.headers)
 
     async def receive_body(self) -> tuple[bytes, bool]:
         """Body bytes that have arrived (at least one byte unless the body ended), and whether
         the body is complete. Chunks that arrived together are joined: fewer writes, no delay."""
-        connection = self._h11
-        parts: list[bytes] = []
+        reader = self._reader
+        assert reader is not None, "send_request first"
         try:
-            while True:
-                event = connection.next_event()
-                if isinstance(event, h11.Data):
-                    parts.append(event.data)
-                elif event is h11.NEED_DATA:
-                    if parts:
-                        return b"".join(parts), False
-                    await self._receive()
-                elif isinstance(event, h11.EndOfMessage):
-                    return b"".join(parts), True
-                else:
-                    raise h11.RemoteProtocolError("connection closed in the middle of the body")
+            while (arrived := reader.take()) is None:
+                await self._receive(reader)
         except _FOREIGN_ERRORS as error:
             raise self._failed(error, "streaming the response") from error
+        return arrived
 
     def _failed(self, error: BaseException, doing: str) -> GatewayError:
         return _gateway_error(error, self._backend, doing, self.closed_by_backend)
 
-    async def _receive(self) -> None:
+    async def _receive(self, reader: ResponseReader) -> None:
         # Trio's socket and TLS streams return bytes; the ABC also allows bytearray.
         data = cast(bytes, await self._stream.receive_some(RECEIVE_SIZE))
         if not data:
             self.closed_by_backend = True
-        self._h11.receive_data(data)
+        reader.feed(data)
 
     def ready_for_reuse(self) -> bool:
         """True, and ready for the next request, if the last exchange completed cleanly."""
-        connection = self._h11
-        if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
-            connection.start_next_cycle()
-            return True
-        return False
+        reader, self._reader = self._reader, None
+        return reader is not None and reader.reusable() and not reader.body
 
     def is_stale(self) -> bool:
         # An idle HTTP/1.1 connection has nothing to read: readable means EOF or junk.
@@ -327,14 +320,6 @@ class BackendPool:
                 raise _gateway_error(error, backend, "connecting") from error
             raise
         return socket_stream, tls
-
-
-def _check_head_size(response: h11.Response) -> None:
-    """h11 checks `max_incomplete_event_size` only while a head is incomplete: a larger head
-    that arrives in two reads gets through, so the complete one is measured here."""
-    size = sum(len(name) + len(value) + 4 for name, value in response.headers)
-    if size > MAX_RESPONSE_HEAD:
-        raise h11.RemoteProtocolError(f"response head of {size} bytes, over {MAX_RESPONSE_HEAD}")
 
 
 def _address_family(host: str) -> socket.AddressFamily | None:

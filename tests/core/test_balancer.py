@@ -362,3 +362,12 @@ def test_affinity_key_is_a_prefix() -> None:
     one = {"messages": [*shared, {"role": "user", "content": "one"}]}
     two = {"messages": [*shared, {"role": "user", "content": "two"}]}
     assert affinity_key(one) == affinity_key(two)
+
+
+def test_loads_compare_as_the_exact_ratios_they_stand_for() -> None:
+    third = Candidate("a", weight=9, in_flight=3)
+    assert third.load == Candidate("b", weight=3, in_flight=1).load == Candidate("c", 6, 2).load
+    big = 2**25
+    # The nearest two unequal ratios below 2**26: still ordered, never equal.
+    assert Candidate("d", big, big - 1).load > Candidate("e", big - 1, big - 2).load
+    assert Candidate("f", 7, 2).load < Candidate("g", 10, 3).load

@@ -55,9 +55,14 @@ class Candidate:
     signals: Signals | None = None  # read by least-loaded only
 
     @property
-    def load(self) -> Fraction:
-        """In-flight requests per unit of weight; exact, so equal loads compare equal."""
-        return Fraction(self.in_flight, self.weight)
+    def load(self) -> float:
+        """In-flight requests per unit of weight.
+
+        A float, not a `Fraction` (whose construction was the balancer's largest cost per
+        request): IEEE division is correctly rounded, so equal ratios of integers give equal
+        floats and the order of unequal ones is kept for any count and weight below 2**26.
+        """
+        return self.in_flight / self.weight
 
 
 class Strategy(Protocol):
