@@ -110,7 +110,7 @@ class Node:
         self._filter(f"meta l4proto tcp numgen random mod 100 < {percent} counter drop")
 
     def heal(self) -> None:
-        """No partition and no loss on the link any more."""
+        """No partition and no loss on the link any more (GSO stays capped: harmless)."""
         self._filter(None)
         # Addresses that failed to resolve during a partition would wait for the next ARP
         # attempt (a dropped SYN, a second's retransmission): forget them now.
@@ -134,9 +134,8 @@ class Node:
         """`rule` (or none) the only one on each end's ingress, in a table named as the
         namespace (the host's is removed with the topology, the other with the namespace)."""
         for namespace, link in ((None, self.host_link), (self.namespace, self.peer_link)):
-            table = f"table netdev {self.namespace}"
             script = (
-                f"add {table}\n"
+                f"add table netdev {self.namespace}\n"
                 f"add chain netdev {self.namespace} {_CHAIN} "
                 f'{{ type filter hook ingress device "{link}" priority 0; }}\n'
                 f"flush chain netdev {self.namespace} {_CHAIN}\n"
