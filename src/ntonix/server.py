@@ -151,7 +151,10 @@ async def serve(
     )
     embedded = None
     if config.shared.embedded:
-        embedded = await trio.to_thread.run_sync(EmbeddedValkey.start, config.cache.max_bytes)
+        # Launched here, on the main thread (it dies with the thread that started it); the
+        # wait for its socket, which may take a while, runs in a worker thread.
+        embedded = EmbeddedValkey.launch(config.cache.max_bytes)
+        await trio.to_thread.run_sync(embedded.wait_until_ready)
     try:
         gateway = Gateway(
             config, config_file=config_file, embedded_tier=embedded.url if embedded else None

@@ -7,13 +7,14 @@ foreign) is a miss, counted as `rejected`. Every call is a tier call: within the
 failed or skipped one is a miss too; the request goes on with L1 alone.
 
 A call to Valkey costs the gateway about as much CPU as a tenth of a request, so calls are
-shared: the lookups that arrive within one scheduling round go out as one script call (per
-key: the entry, or else the key's flight lease, shared_flights.py), and the entries waiting
-to be stored ride along in that same call (their SETs run first, so a lookup in it sees
-them). An entry no lookup carried within STORE_WAIT goes out with the others then waiting, in
-one pipeline. So a busy worker stores for free and an idle one stores late by at most
-STORE_WAIT (its flight's lease covers that gap: a request for the key on another worker
-follows it and finds the entry).
+shared: a worker has at most one lookup call out at a time, and the lookups that arrive while
+it is out (or within the scheduling round that began a batch) go out together as the next
+script call (per key: the entry, or else the key's flight lease, shared_flights.py), and the
+entries waiting to be stored ride along in that same call (their SETs run first, so a lookup in
+it sees them), as do the looks for followers of the flights the worker leads. An entry no
+lookup carried within STORE_WAIT goes out with the others then waiting, in one pipeline. So a
+busy worker stores for free and an idle one stores late by at most STORE_WAIT (its flight's
+lease covers that gap: a request for the key on another worker follows it and finds the entry).
 
 `clear` (DELETE /ntonix/cache) unlinks every entry and flight lease, a page of SCAN at a time,
 each call under a budget twice a request's and the whole sweep under CLEAR_BUDGET: it is an
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ntonix.shared")
 
-STORE_WAIT = 0.02  # seconds an entry waits for a lookup to carry it
+STORE_WAIT = 0.05  # seconds an entry waits for a lookup to carry it
 CLEAR_BUDGET = 30.0  # seconds for the whole sweep of `clear`
 CLEAR_PAGE = 1000  # keys asked of each SCAN
 
@@ -65,7 +66,8 @@ class SharedCache:
         self.ttl = ttl
         self.flights = flights
         self.hits = self.misses = self.rejected = self.stored = 0
-        self._gathering: _Lookups | None = None
+        self._gathering: _Lookups | None = None  # the batch lookups join
+        self._sending: trio.Event | None = None  # set when the batch out now has its answer
         self._waiting: list[tuple[str, CachedResponse]] = []  # entries not sent yet
         self._entries_added = trio.Event()
         from glide import Script  # optional: only a gateway with a tier gets here
@@ -172,12 +174,12 @@ class SharedCache:
                 return unlinked
 
     async def _lookup(self, key: str) -> tuple[list[object], str]:
-        """The script's answer for `key`, from the call of this round's lookups, and the id
-        it would lead under."""
+        """The script's answer for `key`, from the call of its batch of lookups, and the id it
+        would lead under."""
         lookups = self._gathering
         if lookups is not None:
             lookups.ids.setdefault(key, self.flights.new_id())
-            # Bounded by the first's budget already; this bound only guards against a bug.
+            # Bounded by the batch's budget already; this bound only guards against a bug.
             with trio.move_on_after(self.tier.settings.timeout * 2):
                 await lookups.done.wait()
             if not lookups.done.is_set():
@@ -185,31 +187,57 @@ class SharedCache:
         else:
             lookups = self._gathering = _Lookups()
             lookups.ids[key] = self.flights.new_id()
-            # The others of this round are answered with ours: leaving early (the client
-            # left) would strand them, and the tier's budget bounds the wait.
+            # The others of the batch are answered with ours: leaving early (the client left)
+            # would strand them, and the tier's budget bounds the wait.
             with trio.CancelScope(shield=True):
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                self._gathering = None
-                await self._run(lookups)
+                await self._send(lookups)
         if lookups.failed:
             raise TierUnavailable("the lookup failed")
         return lookups.answers[key], lookups.ids[key]
 
-    async def _run(self, lookups: _Lookups) -> None:
+    async def _send(self, lookups: _Lookups) -> None:
+        """Send a batch once the scheduling round that began it is over and the batch before
+        it has its answer: under load, the lookups that come while one call is out all go in
+        the next, so the calls do not grow with the requests. The wait for the one before
+        counts against the batch's budget: a lookup still costs at most one budget."""
+        deadline = trio.current_time() + self.tier.settings.timeout
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        while self._sending is not None:
+            with trio.move_on_at(deadline):
+                await self._sending.wait()
+            if trio.current_time() >= deadline:
+                break
+        self._gathering = None
+        if trio.current_time() >= deadline:
+            lookups.failed = True  # the one before took the whole budget: a miss, no call
+            lookups.done.set()
+            return
+        self._sending = lookups.done
+        try:
+            await self._run(lookups, deadline - trio.current_time())
+        finally:
+            self._sending = None
+
+    async def _run(self, lookups: _Lookups, budget: float) -> None:
         keys = list(lookups.ids)
         entries, self._waiting = self._waiting, []
         now = time.time()
         names = [name for key in keys for name in (entry_name(key), lease_name(key))]
         names += [entry_name(key) for key, _ in entries]
+        looked_at, marks = self.flights.watch_marks(trio.current_time())
+        names += marks
         args: list[str | bytes] = [str(self.flights.lease_ms), str(self._ttl_ms()), str(len(keys))]
         args += [*lookups.ids.values(), *(encode(key, entry, now) for key, entry in entries)]
         script = self._script
         try:
             answers = await self.tier.call(
-                lambda client: client.invoke_script(script, keys=names, args=args)
+                lambda client: client.invoke_script(script, keys=names, args=args), budget
             )
-            if not isinstance(answers, list) or len(answers) != len(keys):
+            expected = len(keys) + (1 if marks else 0)
+            if not isinstance(answers, list) or len(answers) != expected:
                 raise TierUnavailable(f"unexpected answer from the lookup script: {answers!r}")
+            if marks:
+                self.flights.note_watched(looked_at, answers.pop())
             lookups.answers = dict(zip(keys, answers, strict=True))
             self.stored += len(entries)
         except TierUnavailable:

@@ -9,7 +9,8 @@ local flight, which its own identical requests join as usual (back-pressure and 
 listener leaving cancels" keep their meaning per worker), fed from the leader's stream
 (`ntonix:stream:<id>`: the head, the pieces, then how it ended; capped and expiring): what
 was published so far, then the rest as it comes. The leader publishes a flight once it sees
-it watched (it looks every WATCH_EVERY), so a flight nobody follows costs no stream.
+it watched (it looks every WATCH_EVERY: in the worker's lookup calls while there are any, else
+with a call of its own), so a flight nobody follows costs no stream.
 
 One task per worker publishes every leading flight (one pipeline per TICK; while none is
 watched it wakes only every WATCH_EVERY, to look) and one reads every following flight (one
@@ -61,17 +62,20 @@ QUEUED = 1024  # entries a following flight may hold unapplied before reading pa
 # abandoned (its last local listener left): its followers go on without it.
 _END_OK, _END_FAILED, _END_ABANDONED = b"ok", b"failed", b"abandoned"
 
-# The one call a lookup round makes: first the entries waiting to be stored (SET with the TTL),
-# then per key its entry, else its flight's lease. KEYS: per key looked up its entry and its
-# lease, then the names of the entries to store. ARGV: the lease in ms, the TTL in ms (0: none),
-# how many keys are looked up, the id each would lead under, then the values to store. Per key
-# looked up: {1, the entry}, {2} (the lease is ours: lead) or {3, its holder}.
+# The one call a batch of lookups makes: first the entries waiting to be stored (SET with the
+# TTL), then per key its entry, else its flight's lease, then whether each flight named is
+# watched. KEYS: per key looked up its entry and its lease, the names of the entries to store,
+# then the watch marks to look at. ARGV: the lease in ms, the TTL in ms (0: none), how many keys
+# are looked up, the id each would lead under, then the values to store. Per key looked up:
+# {1, the entry}, {2} (the lease is ours: lead) or {3, its holder}; then, if marks were asked
+# for, one more item: 1 or 0 per mark.
 LOOKUP = """
 local lease, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for j = 2 * n + 1, #KEYS do
-  local value = ARGV[3 + j - n]
-  if ttl > 0 then redis.call('SET', KEYS[j], value, 'PX', ttl)
-  else redis.call('SET', KEYS[j], value) end
+local stores = #ARGV - 3 - n
+for j = 1, stores do
+  local name, value = KEYS[2 * n + j], ARGV[3 + n + j]
+  if ttl > 0 then redis.call('SET', name, value, 'PX', ttl)
+  else redis.call('SET', name, value) end
 end
 local out = {}
 for i = 1, n do
@@ -82,6 +86,11 @@ for i = 1, n do
     local holder = redis.call('SET', KEYS[2 * i], ARGV[3 + i], 'NX', 'PX', lease, 'GET')
     if holder then out[i] = {3, holder} else out[i] = {2} end
   end
+end
+if #KEYS > 2 * n + stores then
+  local marks = {}
+  for j = 2 * n + stores + 1, #KEYS do marks[#marks + 1] = redis.call('EXISTS', KEYS[j]) end
+  out[n + 1] = marks
 end
 return out
 """
@@ -351,19 +360,34 @@ class SharedFlights:
             if end != _END_OK:  # the next request tries again (or a follower takes over)
                 await self._release(leading)
 
-    async def _find_watched(self, now: float) -> None:
-        """Which leading flights have followers now: one MGET every WATCH_EVERY."""
+    def watch_marks(self, now: float) -> tuple[list[_Leading], list[str]]:
+        """The leading flights whose watch marks a call should look at (every one not known
+        to be watched), and the marks' names. Every lookup call carries them: an EXISTS each
+        in its script costs the gateway next to nothing, and on a busy worker `_find_watched`
+        then makes no call of its own."""
         unwatched = [leading for leading in self._leading if not leading.watched]
-        if not unwatched or now - self._watch_checked_at < WATCH_EVERY:
+        if unwatched:
+            self._watch_checked_at = now
+        return unwatched, [watch_name(leading.flight_id) for leading in unwatched]
+
+    def note_watched(self, looked_at: list[_Leading], marks: list[object]) -> None:
+        """What a look at the marks of `looked_at` found (truthy: someone follows)."""
+        for leading, mark in zip(looked_at, marks, strict=True):
+            leading.watched = leading.watched or bool(mark)
+
+    async def _find_watched(self, now: float) -> None:
+        """Which leading flights have followers now, if no lookup call looked within
+        WATCH_EVERY: one MGET."""
+        if now - self._watch_checked_at < WATCH_EVERY:
             return
-        self._watch_checked_at = now
-        names = [watch_name(leading.flight_id) for leading in unwatched]
+        unwatched, names = self.watch_marks(now)
+        if not unwatched:
+            return
         try:
             marks = await self.tier.call(lambda client: client.mget(list(names)))
         except TierUnavailable:
             return
-        for leading, mark in zip(unwatched, marks, strict=True):
-            leading.watched = mark is not None
+        self.note_watched(unwatched, [mark is not None for mark in marks])
 
     def _news(self, leading: _Leading, end: bytes | None) -> list[tuple[bytes, bytes]]:
         """What the flight produced since the last entry, as stream fields."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -25,7 +26,7 @@ import trio
 
 from ntonix.config import SharedSettings
 from ntonix.core.breaker import BreakerSettings, CircuitBreaker, Event, State, Transition
-from ntonix.core.valkey_url import ValkeyAddress, parse_valkey_url
+from ntonix.core.valkey_url import ValkeyAddress, parse_valkey_url, shown
 
 if TYPE_CHECKING:
     import glide
@@ -37,8 +38,18 @@ OPEN_FOR = 0.5
 MAX_OPEN_FOR = 5.0
 # How often the prober PINGs: it notices a dead or returning Valkey without traffic.
 PROBE_INTERVAL = 0.5
+# How long the prober's own TLS handshake may take when it looks for why a valkeys:// tier is down.
+TLS_CHECK_TIMEOUT = 2.0
 
 T = TypeVar("T")
+
+
+# A standalone client on a cluster node gets MOVED or CLUSTERDOWN for most keys, and the
+# lookup script's keys span hash slots: found out, the tier is refused rather than half-used.
+CLUSTER_REFUSED = (
+    "[shared] url names a node of a Valkey cluster (cluster_enabled:1): cluster mode is not "
+    "supported; give the URL of a standalone server or of a primary (with replicas or not)"
+)
 
 
 class TierUnavailable(Exception):
@@ -59,24 +70,38 @@ class TierStatistics:
 class SharedTier:
     """The worker's connection to Valkey, behind a budget and a breaker."""
 
-    def __init__(self, settings: SharedSettings, address: ValkeyAddress) -> None:
+    def __init__(
+        self, settings: SharedSettings, address: ValkeyAddress, ca_certs: bytes | None = None
+    ) -> None:
         self.settings = settings
         self.address = address
+        self.ca_certs = ca_certs  # PEM: the CAs a valkeys:// server's certificate must chain to
         self._client: glide.GlideClient | None = None
         self._breaker = CircuitBreaker(BreakerSettings(FAILURE_THRESHOLD, OPEN_FOR, MAX_OPEN_FOR))
         self.calls = self.failures = self.skipped = 0
         self._errors: tuple[type[Exception], ...] = (trio.TooSlowError,)
         self._told_cannot_create = False
+        self._answered_at = -math.inf  # when a call last succeeded
+        self._cluster_checked = False
+        self.refused = ""  # why the tier is off for good (a cluster), once found out
 
     @classmethod
     def from_settings(cls, settings: SharedSettings) -> SharedTier:
         """The tier `settings.url` names (already resolved: not "embedded"); reads
-        `password_file` (OSError if it cannot)."""
+        `password_file` and `ca_file` (OSError if it cannot, ValueError if the CA file holds no
+        certificate)."""
         address = parse_valkey_url(settings.url)
         if settings.password_file:
             with open(settings.password_file, encoding="utf-8") as file:
                 address = attrs.evolve(address, password=file.read().strip())
-        return cls(settings, address)
+        ca_certs = None
+        if settings.ca_file:
+            with open(settings.ca_file, "rb") as file:
+                ca_certs = file.read()
+            # glide would take any bytes and fail every handshake later, unexplained.
+            if b"-----BEGIN CERTIFICATE-----" not in ca_certs:
+                raise ValueError(f"[shared] ca_file {settings.ca_file}: no PEM certificate in it")
+        return cls(settings, address, ca_certs)
 
     @property
     def up(self) -> bool:
@@ -102,6 +127,15 @@ class SharedTier:
             else None
         )
         budget_ms = math.ceil(self.settings.timeout * 1000)
+        # Without a CA file a valkeys:// server's certificate is checked against the system's
+        # trust store; with one, against its CAs only (glide replaces the store, never adds).
+        advanced = (
+            glide.AdvancedGlideClientConfiguration(
+                tls_config=glide.TlsAdvancedConfiguration(root_pem_cacerts=self.ca_certs)
+            )
+            if self.ca_certs is not None
+            else None
+        )
         configuration = glide.GlideClientConfiguration(
             [node],
             use_tls=address.tls,
@@ -113,6 +147,7 @@ class SharedTier:
             reconnect_strategy=glide.BackoffStrategy(num_of_retries=5, factor=50, exponent_base=2),
             client_name="ntonix",
             lazy_connect=True,
+            advanced_config=advanced,
         )
         try:
             self._client = await glide.GlideClient.create(configuration)
@@ -142,7 +177,8 @@ class SharedTier:
         except self._errors as error:  # glide's errors and our budget: nothing else
             self.failures += 1
             slow = isinstance(error, trio.TooSlowError)
-            reason = "no answer within the budget" if slow else error
+            # One line: glide's messages may end in a newline.
+            reason = "no answer within the budget" if slow else " ".join(str(error).split())
             self._note(Event.TRIAL_FAILED if trial else Event.FAILURE, reason)
             raise TierUnavailable(str(reason)) from None
         except BaseException:
@@ -150,17 +186,73 @@ class SharedTier:
             if trial:
                 self._note(Event.TRIAL_ABANDONED, "")
             raise
+        self._answered_at = trio.current_time()
         self._note(Event.TRIAL_SUCCEEDED if trial else Event.SUCCESS, "")
         return result
 
+    async def refuses_cluster(self) -> bool:
+        """Whether the server is a cluster node, which the tier refuses: then it is off for
+        good (logged once, every call skipped). Asked once the server answers; False while it
+        cannot tell."""
+        if not self._cluster_checked:
+            with contextlib.suppress(TierUnavailable):
+                info = await self.call(_cluster_info)
+                self._cluster_checked = True
+                if b"cluster_enabled:1" in info:
+                    self.refused = CLUSTER_REFUSED
+                    log.error("shared tier: %s; going on without it", CLUSTER_REFUSED)
+                    await self.aclose()
+        return bool(self.refused)
+
     async def probe_forever(self) -> None:
-        """PING every PROBE_INTERVAL: the breaker opens and closes without traffic too."""
+        """PING every PROBE_INTERVAL unless a call answered within it: the breaker opens and
+        closes without traffic too. The first answer it gets says whether the server is a
+        cluster node (refused: the prober ends). Once per outage of a valkeys:// tier, it says
+        whether the TLS handshake is what fails."""
+        looked_at_tls = False
         while True:
             await trio.sleep(PROBE_INTERVAL)
+            answered_lately = trio.current_time() - self._answered_at < PROBE_INTERVAL
+            if self._cluster_checked and self.up and answered_lately:
+                continue  # requests' calls say it is up: a PING would only cost CPU
             if self._client is None:
                 await self.connect()
-            with contextlib.suppress(TierUnavailable):
-                await self.call(_ping)
+            if not self._cluster_checked:
+                if await self.refuses_cluster():  # a call: it stands for the PING
+                    return
+            else:
+                with contextlib.suppress(TierUnavailable):
+                    await self.call(_ping)
+            if self.up:
+                looked_at_tls = False
+            elif self.address.tls and not looked_at_tls:
+                looked_at_tls = True
+                await self._log_tls_problem()
+
+    async def _log_tls_problem(self) -> None:
+        # glide reports a certificate it cannot verify as a connection that "timed out": our
+        # own handshake, with the same CAs and name, tells the operator what is wrong.
+        address = self.address
+        context = ssl.create_default_context(
+            cadata=self.ca_certs.decode("ascii", "replace") if self.ca_certs else None
+        )
+        with trio.move_on_after(TLS_CHECK_TIMEOUT):
+            try:
+                stream = await trio.open_ssl_over_tcp_stream(
+                    address.host, address.port, ssl_context=context
+                )
+                async with stream:
+                    await stream.do_handshake()
+            except (OSError, trio.BrokenResourceError) as error:
+                reason = error.__cause__ if isinstance(error.__cause__, ssl.SSLError) else error
+                if isinstance(reason, ssl.SSLError):
+                    advice = "ca_file" if self.ca_certs else "ca_file (none set: system CAs)"
+                    log.error(
+                        "shared tier: TLS with %s fails: %s; check [shared] %s",
+                        shown(address),
+                        reason,
+                        advice,
+                    )
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -196,3 +288,8 @@ class SharedTier:
 
 async def _ping(client: glide.GlideClient) -> bytes:
     return await client.ping()
+
+
+async def _cluster_info(client: glide.GlideClient) -> bytes:
+    info = await client.custom_command(["INFO", "cluster"])
+    return info if isinstance(info, bytes) else str(info).encode()
