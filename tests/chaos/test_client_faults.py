@@ -1,5 +1,5 @@
 """Fault 7 of issue 16: clients that read one byte a second, trickle their head, or vanish
-behind a link that went down (no FIN). Each runs alone in a namespace of its own; the gateway's
+behind a partitioned link (no FIN). Each runs alone in a namespace of its own; the gateway's
 send timeout (TCP_USER_TIMEOUT, 30 s in `ntonix serve`) is 2 s here. Each client must be cut by
 a timeout and leave no slot, connection, task or upstream request behind."""
 

@@ -169,7 +169,7 @@ async def test_the_shared_tier_killed_or_cut_off_costs_no_request_and_is_used_ag
         print(f"kill: {len(load.plain())} requests, slowest {slowest:.3f} s, 0 failed")
         print(*_told(output), sep="\n")
 
-        # (b) the link to Valkey down (packets vanish: every call waits its budget), healed.
+        # (b) the link to Valkey cut (packets vanish: every call waits its budget), healed.
         async with trio.open_nursery() as nursery:
             load = Load(cluster.url, streams=3, body=fresh)
             await nursery.start(load.run)
