@@ -34,11 +34,12 @@ import trio
 from hypercorn.typing import AppWrapper, Framework
 from hypercorn.utils import wrap_app
 
-from ntonix.app import Gateway, websocket_settings
+from ntonix.app import Gateway
 from ntonix.config import Config
 from ntonix.core.restarts import RestartPolicy
 from ntonix.embedded import EmbeddedValkey
 from ntonix.gathering import WorkerGroup
+from ntonix.hypercorn_command import websocket_settings
 from ntonix.listening import CLIENT_SEND_TIMEOUT, ConnectionSlots, set_send_timeout
 from ntonix.tls import server_ssl_context
 from ntonix.worker import serve_worker
