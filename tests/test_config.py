@@ -492,7 +492,7 @@ def test_non_string_keys_from_python_callers_are_unknown_keys() -> None:
 
 
 def test_every_rule_names_a_real_key() -> None:
-    from ntonix.config import _RULES, _TABLES
+    from ntonix.config_validation import _RULES, _TABLES
 
     assert set(_RULES) == {*_TABLES.values(), KeySettings}  # [[auth.keys]] lives in [auth]
     for record, rules in _RULES.items():

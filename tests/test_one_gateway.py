@@ -170,23 +170,7 @@ async def test_two_workers_report_the_sum_of_what_both_did_whichever_answers(
     # In flight: slow streams held open until each worker has some; all count, whoever is asked.
     async with trio.open_nursery() as nursery:
         release = trio.Event()
-
-        async def hold_stream(index: int, task_status: trio.TaskStatus[int]) -> None:
-            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-                payload = chat(f"slow{index}", temperature=0.7)
-                async with client.stream(
-                    "POST", "/v1/chat/completions", json=payload, headers=SLOW_STREAM
-                ) as response:
-                    # Held here: a dropped iterator would be closed, and the stream with it.
-                    chunks = response.aiter_raw()
-                    await anext(chunks)
-                    task_status.started(worker_holding(workers, port, _client_port(response)))
-                    await release.wait()
-
-        holding: Counter[int] = Counter()
-        with trio.fail_after(30):
-            while len(holding) < 2:
-                holding[await nursery.start(hold_stream, len(holding))] += 1
+        holding = await _hold_slow_streams_on_both(nursery, url, workers, port, release)
         asked = await _until_both_answered(url, "/ntonix/status", workers, port)
         scraped = await _until_both_answered(url, "/metrics", workers, port)
         fed = await _until_both_fed(port, workers)
@@ -209,6 +193,31 @@ async def test_two_workers_report_the_sum_of_what_both_did_whichever_answers(
         assert sum(second["requests"] for second in snapshot["series"]) == 4 * count
     assert await gateway.stop() == 0
     assert b"Traceback" not in gateway.output
+
+
+async def _hold_slow_streams_on_both(
+    nursery: trio.Nursery, url: str, workers: list[int], port: int, release: trio.Event
+) -> Counter[int]:
+    """Open slow streams, each on a new connection, until both workers hold one; they stay
+    open until `release` is set. How many each worker (by pid) holds."""
+
+    async def hold_stream(index: int, task_status: trio.TaskStatus[int]) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            payload = chat(f"slow{index}", temperature=0.7)
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=payload, headers=SLOW_STREAM
+            ) as response:
+                # Held here: a dropped iterator would be closed, and the stream with it.
+                chunks = response.aiter_raw()
+                await anext(chunks)
+                task_status.started(worker_holding(workers, port, _client_port(response)))
+                await release.wait()
+
+    holding: Counter[int] = Counter()
+    with trio.fail_after(30):
+        while len(holding) < 2:
+            holding[await nursery.start(hold_stream, len(holding))] += 1
+    return holding
 
 
 async def _until_both_answered(url: str, path: str, workers: list[int], port: int) -> list[str]:
@@ -250,22 +259,7 @@ async def test_two_workers_show_the_engines_reading_once_with_the_answering_work
     workers = workers_of(gateway.pid)
     async with trio.open_nursery() as nursery:
         release = trio.Event()
-
-        async def hold_stream(index: int, task_status: trio.TaskStatus[int]) -> None:
-            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-                payload = chat(f"slow{index}", temperature=0.7)
-                async with client.stream(
-                    "POST", "/v1/chat/completions", json=payload, headers=SLOW_STREAM
-                ) as response:
-                    chunks = response.aiter_raw()
-                    await anext(chunks)
-                    task_status.started(worker_holding(workers, port, _client_port(response)))
-                    await release.wait()
-
-        holding: Counter[int] = Counter()
-        with trio.fail_after(30):
-            while len(holding) < 2:
-                holding[await nursery.start(hold_stream, len(holding))] += 1
+        holding = await _hold_slow_streams_on_both(nursery, url, workers, port, release)
         streams = holding.total()
         loads = await _until_both_read(url, workers, port, streams)
         scraped = await _until_both_answered(url, "/metrics", workers, port)

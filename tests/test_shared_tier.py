@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +27,6 @@ from tests.support import RUNNING_ON, SERVE, ChildProcess, Spawn, chat, eventual
 from tests.websockets import event, refusal, ws_url
 
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-async def valkey(spawn: Spawn) -> AsyncIterator[ValkeyServer]:
-    server = ValkeyServer(spawn)
-    await server.start()
-    yield server
-    shutil.rmtree(server.directory, ignore_errors=True)
 
 
 async def cache_stats(client: httpx.AsyncClient, gateway: str) -> dict[str, Any]:

@@ -5,13 +5,10 @@ a follower of a flight on another instance)."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 import trio
 
 from ntonix.config import AuthSettings, CacheSettings, KeySettings
@@ -19,19 +16,11 @@ from ntonix.core.token_limits import DAY
 from ntonix.shared_keys import token_names
 from tests.conftest import StartGatewayWith, StartMock
 from tests.shared_support import ValkeyServer, tier_config
-from tests.support import Spawn, chat, eventually
+from tests.support import chat, eventually
 
 CHAT = "/v1/chat/completions"
 ADMIN = {"authorization": "Bearer admin-secret"}
 AS_TEAM = {"authorization": "Bearer sk-team-a"}
-
-
-@pytest.fixture
-async def valkey(spawn: Spawn) -> AsyncIterator[ValkeyServer]:
-    server = ValkeyServer(spawn)
-    await server.start()
-    yield server
-    shutil.rmtree(server.directory, ignore_errors=True)
 
 
 def team_auth(**limits: int) -> AuthSettings:

@@ -4,7 +4,6 @@ flights it leads riding in that call, and no PING while calls answer."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 
 import pytest
@@ -17,17 +16,9 @@ from ntonix.shared_flights import Lead, SharedFlights
 from ntonix.shared_keys import watch_name
 from ntonix.tier import PROBE_INTERVAL, SharedTier
 from tests.shared_support import ValkeyServer, tier_config
-from tests.support import Spawn, wait_until
+from tests.support import wait_until
 
 PAUSE_MS = 300
-
-
-@pytest.fixture
-async def valkey(spawn: Spawn) -> AsyncIterator[ValkeyServer]:
-    server = ValkeyServer(spawn)
-    await server.start()
-    yield server
-    shutil.rmtree(server.directory, ignore_errors=True)
 
 
 @pytest.fixture

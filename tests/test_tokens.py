@@ -31,6 +31,19 @@ def tokens_config(url: str, log: Path, *, cache: bool = False) -> Config:
     )
 
 
+async def team_gateway(
+    start_gateway_with: StartGatewayWith, url: str, tmp_path: Path, *, cache: bool = False
+) -> tuple[str, Path]:
+    """A gateway whose one key is team-a's, logging to tmp_path/access.log: its URL and log."""
+    log = tmp_path / "access.log"
+    return await start_gateway_with(tokens_config(url, log, cache=cache)), log
+
+
+def team_sdk(gateway: str) -> openai.AsyncOpenAI:
+    """The OpenAI SDK as team-a, no retries: one request is one access-log line."""
+    return openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="sk-team-a", max_retries=0)
+
+
 def lines_of(log: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
@@ -56,8 +69,7 @@ async def test_a_stream_whose_client_did_not_ask_for_usage_is_counted_and_looks_
     tmp_path: Path,
 ) -> None:
     mock = await start_mock(tokens=12)
-    log = tmp_path / "access.log"
-    gateway = await start_gateway_with(tokens_config(mock.url, log))
+    gateway, log = await team_gateway(start_gateway_with, mock.url, tmp_path)
     request = chat("count me")
     direct = await client.post(f"{mock.url}{CHAT}", json=request)
     through = await client.post(f"{gateway}{CHAT}", json=request, headers=AS_TEAM)
@@ -81,9 +93,8 @@ async def test_a_stream_whose_client_asked_keeps_its_usage_event(
     start_mock: StartMock, start_gateway_with: StartGatewayWith, tmp_path: Path
 ) -> None:
     mock = await start_mock(tokens=9)
-    log = tmp_path / "access.log"
-    gateway = await start_gateway_with(tokens_config(mock.url, log))
-    sdk = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="sk-team-a", max_retries=0)
+    gateway, log = await team_gateway(start_gateway_with, mock.url, tmp_path)
+    sdk = team_sdk(gateway)
     stream = await sdk.chat.completions.create(
         model="mock-llm",
         messages=[{"role": "user", "content": "usage please"}],
@@ -125,9 +136,8 @@ async def test_json_and_ollama_ndjson_count_what_the_backend_reported(
     start_mock: StartMock, start_gateway_with: StartGatewayWith, tmp_path: Path
 ) -> None:
     mock = await start_mock(tokens=5)
-    log = tmp_path / "access.log"
-    gateway = await start_gateway_with(tokens_config(mock.url, log))
-    sdk = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="sk-team-a", max_retries=0)
+    gateway, log = await team_gateway(start_gateway_with, mock.url, tmp_path)
+    sdk = team_sdk(gateway)
     whole = await sdk.chat.completions.create(
         model="mock-llm", messages=[{"role": "user", "content": "json"}]
     )
@@ -158,8 +168,7 @@ async def test_a_client_that_leaves_mid_stream_is_charged_an_estimate(
     tmp_path: Path,
 ) -> None:
     mock = await start_mock(tokens=200, token_delay=0.01)
-    log = tmp_path / "access.log"
-    gateway = await start_gateway_with(tokens_config(mock.url, log))
+    gateway, log = await team_gateway(start_gateway_with, mock.url, tmp_path)
     words = 0
     async with client.stream("POST", f"{gateway}{CHAT}", json=chat(), headers=AS_TEAM) as stream:
         async for line in stream.aiter_lines():
@@ -181,8 +190,7 @@ async def test_a_cache_hit_replays_what_the_first_client_saw_and_counts_as_cache
     tmp_path: Path,
 ) -> None:
     mock = await start_mock(tokens=6)
-    log = tmp_path / "access.log"
-    gateway = await start_gateway_with(tokens_config(mock.url, log, cache=True))
+    gateway, log = await team_gateway(start_gateway_with, mock.url, tmp_path, cache=True)
     request = chat("cache me")
     first = await client.post(f"{gateway}{CHAT}", json=request, headers=AS_TEAM)
     await trio.lowlevel.checkpoint()
@@ -215,9 +223,8 @@ async def test_a_coalesced_request_counts_the_shared_answer_as_cached(
     start_mock: StartMock, start_gateway_with: StartGatewayWith, tmp_path: Path
 ) -> None:
     mock = await start_mock(tokens=20, token_delay=0.02)
-    log = tmp_path / "access.log"
-    gateway = await start_gateway_with(tokens_config(mock.url, log, cache=True))
-    sdk = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="sk-team-a", max_retries=0)
+    gateway, log = await team_gateway(start_gateway_with, mock.url, tmp_path, cache=True)
+    sdk = team_sdk(gateway)
     labels: list[str] = []
 
     async def ask() -> None:

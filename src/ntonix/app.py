@@ -1,31 +1,32 @@
-"""The ASGI application: the lifespan owns the supervisor nursery; requests are routed here."""
+"""The ASGI application: the lifespan owns the supervisor nursery; requests are routed here.
+
+Invariants this module owns:
+- The supervisor nursery outlives every request: Hypercorn drains requests before it sends
+  lifespan.shutdown, and the long-lived tasks (probers, load readers, the tier, the cache's
+  writer, the access log) start in it once, before lifespan.startup.complete.
+- Every HTTP request gets one RequestRecord, counted and logged once when it ends; only API
+  traffic (/v1, /api) feeds the metrics and the dashboard.
+- A reload swaps in a whole new config or none of it: a refused file leaves the running one.
+"""
 
 from __future__ import annotations
 
-import hmac
 import logging
-import multiprocessing
-import os
 import signal
-import sys
 import time
-import urllib.parse
-from typing import cast
 
 import attrs
-import hypercorn.config
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from ntonix import dashboard, hypercorn_ws, overview
 from ntonix.accesslog import AccessLog, open_target
 from ntonix.accounts import Accounts
-from ntonix.announce import log_circuit_change, log_start, log_to_stderr_unless_configured
-from ntonix.asgi import Receive, Scope, Send, header, send_body, send_json
+from ntonix.announce import log_circuit_change, log_start
+from ntonix.asgi import Receive, Scope, Send, header
+from ntonix.assembly import api_keys, breaker_settings, tier_for
 from ntonix.cache import ResponseCache
-from ntonix.config import Config, ConfigError, config_path, load_config
-from ntonix.core.auth import ApiKeys, digest, keys_from_file
-from ntonix.core.breaker import BreakerSettings
+from ntonix.config import Config, ConfigError, config_path
+from ntonix.core.auth import ApiKeys
 from ntonix.core.figures import Figures, merge
 from ntonix.core.headers import request_id_of
 from ntonix.core.health import HealthTable
@@ -34,28 +35,31 @@ from ntonix.core.limits import ClientLimits, Verdict
 from ntonix.core.requests import is_proxied, method_error, path_error
 from ntonix.core.sessions import SessionTallies
 from ntonix.core.telemetry import RecentWindow, RequestRecord, Tallies
-from ntonix.core.tenants import Tenant
 from ntonix.core.token_limits import ratelimit_headers
 from ntonix.downstream import new_request_id
-from ntonix.errors import Dialect, GatewayError, client_error, dialect_of
+from ntonix.errors import GatewayError, client_error
 from ntonix.gathering import WorkerGroup
-from ntonix.listening import set_send_timeout_on_listening_sockets
+from ntonix.hypercorn_command import config_for_hypercorn_command, drain_hypercorn_on_sigterm
 from ntonix.load_reader import LoadReaders
-from ntonix.metrics import exposition
+from ntonix.own_routes import (
+    MODEL_LISTS,
+    admin_allowed,
+    list_models,
+    recording,
+    refuse,
+    serve_own_route,
+)
 from ntonix.prober import Probers
 from ntonix.proxy import Proxy
 from ntonix.shared_cache import SharedCache
 from ntonix.shared_flights import SharedFlights
 from ntonix.shared_limits import KeyLimits, Ticket
 from ntonix.shared_tokens import SharedTokens
-from ntonix.tier import SharedTier, TierUnavailable
+from ntonix.tier import SharedTier
 from ntonix.upstream import BackendPool, backend_ssl_context
 from ntonix.websocket_proxy import Sessions
 
 log = logging.getLogger("ntonix")
-
-# Gateway routes anyone may call, even when an admin token is set: load balancers poll them.
-_OPEN_ROUTES = frozenset({b"/ntonix/health", b"/ntonix/ready"})
 
 
 class Gateway:
@@ -125,14 +129,16 @@ class Gateway:
                 elif proxy is not None and api:
                     await self._client_request(scope, receive, send, proxy, record)
                 else:
-                    await self._own_route(scope, recording(send, record), record)
+                    await serve_own_route(self, scope, recording(send, record), record)
             finally:
                 self._finish(record, api=api)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif self.sessions is not None and is_proxied(scope["raw_path"]):
             await self.sessions.serve(scope, receive, send)
-        elif scope["path"] == "/ntonix/dashboard/ws" and self._admin_allowed(scope):
+        elif scope["path"] == "/ntonix/dashboard/ws" and admin_allowed(
+            scope, self.config.auth.admin_token
+        ):
             await dashboard.stream_snapshots(receive, send, self.live_status, self.stopping)
         else:
             # Closing before accepting makes the server refuse the handshake (HTTP 403).
@@ -175,8 +181,8 @@ class Gateway:
         try:
             if (wrong := method_error(scope["method"], scope["raw_path"])) is not None:
                 await refuse(send, record, wrong)
-            elif scope["method"] in ("GET", "HEAD") and scope["raw_path"] in _MODEL_LISTS:
-                await self._list_models(scope["raw_path"], recording(send, record), record)
+            elif scope["method"] in ("GET", "HEAD") and scope["raw_path"] in MODEL_LISTS:
+                await list_models(proxy, scope["raw_path"], recording(send, record), record)
             else:
                 await proxy.handle(scope, receive, send, record)
         finally:
@@ -242,7 +248,7 @@ class Gateway:
             await send({"type": "lifespan.startup.failed", "message": f"Cannot start: {error}"})
             return
         health = HealthTable(
-            config.backends, _breaker_settings(config), on_change=log_circuit_change
+            config.backends, breaker_settings(config), on_change=log_circuit_change
         )
         if self._announce:
             log_start(config, self._config_file)
@@ -295,7 +301,7 @@ class Gateway:
             if self._workers is not None:
                 await supervisor.start(self._workers.serve, self._own_figures)
             if self._hypercorn_command:
-                supervisor.start_soon(_drain_hypercorn_on_sigterm)
+                supervisor.start_soon(drain_hypercorn_on_sigterm)
             self._started_at = time.monotonic()
             await send({"type": "lifespan.startup.complete"})
             await receive()  # lifespan.shutdown
@@ -355,7 +361,7 @@ class Gateway:
         for name, pool in old_pools.items():
             if pools.get(name) is not pool:
                 pool.retire()  # its requests in flight finish; its connections close after
-        proxy.health.reconcile(config.backends, _breaker_settings(config))
+        proxy.health.reconcile(config.backends, breaker_settings(config))
         proxy.reconfigure(config, pools)
         probers.reconcile(config.backends, config.health)
         if self._load_readers is not None:
@@ -364,78 +370,6 @@ class Gateway:
         self._config = config
         log.info("config reloaded from %s: %d backends", self._config_file, len(config.backends))
         return []
-
-    async def _own_route(self, scope: Scope, send: Send, record: RequestRecord) -> None:
-        path = scope["raw_path"]
-        method = scope["method"]
-        if path not in _OPEN_ROUTES and not self._admin_allowed(scope):
-            error = client_error(401, "invalid_admin_token", "Admin token required")
-            await refuse(send, record, error)
-        elif path == b"/ntonix/health" and method == "GET":
-            await send_json(send, 200, {"status": "ok"})
-        elif path == b"/ntonix/ready" and method == "GET":
-            ready = self.ready()
-            await send_json(send, 200 if ready else 503, {"ready": ready})
-        elif path == b"/metrics" and method == "GET" and (figures := await self.figures()):
-            body = exposition(figures)
-            await send_body(send, 200, body, [(b"content-type", CONTENT_TYPE_LATEST.encode())])
-        elif path == b"/ntonix/status" and method == "GET":
-            await send_json(send, 200, await self.status())
-        elif path == b"/ntonix/usage" and method == "GET" and (figures := await self.figures()):
-            await send_json(send, 200, overview.usage(figures, time.time()))
-        elif path == b"/ntonix/dashboard" and method == "GET":
-            headers = [
-                (b"content-type", b"text/html; charset=utf-8"),
-                (b"cache-control", b"no-store"),
-                # The page may talk only to this gateway, and nobody may frame it.
-                (b"content-security-policy", _DASHBOARD_CSP),
-                (b"x-frame-options", b"DENY"),
-            ]
-            await send_body(send, 200, dashboard.page(), headers)
-        elif path == b"/ntonix/cache" and method == "DELETE":
-            await self.clear_cache(send)
-        elif path == b"/ntonix/reload" and method == "POST":
-            problems = self.reload()
-            await send_json(
-                send, 400 if problems else 200, {"reloaded": not problems, "problems": problems}
-            )
-        else:
-            error = client_error(404, "unknown_route", f"Unknown route: {method} {scope['path']}")
-            await refuse(send, record, error)
-
-    def _admin_allowed(self, scope: Scope) -> bool:
-        """No admin token set, or the request carries it: as a Bearer token, or for the
-        dashboard (a browser cannot set headers on a page load or a websocket) as the `token`
-        query parameter or the `ntonix_admin_token` cookie."""
-        token = self.config.auth.admin_token
-        if not token:
-            return True
-        if _bearer_matches(scope, token):
-            return True
-        if not scope["path"].startswith("/ntonix/dashboard"):
-            return False
-        expected = token.encode()
-        offered = [
-            *_query_values(scope["query_string"], b"token"),
-            *_cookie_values(header(scope, b"cookie"), b"ntonix_admin_token"),
-        ]
-        return any(hmac.compare_digest(value, expected) for value in offered)
-
-    async def _list_models(self, path: bytes, send: Send, record: RequestRecord) -> None:
-        """/v1/models and /api/tags: the union of what the healthy backends serve (of those,
-        what the key may use)."""
-        assert self.proxy is not None and record.tenant is not None
-        tenant = record.tenant
-        served = self.proxy.health.served_models(trio.current_time())
-        models = [model for model in served if tenant.may_use(model)]
-        if path == b"/v1/models":
-            data = [
-                {"id": m, "object": "model", "created": 0, "owned_by": "ntonix"} for m in models
-            ]
-            await send_json(send, 200, {"object": "list", "data": data}, record.extra_headers)
-        else:
-            tags = [{"name": m, "model": m} for m in models]
-            await send_json(send, 200, {"models": tags}, record.extra_headers)
 
     def ready(self) -> bool:
         """Some backend has answered since start and is healthy now (`HealthTable.ready`)."""
@@ -469,23 +403,6 @@ class Gateway:
             return merge([own])
         return await self._workers.gather(own, window=window)
 
-    async def clear_cache(self, send: Send) -> None:
-        """DELETE /ntonix/cache: this worker's L1, and with a tier every L2 entry. The other
-        workers' and instances' L1 copies are not reached: they age out with the cache's TTL
-        (docs/operations.md says why)."""
-        cache = self.proxy.cache if self.proxy else None
-        cleared = cache.clear() if cache else 0
-        if cache is None or cache.shared is None:
-            await send_json(send, 200, {"cleared": cleared})
-            return
-        try:
-            shared = await cache.shared.clear()
-        except TierUnavailable as error:
-            message = f"This worker's cache was cleared, the shared tier's was not: {error}"
-            await send_json(send, 503, {"cleared": cleared, "error": message})
-            return
-        await send_json(send, 200, {"cleared": cleared, "cleared_shared": shared})
-
     async def status(self, figures: Figures | None = None) -> dict[str, object]:
         """/ntonix/status: the whole gateway's backends, cache and queue."""
         if figures is None:
@@ -502,177 +419,3 @@ class Gateway:
         if figures is None:
             return base
         return overview.live_status(figures, base, self.recent.seconds)
-
-
-_MODEL_LISTS = frozenset({b"/v1/models", b"/api/tags"})
-_DASHBOARD_CSP = (
-    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    b"img-src data:; connect-src 'self'; frame-ancestors 'none'"
-)
-
-
-def api_keys(config: Config) -> ApiKeys:
-    """The client keys: `auth.api_keys` plus the lines of `auth.api_keys_file` (OSError if it
-    cannot be read), and the named `[[auth.keys]]`."""
-    auth = config.auth
-    keys = list(auth.api_keys)
-    if auth.api_keys_file:
-        with open(auth.api_keys_file, encoding="utf-8") as file:
-            keys += keys_from_file(file.read())
-    named = {
-        entry.key_sha256 or digest(entry.key): Tenant(
-            entry.name,
-            f"key:{entry.name}",
-            requests_per_minute=entry.requests_per_minute,
-            max_concurrent=entry.max_concurrent,
-            tokens_per_minute=entry.tokens_per_minute,
-            tokens_per_day=entry.tokens_per_day,
-            batch=entry.priority == "batch",
-            weight=entry.weight,
-            models=frozenset(entry.models),
-        )
-        for entry in auth.keys
-    }
-    return ApiKeys(
-        keys,
-        named,
-        requests_per_minute=auth.requests_per_minute,
-        max_concurrent=auth.max_concurrent_per_key,
-    )
-
-
-def tier_for(config: Config, embedded: str | None = None) -> SharedTier | None:
-    """The shared tier `[shared] url` names, or None; "embedded" is the server `ntonix serve`
-    runs, at the socket URL `embedded` (ValueError without one: the hypercorn command)."""
-    settings = config.shared
-    if not settings.url:
-        return None
-    if settings.embedded:
-        if embedded is None:
-            raise ValueError(
-                '[shared] url = "embedded" needs `ntonix serve`, which runs the valkey-server; '
-                "with the hypercorn command, give the URL of a running Valkey"
-            )
-        settings = attrs.evolve(settings, url=embedded)
-    return SharedTier.from_settings(settings)
-
-
-def _breaker_settings(config: Config) -> BreakerSettings:
-    health = config.health
-    return BreakerSettings(health.failure_threshold, health.open_for, health.max_open_for)
-
-
-def _query_values(query: bytes, name: bytes) -> list[bytes]:
-    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    return [value for key, value in pairs if key == name]
-
-
-def _cookie_values(cookies: bytes, name: bytes) -> list[bytes]:
-    values = []
-    for pair in cookies.replace(b",", b";").split(b";"):
-        key, _, value = pair.strip().partition(b"=")
-        if key == name:
-            values.append(value.strip(b'"'))
-    return values
-
-
-def _bearer_matches(scope: Scope, token: str) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            return hmac.compare_digest(value, b"Bearer " + token.encode())
-    return False
-
-
-def config_for_hypercorn_command() -> Config:
-    """The config of a gateway started as `hypercorn ... ntonix:app`.
-
-    A bad config ends the worker process with one line per problem and exit code 1. Any
-    exception would be printed as a traceback instead.
-    """
-    log_to_stderr_unless_configured()
-    try:
-        config = load_config()
-    except ConfigError as error:
-        sys.stderr.write(error.report())
-        sys.stderr.flush()
-        os._exit(1)
-    # The hypercorn command reads this default when it shuts down, so that without an explicit
-    # --graceful-timeout it drains for our graceful_timeout rather than cutting streams at 3 s.
-    hypercorn.config.Config.graceful_timeout = config.gateway.graceful_timeout
-    websocket_settings(hypercorn.config.Config, config)
-    # Hypercorn bound its listening sockets (in its parent, before spawning this worker)
-    # without the send timeout `ntonix serve` sets on its own: set it on them here.
-    set_send_timeout_on_listening_sockets()
-    return config
-
-
-async def _drain_hypercorn_on_sigterm() -> None:
-    """A worker of the plain hypercorn command passes SIGTERM on to Hypercorn's parent process.
-
-    Hypercorn's workers keep SIGTERM's default action, so a SIGTERM to the whole process group
-    (systemd's default, `kill 0`) would end them at once: streams cut, access-log lines lost.
-    The parent drains every worker when it gets SIGTERM; telling it again is harmless. A single
-    process (`--workers 0`), or one whose parent is gone, ends on SIGTERM as it always did.
-    """
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-    with trio.open_signal_receiver(signal.SIGTERM) as received:
-        async for _ in received:
-            if not parent.is_alive():
-                break
-            os.kill(cast(int, parent.pid), signal.SIGTERM)
-    signal.raise_signal(signal.SIGTERM)
-
-
-def websocket_settings(
-    settings: type[hypercorn.config.Config] | hypercorn.config.Config, config: Config
-) -> None:
-    """Hypercorn reads each client message whole before the app sees it: its limit is ours.
-    (Its own pings stay off: their task outlives the connection by up to one interval.)"""
-    settings.websocket_max_message_size = config.websocket.max_message_size
-
-
-async def refuse(
-    send: Send, record: RequestRecord, error: GatewayError, *, close: bool = False
-) -> None:
-    """Answer with the gateway's own error, and note it for the access log."""
-    record.status = error.status
-    record.outcome = "error"
-    record.error = error.code
-    await send_error(send, error, dialect_of(record.path), close=close, extra=record.extra_headers)
-
-
-def recording(send: Send, record: RequestRecord) -> Send:
-    """`send`, noting status and body bytes for a response the gateway writes itself (the
-    proxied ones are noted by their Downstream)."""
-
-    async def send_and_note(message: dict[str, object]) -> None:
-        if message["type"] == "http.response.start":
-            record.status = cast(int, message["status"])
-        else:
-            body = cast(bytes, message.get("body", b""))
-            if body:
-                record.note_body(len(body), trio.current_time)
-        await send(message)
-
-    return send_and_note
-
-
-async def send_error(
-    send: Send,
-    error: GatewayError,
-    dialect: Dialect,
-    *,
-    close: bool = False,
-    extra: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    """The error in the client's dialect (OpenAI's or Ollama's shape).
-
-    `close` asks Hypercorn (h11) to close the connection after this response: for a request
-    whose framing is in doubt, what follows it on the connection cannot be trusted. HTTP/1
-    only: HTTP/2 forbids the header and its streams are framed by the protocol."""
-    headers = error.headers()[1:] + (extra or [])
-    if close:
-        headers.append((b"connection", b"close"))
-    await send_json(send, error.status, error.payload(dialect), headers)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import trio
 
-from ntonix.core.figures import Figures, decode, encode, merge
+from ntonix.core.figures import Figures, merge
+from ntonix.core.figures_json import decode, encode
 
 log = logging.getLogger("ntonix.gathering")
 

@@ -2,10 +2,17 @@
 
 Both run `worker.serve_worker` (Hypercorn's HTTP machinery behind our capped listeners) on
 sockets bound here, through Hypercorn's bind parsing. With N workers the parent binds, spawns
-the workers, hands them the sockets and supervises: SIGINT or SIGTERM makes every worker drain
-and exit; SIGHUP is passed on to each (each reloads its config); a worker that dies is replaced
-(the parent keeps the sockets for that), at once the first time and with a growing back-off if
-it keeps dying soon after its start, until the gateway gives up, stops the others and exits 1.
+the workers, hands them the sockets and supervises them (`worker_supervisor.py`: signals passed
+on, a dead worker replaced, a stop drains them all).
+
+Invariants this module owns:
+- Sockets are bound once, by the process that serves or by the parent of N workers, which keeps
+  them open (to replace a worker that dies) until every worker has stopped accepting.
+- Workers are spawned, never forked, and start with SIGINT, SIGTERM and SIGHUP ignored and
+  blocked, until their event loop handles them: a signal meanwhile is held, not lost.
+- The connection cap is one for the whole gateway: N workers count their connections in
+  memory they share.
+- An embedded valkey-server starts before the first worker and stops after the last drain.
 """
 
 from __future__ import annotations
@@ -14,16 +21,12 @@ import logging
 import logging.config
 import multiprocessing
 import multiprocessing.connection
-import os
 import shutil
 import signal
-import socket
 import ssl
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, MutableSequence, Sequence
-from contextlib import suppress
 from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -34,26 +37,20 @@ import trio
 from hypercorn.typing import AppWrapper, Framework
 from hypercorn.utils import wrap_app
 
-from ntonix.app import Gateway, websocket_settings
+from ntonix.app import Gateway
 from ntonix.config import Config
-from ntonix.core.restarts import RestartPolicy
 from ntonix.embedded import EmbeddedValkey
 from ntonix.gathering import WorkerGroup
+from ntonix.hypercorn_command import websocket_settings
 from ntonix.listening import CLIENT_SEND_TIMEOUT, ConnectionSlots, set_send_timeout
 from ntonix.tls import server_ssl_context
 from ntonix.worker import serve_worker
+from ntonix.worker_supervisor import RESTARTS, WORKER_SIGNALS, Supervisor
 
 log = logging.getLogger("ntonix.server")
 
 # Pending connections the kernel queues for us: a burst of a thousand streams must not drop SYNs.
 LISTEN_BACKLOG = 4096
-# After a stop, how long past graceful_timeout the workers have for their lifespan shutdown and
-# exit before they are killed.
-WORKER_EXIT_MARGIN = 10.0
-# The signals the parent of N workers acts on (see serve_workers).
-_WORKER_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# When a worker that died is replaced, and when the gateway gives up (ntonix/core/restarts.py).
-RESTARTS = RestartPolicy()
 
 # The worker processes log as `ntonix.cli.main` sets up the parent's logging.
 WORKER_LOGGING = {
@@ -266,8 +263,8 @@ def _spawn_and_supervise(
         # Ctrl-C while it is still importing prints no traceback and a SIGHUP does not kill it.
         # Blocked meanwhile here: one that arrives is held for our handler, not ignored (Linux
         # never discards a blocked signal); the worker unblocks them first thing.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
-        handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _WORKER_SIGNALS}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in WORKER_SIGNALS}
         try:
             process.start()
         finally:
@@ -282,144 +279,19 @@ def _spawn_and_supervise(
         for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
             sock.close()
 
-    # `_Supervisor` handles them; until then, while the first workers start, they are ignored.
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _WORKER_SIGNALS}
+    # `Supervisor` handles them; until then, while the first workers start, they are ignored.
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in WORKER_SIGNALS}
     try:
         processes = {index: start(index) for index in range(workers)}
         maximum = config.gateway.max_connections
         log.info("%d workers: %d client connections at most in all", workers, maximum)
-        supervisor = _Supervisor(start, stop_writer, settings.graceful_timeout, RESTARTS)
+        supervisor = Supervisor(start, stop_writer, settings.graceful_timeout, RESTARTS)
         return supervisor.run(processes, stop_listening)
     finally:
         stop_listening()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         shutil.rmtree(figures, ignore_errors=True)
-
-
-class _Supervisor:
-    """Keeps N workers running: a worker that dies is replaced (`RestartPolicy` says when, or
-    that it keeps dying and the gateway stops); SIGINT or SIGTERM stops them all, and SIGHUP is
-    passed on to each. Closing `stop` asks the workers to drain (their parent dying does too)."""
-
-    def __init__(
-        self,
-        start: Callable[[int], BaseProcess],
-        stop: Connection,
-        graceful_timeout: float,
-        restarts: RestartPolicy,
-    ) -> None:
-        self._start = start
-        self._stop = stop
-        self._graceful_timeout = graceful_timeout
-        self._restarts = restarts
-        self._started: dict[int, float] = {}
-        self._in_a_row: dict[int, int] = {}
-        self._due: dict[int, float] = {}  # replacements waiting for their back-off
-        self.deadline: float | None = None  # set once stopping: when the workers get killed
-
-    def run(self, processes: dict[int, BaseProcess], stop_listening: Callable[[], None]) -> int:
-        # The signal handlers do nothing: the wake-up descriptor carries the signal numbers to
-        # this loop, which acts outside any handler.
-        wakeup, wakeup_writer = socket.socketpair()
-        wakeup.setblocking(False)
-        wakeup_writer.setblocking(False)
-        for signum in _WORKER_SIGNALS:
-            signal.signal(signum, _noted)
-        previous_wakeup = signal.set_wakeup_fd(wakeup_writer.fileno())
-        self._started = dict.fromkeys(processes, time.monotonic())
-        try:
-            return self._loop(dict(processes), wakeup, stop_listening)
-        finally:
-            signal.set_wakeup_fd(previous_wakeup)
-            wakeup.close()
-            wakeup_writer.close()
-
-    def _loop(
-        self,
-        running: dict[int, BaseProcess],
-        wakeup: socket.socket,
-        stop_listening: Callable[[], None],
-    ) -> int:
-        failed = False
-        while running or (self._due and self.deadline is None):
-            wake_at = [*self._due.values(), *([self.deadline] if self.deadline else [])]
-            timeout = max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
-            sentinels = [process.sentinel for process in running.values()]
-            multiprocessing.connection.wait([wakeup, *sentinels], timeout)
-            now = time.monotonic()
-            if self.deadline is not None and now >= self.deadline and running:
-                log.error("workers still running long after the stop: killing them")
-                for process in running.values():
-                    process.kill()
-                    process.join()
-                return 1
-            for number in _signals_received(wakeup):
-                if number == signal.SIGHUP:
-                    for process in running.values():
-                        with suppress(ProcessLookupError):
-                            os.kill(cast(int, process.pid), signal.SIGHUP)
-                elif self.deadline is None:
-                    self._stop_all(signal.Signals(number).name, stop_listening)
-            dead = [(index, proc) for index, proc in running.items() if proc.exitcode is not None]
-            for index, process in dead:
-                del running[index]
-                process.join()
-                if self.deadline is not None:  # stopping: no replacement
-                    if process.exitcode != 0:
-                        log.error("%s failed (exit code %s)", process.name, process.exitcode)
-                        failed = True
-                elif not self._replace(index, process, now):
-                    failed = True
-                    self._stop_all(f"{process.name} keeps dying", stop_listening)
-            for index, due in list(self._due.items()):
-                if due <= now and self.deadline is None:
-                    del self._due[index]
-                    running[index] = self._start(index)
-                    self._started[index] = time.monotonic()
-                    log.info("%s replaced (pid %s)", running[index].name, running[index].pid)
-        return 1 if failed else 0
-
-    def _replace(self, index: int, process: BaseProcess, now: float) -> bool:
-        """Schedule the replacement of a worker that died; False when it keeps dying."""
-        lived = now - self._started[index]
-        restart = self._restarts.after_death(self._in_a_row.get(index, 0), lived)
-        self._in_a_row[index] = restart.in_a_row
-        how = f"exit code {process.exitcode}"
-        delay = restart.delay
-        if delay is None:
-            log.error(
-                "%s died %d times in a row, each within %g s of its start (last: %s): "
-                "not replacing it again; the gateway stops",
-                process.name,
-                restart.in_a_row,
-                self._restarts.stable_after,
-                how,
-            )
-            return False
-        log.error("%s died (%s) after %.1f s: replaced in %g s", process.name, how, lived, delay)
-        self._due[index] = now + delay
-        return True
-
-    def _stop_all(self, reason: str, stop_listening: Callable[[], None]) -> None:
-        log.info("%s: the workers drain for up to %g s", reason, self._graceful_timeout)
-        self._due.clear()
-        self._stop.close()
-        stop_listening()
-        self.deadline = time.monotonic() + self._graceful_timeout + WORKER_EXIT_MARGIN
-
-
-def _noted(signum: int, frame: object) -> None:
-    """A handler that does nothing: installing it makes the wake-up descriptor see the signal."""
-
-
-def _signals_received(wakeup: socket.socket) -> list[int]:
-    """The numbers of the signals caught since the last call, one byte each."""
-    received = b""
-    with suppress(BlockingIOError):
-        while data := wakeup.recv(512):
-            received += data
-    return list(received)
 
 
 def _worker_process(
@@ -436,7 +308,7 @@ def _worker_process(
     """One spawned worker. Its SIGINT, SIGTERM and SIGHUP start ignored (and blocked, if it
     replaces one that died); it handles them once it serves (SIGHUP through the gateway's
     reloader)."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
     # Spawned, so the parent's logging set-up did not come along.
     logging.config.dictConfig(WORKER_LOGGING)
     gateway = Gateway(

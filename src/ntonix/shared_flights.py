@@ -26,22 +26,29 @@ answer is in the cache.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
-import json
 import logging
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
-from ntonix.core.lru import CachedResponse
-from ntonix.core.shared_entry import UnusableEntry, decode, encode
 from ntonix.errors import GatewayError
+from ntonix.flight_stream import (
+    END_OK,
+    Following,
+    LeaderLost,
+    Leading,
+    apply_entry,
+    end_of,
+    entry_of_cached,
+    news,
+    text_of,
+)
 from ntonix.shared_keys import entry_name, lease_name, stream_name, watch_name
 from ntonix.tier import SharedTier, TierUnavailable
 
@@ -58,9 +65,6 @@ READ_COUNT = 256  # entries read per stream and tick
 # end, its answer stored, before it saw its follower), then again every SILENT_CHECK.
 SILENT_CHECK = 0.25
 QUEUED = 1024  # entries a following flight may hold unapplied before reading pauses for it
-# How a published flight ended: answered, failed (its error frame or error came before), or
-# abandoned (its last local listener left): its followers go on without it.
-_END_OK, _END_FAILED, _END_ABANDONED = b"ok", b"failed", b"abandoned"
 
 # The one call a batch of lookups makes: first the entries waiting to be stored (SET with the
 # TTL), then per key its entry, else its flight's lease, then whether each flight named is
@@ -112,39 +116,6 @@ class Follow:
     flight_id: str
 
 
-class LeaderLost(Exception):
-    """The flight followed stopped: its leader died, or the tier is gone."""
-
-
-@attrs.define
-class _Leading:
-    flight: Flight
-    key: str
-    flight_id: str
-    sequence: int = 0  # entries published
-    head_sent: bool = False
-    pieces_sent: int = 0
-    renewed_at: float = 0.0
-    watched: bool = False  # someone follows: publish (all of it so far, then the rest)
-
-
-@attrs.define
-class _Following:
-    key: str
-    flight_id: str
-    last_id: str = "0-0"
-    sequence: int = 0  # the next entry expected
-    heard_at: float = 0.0  # last entry
-    checked_at: float = 0.0  # lease and entry last looked at
-    entries: collections.deque[dict[bytes, bytes]] = attrs.Factory(collections.deque)
-    lost: bool = False
-    changed: trio.Event = attrs.Factory(trio.Event)
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-
 class SharedFlights:
     """The leading and following flights of one worker, and the two tasks that serve them."""
 
@@ -154,8 +125,8 @@ class SharedFlights:
         self.lease_ms = math.ceil(lease * 1000)
         self._worker = secrets.token_hex(8)
         self._ids = itertools.count()
-        self._leading: list[_Leading] = []
-        self._following: dict[str, _Following] = {}
+        self._leading: list[Leading] = []
+        self._following: dict[str, Following] = {}
         self._watch_checked_at = -math.inf
         self._leaders_added = trio.Event()
         self._followers_added = trio.Event()
@@ -167,7 +138,7 @@ class SharedFlights:
     def lead(self, flight: Flight, key: str, flight_id: str) -> None:
         """Publish `flight` until it ends (the lease is held already)."""
         self.led += 1
-        self._leading.append(_Leading(flight, key, flight_id, renewed_at=trio.current_time()))
+        self._leading.append(Leading(flight, key, flight_id, renewed_at=trio.current_time()))
         self._leaders_added.set()
 
     def follower(
@@ -190,7 +161,7 @@ class SharedFlights:
     ) -> None:
         while True:
             await self._watch(flight_id)
-            following = _Following(key, flight_id, heard_at=trio.current_time())
+            following = Following(key, flight_id, heard_at=trio.current_time())
             self._following[flight_id] = following
             self._followers_added.set()
             try:
@@ -211,17 +182,17 @@ class SharedFlights:
                 await self._go_upstream(flight, upstream)  # the tier is gone: on our own
                 return
             if answer[0] == 1:  # its answer is in the cache after all
-                entry = _as_entry(key, answer[1])
+                entry = entry_of_cached(key, answer[1])
                 if entry is None:  # an unusable entry is a miss: on our own
                     await self._go_upstream(flight, upstream)
                 else:
-                    await self._apply(flight, key, entry)
+                    await apply_entry(flight, key, entry)
                 return
             if answer[0] == 2:
                 self.lead(flight, key, new_id)
                 await self._go_upstream(flight, upstream)
                 return
-            owner = _text(answer[1])
+            owner = text_of(answer[1])
             if owner == flight_id:
                 await trio.sleep(TICK)  # its lease is not released yet: ask again
             flight_id = owner  # else another follower took over first: follow it
@@ -234,53 +205,19 @@ class SharedFlights:
         flight.follower = False
         await upstream(flight)
 
-    async def _replay(self, flight: Flight, following: _Following) -> bool:
+    async def _replay(self, flight: Flight, following: Following) -> bool:
         """Apply the stream's entries to `flight` until it ends (True) or is lost (False)."""
         while True:
             while following.entries:
                 entry = following.entries.popleft()
                 try:
-                    if await self._apply(flight, following.key, entry):
+                    if await apply_entry(flight, following.key, entry):
                         return True
                 except LeaderLost:
                     return False
             if following.lost:
                 return False
             await following.changed.wait()
-
-    async def _apply(self, flight: Flight, key: str, entry: dict[bytes, bytes]) -> bool:
-        """One published entry into the local flight; True once the flight has ended."""
-        try:
-            if b"h" in entry:
-                head = decode(key, entry[b"h"])
-                await flight.start(head.status, list(head.headers))
-            if b"c" in entry:
-                chunks = decode(key, entry[b"c"])
-                for piece in chunks.chunks:
-                    await flight.write(piece, more=True)
-                flight.usage = chunks.usage or flight.usage  # a whole entry carries its usage
-            if b"u" in entry:
-                flight.usage = decode(key, entry[b"u"]).usage
-        except UnusableEntry:
-            raise GatewayError(
-                502, "backend_failed", "The shared upstream request was garbled", source="gateway"
-            ) from None
-        if b"x" in entry:  # failed before its head: the leader's error, as JSON
-            error = json.loads(entry[b"x"])
-            raise GatewayError(error["status"], error["code"], error["message"], source="gateway")
-        end = entry.get(b"e")
-        if end is None:
-            return False
-        if end == _END_ABANDONED:
-            raise LeaderLost
-        if end != _END_OK:
-            flight.failed = True  # its error frame, if any, came as its last piece
-            if not flight.pieces or not flight.committed:
-                raise GatewayError(
-                    502, "backend_failed", "The shared upstream request failed", source="gateway"
-                )
-        await flight.write(b"", more=False)
-        return True
 
     async def _watch(self, flight_id: str) -> None:
         """Tell the leader someone follows (unheard, its lease lapses and we take over)."""
@@ -332,11 +269,11 @@ class SharedFlights:
         now = trio.current_time()
         await self._find_watched(now)
         batch = glide.Batch(is_atomic=False)
-        ended: list[tuple[_Leading, bytes]] = []
+        ended: list[tuple[Leading, bytes]] = []
         commands = 0
         for leading in self._leading:
-            end = _end_of(leading.flight)
-            if leading.watched and (fields := self._news(leading, end)):
+            end = end_of(leading.flight)
+            if leading.watched and (fields := news(leading, end)):
                 leading.sequence += 1
                 fields.insert(0, (b"n", str(leading.sequence).encode()))
                 stream = stream_name(leading.flight_id)
@@ -357,10 +294,10 @@ class SharedFlights:
                 await self.tier.call(lambda client: client.exec(batch, raise_on_error=False))
         for leading, end in ended:
             self._leading.remove(leading)
-            if end != _END_OK:  # the next request tries again (or a follower takes over)
+            if end != END_OK:  # the next request tries again (or a follower takes over)
                 await self._release(leading)
 
-    def watch_marks(self, now: float) -> tuple[list[_Leading], list[str]]:
+    def watch_marks(self, now: float) -> tuple[list[Leading], list[str]]:
         """The leading flights whose watch marks a call should look at (every one not known
         to be watched), and the marks' names. Every lookup call carries them: an EXISTS each
         in its script costs the gateway next to nothing, and on a busy worker `_find_watched`
@@ -370,7 +307,7 @@ class SharedFlights:
             self._watch_checked_at = now
         return unwatched, [watch_name(leading.flight_id) for leading in unwatched]
 
-    def note_watched(self, looked_at: list[_Leading], marks: list[object]) -> None:
+    def note_watched(self, looked_at: list[Leading], marks: list[object]) -> None:
         """What a look at the marks of `looked_at` found (truthy: someone follows)."""
         for leading, mark in zip(looked_at, marks, strict=True):
             leading.watched = leading.watched or bool(mark)
@@ -389,32 +326,7 @@ class SharedFlights:
             return
         self.note_watched(unwatched, [mark is not None for mark in marks])
 
-    def _news(self, leading: _Leading, end: bytes | None) -> list[tuple[bytes, bytes]]:
-        """What the flight produced since the last entry, as stream fields."""
-        flight = leading.flight
-        key = leading.key
-        fields: list[tuple[bytes, bytes]] = []
-        if flight.committed and not leading.head_sent:
-            head = CachedResponse(flight.status, tuple(flight.headers), (), 0.0)
-            fields.append((b"h", encode(key, head, 0.0)))
-            leading.head_sent = True
-        if flight.open_to_joiners:  # else too large to share: its pieces were let go
-            pieces = flight.pieces[leading.pieces_sent :]
-            if pieces:
-                leading.pieces_sent += len(pieces)
-                chunks = CachedResponse(0, (), tuple(pieces), 0.0)
-                fields.append((b"c", encode(key, chunks, 0.0)))
-        if flight.error is not None:
-            fields.append((b"x", _error_json(flight.error)))
-        if end is not None:
-            if flight.usage is not None:  # known before the end: followers count it as cached
-                fields.append(
-                    (b"u", encode(key, CachedResponse(0, (), (), 0.0, flight.usage), 0.0))
-                )
-            fields.append((b"e", end))
-        return fields
-
-    async def _release(self, leading: _Leading) -> None:
+    async def _release(self, leading: Leading) -> None:
         from glide import Script  # optional: only a gateway with a tier gets here
 
         script = Script(_RELEASE)  # type: ignore[no-untyped-call]
@@ -444,13 +356,13 @@ class SharedFlights:
             for following in self._following.values():
                 heard = max(following.heard_at, following.checked_at)
                 if now - heard > self.lease or not self.tier.up:
-                    self._lose(following)
+                    following.lose()
             return
         for stream, entries in (answer or {}).items():
-            reading = self._following.get(_text(stream).removeprefix("ntonix:stream:"))
+            reading = self._following.get(text_of(stream).removeprefix("ntonix:stream:"))
             if reading is None:
                 continue
-            self._take(reading, entries, now)
+            reading.take(entries, now)
         silent = [
             following
             for following in self._following.values()
@@ -460,22 +372,7 @@ class SharedFlights:
         if silent:
             await self._check_silent(silent, now)
 
-    def _take(
-        self, following: _Following, entries: Mapping[bytes, list[list[bytes]]], now: float
-    ) -> None:
-        """Queue a stream's new entries for its following flight, in order, gaps refused."""
-        for entry_id, pairs in entries.items():
-            fields = {pair[0]: pair[1] for pair in pairs}
-            following.last_id = _text(entry_id)
-            following.heard_at = now
-            if int(fields.get(b"n", b"0")) != following.sequence + 1:
-                self._lose(following)  # a gap: the stream was trimmed or replaced
-                break
-            following.sequence += 1
-            following.entries.append(fields)
-        following.notify()
-
-    async def _check_silent(self, silent: list[_Following], now: float) -> None:
+    async def _check_silent(self, silent: list[Following], now: float) -> None:
         """For each silent stream, its lease and its cache entry in one MGET: an entry is the
         answer (its leader ended before it saw us); a lease gone or changed hands is a loss."""
         names = [name for f in silent for name in (lease_name(f.key), entry_name(f.key))]
@@ -486,48 +383,9 @@ class SharedFlights:
         for index, following in enumerate(silent):
             following.checked_at = now
             holder, value = values[2 * index], values[2 * index + 1]
-            entry = _as_entry(following.key, value) if following.sequence == 0 else None
+            entry = entry_of_cached(following.key, value) if following.sequence == 0 else None
             if entry is not None:
                 following.entries.append(entry)
                 following.notify()
-            elif holder is None or _text(holder) != following.flight_id:
-                self._lose(following)
-
-    def _lose(self, following: _Following) -> None:
-        following.lost = True
-        following.notify()
-
-
-def _as_entry(key: str, value: object) -> dict[bytes, bytes] | None:
-    """A cache entry as one stream entry (the head, every chunk and a normal end); None for
-    a value that is not a usable entry."""
-    if not isinstance(value, bytes):
-        return None
-    try:
-        stored = decode(key, value)
-    except UnusableEntry:
-        return None
-    head = CachedResponse(stored.status, stored.headers, (), 0.0)
-    chunks = CachedResponse(0, (), stored.chunks, 0.0, stored.usage)
-    return {b"h": encode(key, head, 0.0), b"c": encode(key, chunks, 0.0), b"e": _END_OK}
-
-
-def _end_of(flight: Flight) -> bytes | None:
-    """How a flight ended, for its followers; None while it runs and can be followed."""
-    if not flight.open_to_joiners:
-        return _END_ABANDONED  # too large to share: followers that sent nothing take over
-    if not flight.finished:
-        return None
-    if flight.aborted and not flight.failed:
-        return _END_ABANDONED
-    return _END_FAILED if flight.failed or flight.error else _END_OK
-
-
-def _error_json(error: GatewayError) -> bytes:
-    return json.dumps(
-        {"status": error.status, "code": error.code, "message": error.message}
-    ).encode()
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+            elif holder is None or text_of(holder) != following.flight_id:
+                following.lose()

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -50,6 +51,23 @@ async def _serves_again(load: Load, backend: str, since: float, timeout: float =
             await trio.sleep(0.05)
 
 
+async def _fault_until_open_then_recover(
+    cluster: Cluster, load: Load, fault: Callable[[], object], undo: Callable[[], object]
+) -> None:
+    """Under `load`: `fault` on m0 until its circuit opens (and a second more), then `undo`;
+    returns once m0's circuit has closed and it answered a request that started after that."""
+    await trio.sleep(1.0)
+    fault()
+    try:
+        await cluster.wait_backend("m0", "open", timeout=10)
+        await trio.sleep(1.0)
+    finally:
+        undo()
+    undone = time.monotonic()
+    await cluster.wait_backend("m0", "closed", timeout=10)
+    await _serves_again(load, "m0", undone)
+
+
 async def test_a_killed_backend_costs_no_request_and_rejoins_after_restart(
     cluster: Cluster,
 ) -> None:
@@ -82,16 +100,12 @@ async def test_a_frozen_backend_is_failed_over_after_first_byte_timeout_and_come
     victim = cluster.mocks[0]
     async with trio.open_nursery() as nursery:
         load = await _under_load(cluster, nursery)
-        await trio.sleep(1.0)
-        os.kill(victim.pid, signal.SIGSTOP)
-        try:
-            await cluster.wait_backend("m0", "open", timeout=10)
-            await trio.sleep(1.0)
-        finally:
-            os.kill(victim.pid, signal.SIGCONT)
-        thawed = time.monotonic()
-        await cluster.wait_backend("m0", "closed", timeout=10)
-        await _serves_again(load, "m0", thawed)
+        await _fault_until_open_then_recover(
+            cluster,
+            load,
+            lambda: os.kill(victim.pid, signal.SIGSTOP),
+            lambda: os.kill(victim.pid, signal.SIGCONT),
+        )
         load.stop()
     assert not failures(load.seen), failures(load.seen)[:5]
     # A request that met the frozen backend waited first_byte_timeout (1 s) then went on.
@@ -112,16 +126,7 @@ async def test_a_partitioned_backend_fails_over_by_timeouts_and_rejoins_when_hea
     victim = cluster.nodes[0]
     async with trio.open_nursery() as nursery:
         load = await _under_load(cluster, nursery)
-        await trio.sleep(1.0)
-        victim.partition()
-        try:
-            await cluster.wait_backend("m0", "open", timeout=10)
-            await trio.sleep(1.0)
-        finally:
-            victim.heal()
-        healed_at = time.monotonic()
-        await cluster.wait_backend("m0", "closed", timeout=10)
-        await _serves_again(load, "m0", healed_at)
+        await _fault_until_open_then_recover(cluster, load, victim.partition, victim.heal)
         load.stop()
     assert not failures(load.seen), failures(load.seen)[:5]
     # At worst: a pooled connection gone silent (first_byte_timeout, 1 s), then a connect

@@ -11,7 +11,8 @@ from collections import Counter
 import attrs
 
 from ntonix.core.engines import LoadedModel, LoadReading
-from ntonix.core.figures import Figures, decode, encode, merge, tier_up
+from ntonix.core.figures import Figures, merge, tier_up
+from ntonix.core.figures_json import decode, encode
 from ntonix.core.health import BackendSnapshot
 from ntonix.core.ledger import UsageBook, UsageFigures
 from ntonix.core.load_figures import BackendLoad
