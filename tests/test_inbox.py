@@ -81,3 +81,18 @@ async def test_the_disconnect_calls_back_before_it_is_read() -> None:
     assert (await inbox())["type"] == "http.disconnect"
     inbox.on_disconnect(lambda: calls.append("late"))  # set after the disconnect: runs at once
     assert calls == ["gone", "late"]
+
+
+async def test_it_says_when_the_request_s_last_message_is_queued() -> None:
+    inbox = Inbox(10)
+    assert not inbox.holds_the_end()
+    await inbox.put(_body(1))
+    assert not inbox.holds_the_end()  # more body to come: reading it may wait
+    await inbox.put({"type": "http.request", "body": b"", "more_body": False})
+    assert inbox.holds_the_end()
+    await inbox()
+    assert inbox.holds_the_end()  # the end is still queued behind the first part
+    await inbox()
+    assert not inbox.holds_the_end()
+    await inbox.put({"type": "http.disconnect"})
+    assert inbox.holds_the_end()

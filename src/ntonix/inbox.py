@@ -82,6 +82,14 @@ class Inbox:
             trio.lowlevel.reschedule(self._reader)
             self._reader = None
 
+    def holds_the_end(self) -> bool:
+        """True when the request's last message (its body's end, or the disconnect) is queued:
+        reading up to it will not wait."""
+        return any(
+            not message.get("more_body", False) or message["type"] == "http.disconnect"
+            for message in self._messages
+        )
+
     def on_disconnect(self, callback: Callable[[], None] | None) -> None:
         """Run `callback` when the client leaves (now, if it has); None removes it."""
         self._on_disconnect = callback

@@ -49,6 +49,7 @@ from ntonix.downstream import (
     too_large,
 )
 from ntonix.errors import GatewayError, client_error, upstream_error
+from ntonix.inbox import Inbox
 from ntonix.shared_flights import Follow
 from ntonix.upstream import BackendPool, UpstreamConnection
 from ntonix.watchdog import IdleWatch
@@ -129,6 +130,9 @@ class Proxy:
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 raise too_large(limit)
+        if isinstance(receive, Inbox) and receive.holds_the_end():
+            # A short body came with the head: reading it will not wait, so needs no timer.
+            return await read_body(receive, limit)
         with trio.move_on_after(self._settings.body_timeout) as reading:
             return await read_body(receive, limit)
         assert reading.cancelled_caught
@@ -614,12 +618,23 @@ async def relay_body(
     Returns when the first body bytes arrived (None for an empty body). The idle timeout covers
     only the wait for the backend: the write to the client is outside it, so a slow reader is
     back-pressure (the socket fills up), not a backend timeout. The worker's `IdleWatch` keeps
-    it: per chunk, this only notes until when the backend may be silent (no timer per chunk).
+    it: per chunk, this only notes until when the backend may be silent (no timer per chunk);
+    a body that is already complete when the relay begins is not watched at all.
     The `meter` reads the tokens on the way (and may hold back an event it strips); `charge`
     runs once the body is complete, before its end reaches the client, so that whoever waits
     for that end finds the tokens counted.
     """
-    first_data_at: float | None = None
+    if connection.body_complete():
+        # A short answer came whole with its head: nothing to wait for, so no idle timer.
+        data, _ = await connection.receive_body()
+        first_data_at = trio.current_time() if data else None
+        if meter is not None:
+            data = meter.feed(data) + meter.flush()
+            if charge is not None:
+                charge()
+        await downstream.write(data, more=False)
+        return first_data_at
+    first_data_at = None
     with trio.CancelScope() as idle:
         silence = watch.watch(idle)
         try:

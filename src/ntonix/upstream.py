@@ -184,6 +184,10 @@ class UpstreamConnection:
             raise self._failed(error, "streaming the response") from error
         return arrived
 
+    def body_complete(self) -> bool:
+        """The whole body of the response under way has arrived: `receive_body` will not wait."""
+        return self._reader is not None and self._reader.complete
+
     def _failed(self, error: BaseException, doing: str) -> GatewayError:
         return _gateway_error(error, self._backend, doing, self.closed_by_backend)
 
