@@ -69,6 +69,7 @@ class SharedCache:
         self._gathering: _Lookups | None = None  # the batch lookups join
         self._sending: trio.Event | None = None  # set when the batch out now has its answer
         self._waiting: list[tuple[str, CachedResponse]] = []  # entries not sent yet
+        self._waiting_since = 0.0  # when the oldest of them came
         self._entries_added = trio.Event()
         from glide import Script  # optional: only a gateway with a tier gets here
 
@@ -104,21 +105,29 @@ class SharedCache:
 
     def store(self, entries: Sequence[tuple[str, CachedResponse]]) -> None:
         """Queue entries for the next lookup call, or for `store_forever` after STORE_WAIT."""
+        if not self._waiting:
+            self._waiting_since = trio.current_time()
         self._waiting.extend(entries)
         self._entries_added.set()
 
     async def store_forever(self) -> None:
-        """Send what no lookup carried, STORE_WAIT after it came: one pipeline of SETs, each
-        expiring with the cache's TTL; a failed write is only not counted."""
+        """Send what no lookup carried, STORE_WAIT after it came: one pipeline of SETs (with
+        the others then waiting), each expiring with the cache's TTL; a failed write is only
+        not counted. Only an entry that waited that long starts one: on a busy worker the
+        lookups carry every entry within a few milliseconds, and a pipeline sent on a timer
+        alone would be a call of its own every STORE_WAIT."""
         import glide  # optional: only a gateway with a tier gets here
 
         while True:
-            await self._entries_added.wait()
-            self._entries_added = trio.Event()
-            await trio.sleep(STORE_WAIT)
-            entries, self._waiting = self._waiting, []
-            if not entries:
+            if not self._waiting:
+                await self._entries_added.wait()
+                self._entries_added = trio.Event()
                 continue
+            due = self._waiting_since + STORE_WAIT
+            if trio.current_time() < due:
+                await trio.sleep_until(due)
+                continue  # a lookup may have carried them, and others come since
+            entries, self._waiting = self._waiting, []
             now = time.time()
             ttl_ms = self._ttl_ms()
             expiry = glide.ExpirySet(glide.ExpiryType.MILLSEC, ttl_ms) if ttl_ms else None
