@@ -188,18 +188,23 @@ class SharedCache:
         lookups = self._gathering
         if lookups is not None:
             lookups.ids.setdefault(key, self.flights.new_id())
-            # Bounded by the batch's budget already; this bound only guards against a bug.
-            with trio.move_on_after(self.tier.settings.timeout * 2):
-                await lookups.done.wait()
-            if not lookups.done.is_set():
-                raise TierUnavailable("the lookup did not end")
+            # No deadline of its own: the sender's budget bounds the batch, and its `finally`
+            # sets `done` whatever happens (a scope per lookup cost a deadline each).
+            await lookups.done.wait()
         else:
             lookups = self._gathering = _Lookups()
             lookups.ids[key] = self.flights.new_id()
             # The others of the batch are answered with ours: leaving early (the client left)
             # would strand them, and the tier's budget bounds the wait.
             with trio.CancelScope(shield=True):
-                await self._send(lookups)
+                try:
+                    await self._send(lookups)
+                finally:
+                    if not lookups.done.is_set():  # only a bug gets here: a miss, not a hang
+                        if self._gathering is lookups:
+                            self._gathering = None
+                        lookups.failed = True
+                        lookups.done.set()
         if lookups.failed:
             raise TierUnavailable("the lookup failed")
         return lookups.answers[key], lookups.ids[key]
