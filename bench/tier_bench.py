@@ -7,7 +7,10 @@
 2. CPU per request with the tier off and with it on but cold. M requests, each a prompt never
    asked before (so every lookup misses both levels and every answer is stored in both), over C
    keep-alive connections at once, through a gateway with the tier off, then one with it on,
-   alternately for R rounds. The gateway's CPU (utime + stime from /proc) per request.
+   alternately for R rounds. The gateway's CPU (utime + stime from /proc) per request, split
+   into its main thread (the event loop) and its other threads (valkey-glide's), and, with the
+   tier on, the commands Valkey ran per request (`INFO commandstats`: EVALSHA is the lookup
+   call; SET, GET and EXISTS run inside it; any other is a call of its own).
 
 Valkey is a private valkey-server (the one `url = "embedded"` runs) on a unix socket; its own
 CPU is reported apart. Every process started here is stopped on the way out.
@@ -19,6 +22,8 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +32,7 @@ from pathlib import Path
 import trio
 
 from bench.cache_bench import Answer, Connection
-from bench.procs import CpuMeter, Processes, start_gateway, start_mock
+from bench.procs import CLOCK_TICKS, CpuMeter, Processes, start_gateway, start_mock
 from bench.stats import percentile
 from bench.wire import request_bytes
 from ntonix.embedded import EmbeddedValkey
@@ -103,6 +108,55 @@ async def _ask_at_once(port: int, prompts: list[str], connections: int) -> list[
     return answers
 
 
+def _thread_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process's main thread and of all its other threads."""
+    main = others = 0.0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a thread that ended
+        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        if int(task) == pid:
+            main += seconds
+        else:
+            others += seconds
+    return main, others
+
+
+def _valkey(socket_path: str, *command: str) -> str:
+    """One command to Valkey over its socket (RESP by hand: the bench needs no client); its
+    simple or bulk string reply."""
+    request = f"*{len(command)}\r\n" + "".join(f"${len(c)}\r\n{c}\r\n" for c in command)
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.connect(socket_path)
+        connection.sendall(request.encode())
+        reply = b""
+        while not _whole(reply):
+            more = connection.recv(65536)
+            if not more:
+                raise OSError("Valkey closed the connection")
+            reply += more
+    head, _, rest = reply.partition(b"\r\n")
+    return (rest[: int(head[1:])] if head.startswith(b"$") else head[1:]).decode()
+
+
+def _whole(reply: bytes) -> bool:
+    head, ended, rest = reply.partition(b"\r\n")
+    return bool(ended) and (not head.startswith(b"$") or len(rest) >= int(head[1:]) + 2)
+
+
+def _commands(socket_path: str) -> dict[str, int]:
+    """Valkey's command counts since its last CONFIG RESETSTAT (without INFO's and CONFIG's)."""
+    counts = {}
+    for line in _valkey(socket_path, "INFO", "commandstats").splitlines():
+        name, _, rest = line.partition(":")
+        if name.startswith("cmdstat_") and not name.startswith(("cmdstat_info", "cmdstat_config")):
+            counts[name.removeprefix("cmdstat_")] = int(rest.split(",")[0].removeprefix("calls="))
+    return counts
+
+
 def _check(answers: list[Answer], label: str | None, what: str) -> None:
     bad = [a for a in answers if not a.complete or (label is not None and a.label != label)]
     if bad:
@@ -146,37 +200,65 @@ def hit_latency(processes: Processes, logs: Path, mock_url: str, tier: str, size
 
 
 def cpu_per_request(
-    processes: Processes, logs: Path, mock_url: str, tier: str, valkey_pid: int, sizes: Sizes
+    processes: Processes, logs: Path, mock_url: str, valkey: EmbeddedValkey, sizes: Sizes
 ) -> dict:
     runs: dict[str, list[float]] = {"off": [], "on": []}
+    threads: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}  # main, others
+    commands: list[dict[str, int]] = []
     valkey_seconds = 0.0
     counter = itertools.count()
     for round_ in range(sizes.rounds):
-        for name, url in (("off", ""), ("on", tier)):
+        for name, url in (("off", ""), ("on", valkey.url)):
             config = logs / f"tier-{name}.toml"
             config.write_text(_config(mock_url, url))
             gateway = start_gateway(processes, config, 1)
             warm = [f"warm {name} {round_} {n}" for n in range(200)]
             _check(trio.run(_ask_at_once, gateway.port, warm, sizes.connections), None, "warm")
             prompts = [f"cold {next(counter)}" for _ in range(sizes.requests)]
-            meter = CpuMeter({"gateway": gateway.pids(), "valkey": [valkey_pid]})
+            _valkey(valkey.socket_path, "CONFIG", "RESETSTAT")
+            meter = CpuMeter({"gateway": gateway.pids(), "valkey": [valkey.process.pid]})
+            main_before, others_before = _thread_seconds(gateway.process.pid)
             meter.start()
             answers = trio.run(_ask_at_once, gateway.port, prompts, sizes.connections)
             meter.stop()
+            main_after, others_after = _thread_seconds(gateway.process.pid)
             _check(answers, "miss", f"cold run, tier {name}")
             runs[name].append(1e6 * meter.seconds["gateway"] / len(answers))
+            threads[name].append(
+                (
+                    1e6 * (main_after - main_before) / len(answers),
+                    1e6 * (others_after - others_before) / len(answers),
+                )
+            )
             if name == "on":
                 valkey_seconds += meter.seconds["valkey"]
+                commands.append(_commands(valkey.socket_path))
             processes.stop(gateway.process)
-            _log(f"round {round_ + 1}, tier {name}: {runs[name][-1]:.0f} µs CPU per request")
-    off, on = sorted(runs["off"])[len(runs["off"]) // 2], sorted(runs["on"])[len(runs["on"]) // 2]
+            _log(
+                f"round {round_ + 1}, tier {name}: {runs[name][-1]:.0f} µs CPU per request "
+                f"(main thread {threads[name][-1][0]:.0f}, others {threads[name][-1][1]:.0f})"
+            )
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    off, on = median(runs["off"]), median(runs["on"])
+    pairs = [b / a - 1 for a, b in zip(runs["off"], runs["on"], strict=True)]
+    total = sizes.rounds * sizes.requests
     return {
         "off_us_per_request": [round(v) for v in runs["off"]],
         "on_us_per_request": [round(v) for v in runs["on"]],
         "median_off_us": round(off),
         "median_on_us": round(on),
         "on_vs_off_percent": round(100 * (on / off - 1), 1),
-        "valkey_us_per_request": round(1e6 * valkey_seconds / (sizes.rounds * sizes.requests), 1),
+        "median_of_pairs_percent": round(100 * median(pairs), 1),
+        "main_thread_us": {n: round(median([t[0] for t in threads[n]])) for n in threads},
+        "other_threads_us": {n: round(median([t[1] for t in threads[n]])) for n in threads},
+        "valkey_us_per_request": round(1e6 * valkey_seconds / total, 1),
+        "valkey_commands_per_request": {
+            command: round(sum(c.get(command, 0) for c in commands) / total, 3)
+            for command in sorted({command for c in commands for command in c})
+        },
     }
 
 
@@ -198,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             latency = hit_latency(processes, logs, mock.url, valkey.url, sizes)
             _log(f"latency: {latency}")
             _log("CPU per request, tier off vs on and cold")
-            cpu = cpu_per_request(processes, logs, mock.url, valkey.url, valkey.process.pid, sizes)
+            cpu = cpu_per_request(processes, logs, mock.url, valkey, sizes)
     finally:
         valkey.stop()
     report = {"sizes": sizes.__dict__, "latency": latency, "cpu": cpu}

@@ -1,6 +1,7 @@
 """What a worker's misses cost the shared tier in calls: at most one lookup call out at a time
 (the lookups that come meanwhile go together in the next), the look for followers of the
-flights it leads riding in that call, and no PING while calls answer."""
+flights it leads and the entries to store riding in that call (a pipeline of their own only
+for an entry no lookup carried within STORE_WAIT), and no PING while calls answer."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import trio
 
 from ntonix.cache import Flight
+from ntonix.core.lru import CachedResponse
 from ntonix.errors import Dialect
-from ntonix.shared_cache import SharedCache
+from ntonix.shared_cache import STORE_WAIT, SharedCache
 from ntonix.shared_flights import Lead, SharedFlights
 from ntonix.shared_keys import watch_name
 from ntonix.tier import PROBE_INTERVAL, SharedTier
@@ -72,6 +74,29 @@ async def test_a_lookup_call_carries_the_look_for_followers_of_the_flights_led(
 
     assert tier.calls == 2
     assert flights.watch_marks(trio.current_time()) == ([], [])  # it is known watched
+
+
+async def test_entries_go_out_alone_only_when_no_lookup_carried_them_within_the_wait(
+    tier: SharedTier,
+) -> None:
+    shared = _cache(tier)
+    answer = CachedResponse(200, ((b"content-type", b"application/json"),), (b"{}",), 0.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shared.store_forever)
+        # A busy worker: an entry waits a few ms, then a lookup carries it. Over several
+        # STORE_WAITs the writer's timer must never send one of them on its own.
+        lookups = 0
+        while lookups * STORE_WAIT / 10 < 3 * STORE_WAIT:
+            shared.store([(f"stored {lookups}".ljust(64, "-"), answer)])
+            await trio.sleep(STORE_WAIT / 10)
+            await shared.fetch(str(lookups).ljust(64, "-"))
+            lookups += 1
+        assert (tier.calls, shared.stored) == (lookups, lookups)
+
+        shared.store([("z" * 64, answer)])  # then no lookup: it goes alone after STORE_WAIT
+        await wait_until(lambda: shared.stored == lookups + 1)
+        assert tier.calls == lookups + 1
+        nursery.cancel_scope.cancel()
 
 
 async def test_the_prober_pings_only_when_no_call_answered_lately(tier: SharedTier) -> None:

@@ -69,6 +69,7 @@ class SharedCache:
         self._gathering: _Lookups | None = None  # the batch lookups join
         self._sending: trio.Event | None = None  # set when the batch out now has its answer
         self._waiting: list[tuple[str, CachedResponse]] = []  # entries not sent yet
+        self._waiting_since = 0.0  # when the oldest of them came
         self._entries_added = trio.Event()
         from glide import Script  # optional: only a gateway with a tier gets here
 
@@ -104,21 +105,29 @@ class SharedCache:
 
     def store(self, entries: Sequence[tuple[str, CachedResponse]]) -> None:
         """Queue entries for the next lookup call, or for `store_forever` after STORE_WAIT."""
+        if not self._waiting:
+            self._waiting_since = trio.current_time()
         self._waiting.extend(entries)
         self._entries_added.set()
 
     async def store_forever(self) -> None:
-        """Send what no lookup carried, STORE_WAIT after it came: one pipeline of SETs, each
-        expiring with the cache's TTL; a failed write is only not counted."""
+        """Send what no lookup carried, STORE_WAIT after it came: one pipeline of SETs (with
+        the others then waiting), each expiring with the cache's TTL; a failed write is only
+        not counted. Only an entry that waited that long starts one: on a busy worker the
+        lookups carry every entry within a few milliseconds, and a pipeline sent on a timer
+        alone would be a call of its own every STORE_WAIT."""
         import glide  # optional: only a gateway with a tier gets here
 
         while True:
-            await self._entries_added.wait()
-            self._entries_added = trio.Event()
-            await trio.sleep(STORE_WAIT)
-            entries, self._waiting = self._waiting, []
-            if not entries:
+            if not self._waiting:
+                await self._entries_added.wait()
+                self._entries_added = trio.Event()
                 continue
+            due = self._waiting_since + STORE_WAIT
+            if trio.current_time() < due:
+                await trio.sleep_until(due)
+                continue  # a lookup may have carried them, and others come since
+            entries, self._waiting = self._waiting, []
             now = time.time()
             ttl_ms = self._ttl_ms()
             expiry = glide.ExpirySet(glide.ExpiryType.MILLSEC, ttl_ms) if ttl_ms else None
@@ -179,18 +188,23 @@ class SharedCache:
         lookups = self._gathering
         if lookups is not None:
             lookups.ids.setdefault(key, self.flights.new_id())
-            # Bounded by the batch's budget already; this bound only guards against a bug.
-            with trio.move_on_after(self.tier.settings.timeout * 2):
-                await lookups.done.wait()
-            if not lookups.done.is_set():
-                raise TierUnavailable("the lookup did not end")
+            # No deadline of its own: the sender's budget bounds the batch, and its `finally`
+            # sets `done` whatever happens (a scope per lookup cost a deadline each).
+            await lookups.done.wait()
         else:
             lookups = self._gathering = _Lookups()
             lookups.ids[key] = self.flights.new_id()
             # The others of the batch are answered with ours: leaving early (the client left)
             # would strand them, and the tier's budget bounds the wait.
             with trio.CancelScope(shield=True):
-                await self._send(lookups)
+                try:
+                    await self._send(lookups)
+                finally:
+                    if not lookups.done.is_set():  # only a bug gets here: a miss, not a hang
+                        if self._gathering is lookups:
+                            self._gathering = None
+                        lookups.failed = True
+                        lookups.done.set()
         if lookups.failed:
             raise TierUnavailable("the lookup failed")
         return lookups.answers[key], lookups.ids[key]
