@@ -97,23 +97,29 @@ async def test_two_workers_share_an_embedded_tier_that_stops_with_them(
         async def ask() -> None:
             answers.append(await fresh.post(f"{url}{CHAT}", json=chat("two workers")))
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(20):
-                nursery.start_soon(ask)
+        async def a_worker_hit_level_2() -> bool:
+            return (await cache_stats(fresh, url))["l2_hits"] > 0
+
+        # The workers share one listening socket and the kernel wakes either for a connection:
+        # on a busy machine one worker can take a whole batch, so batches go until the other
+        # worker has answered one (from level 2, as it never stored the answer itself).
+        for _ in range(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(ask)
+            if await a_worker_hit_level_2():
+                break
         assert {answer.headers["x-ntonix-cache"] for answer in answers} == {"hit"}
         assert {answer.content for answer in answers} == {first.content}
         assert mock.stats["requests"] == 1
-
-        async def a_worker_hit_level_2() -> bool:
-            return (await cache_stats(fresh, url))["l2_hits"] > 0
 
         await eventually(a_worker_hit_level_2)
         # One gateway to observe: both workers' cache and tier figures, summed.
         metrics = _samples((await fresh.get(f"{url}/metrics")).text)
         assert metrics["ntonix_workers"] == 2
         assert metrics["ntonix_cache_misses_total"] == 1
-        assert metrics["ntonix_cache_hits_total"] == 20
-        assert 1 <= metrics["ntonix_cache_l2_hits_total"] <= 20
+        assert metrics["ntonix_cache_hits_total"] == len(answers)
+        assert 1 <= metrics["ntonix_cache_l2_hits_total"] <= len(answers)
         assert metrics["ntonix_cache_l2_stored_total"] >= 1
         assert metrics["ntonix_shared_tier_up"] == 1
         assert metrics["ntonix_shared_tier_workers_up"] == 2

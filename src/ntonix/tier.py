@@ -9,7 +9,7 @@ Valkey costs a request at most one budget, the tier going down and coming back a
 once, and when Valkey returns it is used again without a restart (glide reconnects by itself).
 
 valkey-glide is an optional dependency (ntonix[shared]): it is imported when a tier connects,
-and config.py refuses a `[shared] url` without it.
+and config_validation.py refuses a `[shared] url` without it.
 """
 
 from __future__ import annotations
