@@ -1,6 +1,6 @@
 """The gateway's token accounts: who used how many tokens (the ledger), and the token limits.
 
-The proxy charges a response's tokens when it ends (ntonix.proxy) and the front door asks,
+The proxy charges a response's tokens when it ends (ntonix.backend_slots) and the front door asks,
 before a request, whether its key may start one (ntonix.app). Both read the Trio clock for the
 minute and the wall clock for the day. Without a shared tier the windows are this worker's
 own: with `--workers N` each worker enforces a key's token limits on what it served. With one,

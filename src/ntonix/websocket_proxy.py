@@ -34,6 +34,7 @@ from trio_websocket import (
 
 from ntonix.accesslog import AccessLog
 from ntonix.asgi import Receive, Scope, Send
+from ntonix.backend_slots import admit, release
 from ntonix.core.headers import request_id_of
 from ntonix.core.health import Outcome, Ticket, outcome_of_status
 from ntonix.core.requests import validate_target
@@ -49,7 +50,8 @@ from ntonix.core.websocket import (
 )
 from ntonix.downstream import new_request_id
 from ntonix.errors import GatewayError, client_error, dialect_of, upstream_error
-from ntonix.proxy import Proxy, Report
+from ntonix.exchange import Report
+from ntonix.proxy import Proxy
 from ntonix.shared_limits import Ticket as ClientTicket
 from ntonix.upstream import BackendPool
 from ntonix.websocket_relay import Relay, close_session, scope_pings
@@ -80,7 +82,7 @@ class Refusal(Exception):
 
 
 class Placement:
-    """A session looking for a backend (what `Proxy.admit` needs to know)."""
+    """A session looking for a backend (what `backend_slots.admit` needs to know)."""
 
     __slots__ = ("affinity", "model", "record", "tried")
 
@@ -205,7 +207,7 @@ class Sessions:
                     report.error = f"the session's backend closed it with {ending.code}"
                     record.outcome, record.error = "error", "backend_gone"
             finally:
-                self.proxy.release(ticket, report)
+                release(self.proxy, ticket, report)
                 session.cancel_scope.cancel()
 
     async def _connect(
@@ -225,7 +227,7 @@ class Sessions:
         failed = ""
         retries = proxy.config.gateway.retries
         for attempt in range(retries + 1):
-            ticket = await proxy.admit(placement, first=attempt == 0)
+            ticket = await admit(proxy, placement, first=attempt == 0)
             if ticket is None:
                 break
             if failed:
@@ -281,7 +283,7 @@ class Sessions:
                 last_error = error
             finally:
                 if released:
-                    proxy.release(ticket, report)
+                    release(proxy, ticket, report)
             failed = ticket.name
         assert last_error is not None  # a first attempt either returns or raises
         raise last_error
