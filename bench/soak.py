@@ -21,7 +21,6 @@ and soak.png (matplotlib, the `bench` extra) to bench/results/.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -43,6 +42,7 @@ from bench.procs import (
     python_argv,
     start_mock,
 )
+from tests.chaos.harness import tasks_of
 
 SAMPLE_EVERY = 5.0
 RELOAD_EVERY = 60.0
@@ -124,23 +124,13 @@ def _sum_rss_kib(pids: list[int]) -> int:
     return total
 
 
-async def _tasks(census: Path, pid: int) -> int:
-    stream = await trio.open_unix_socket(str(census / f"{pid}.sock"))
-    async with stream:
-        data = b""
-        while chunk := await stream.receive_some(4096):
-            data += chunk
-    count: int = json.loads(data)["tasks"]
-    return count
-
-
 async def _sample(soak: Soak, client: httpx.AsyncClient) -> None:
     while True:
         await trio.sleep(SAMPLE_EVERY)
         try:
             pids = soak.workers()
             status = (await client.get(f"{soak.url}/ntonix/status")).json()
-            tasks = sum([await _tasks(soak.census, pid) for pid in pids])
+            tasks = sum([await tasks_of(soak.census, pid) for pid in pids])
             fds = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
             rss = _sum_rss_kib(pids) / 1024
         except (OSError, httpx.HTTPError, ValueError) as error:
