@@ -82,13 +82,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--soak",
-        type=float,
+        type=_soak_minutes,
         nargs="?",
         const=30.0,
         metavar="MINUTES",
         help="run the soak instead (30 minutes unless given; needs the `bench` extra)",
     )
     return parser
+
+
+def _soak_minutes(text: str) -> float:
+    """A soak judges its samples after the warm-up: a run without a minute of them (12
+    samples) could only fail, so it is refused before anything starts."""
+    minutes = float(text)
+    shortest = (soak_run.WARMUP + soak_run.MIN_SAMPLES * soak_run.SAMPLE_EVERY) / 60
+    if not minutes >= shortest:
+        raise argparse.ArgumentTypeError(
+            f"a soak needs at least {shortest:g} minutes ({soak_run.WARMUP / 60:g} of warm-up, "
+            f"then a minute of samples to fit), got {text}"
+        )
+    return minutes
 
 
 def _log(message: str) -> None:

@@ -50,6 +50,7 @@ FLAP_EVERY = 120.0
 FLAP_DOWN = 20.0
 KILL_WORKER_EVERY = 600.0
 WARMUP = 120.0
+MIN_SAMPLES = 12  # a minute of them: fewer fit no line worth a verdict
 AFTER_KILL = 90.0
 FIT_WINDOW = 20 * 60.0
 FLAT = 0.01  # of the mean, per 10 minutes
@@ -291,7 +292,7 @@ def segments(soak: Soak) -> list[list[Sample]]:
         if sample.at < start or any(0 <= sample.at - k < AFTER_KILL for k in cuts):
             continue
         pieces[next(i for i, cut in enumerate(cuts) if sample.at < cut)].append(sample)
-    return [piece for piece in pieces if len(piece) >= 12]  # a minute at least
+    return [piece for piece in pieces if len(piece) >= MIN_SAMPLES]
 
 
 def start(processes: Processes, logs: Path) -> Soak:
@@ -341,9 +342,9 @@ def verdict(soak: Soak) -> tuple[bool, dict[str, Any], dict[str, Any]]:
     window = [sample for piece in segments(soak) for sample in piece]
     fits: dict[str, Any] = {}
     steepest: dict[str, Any] = {}
-    flat = len(window) >= 12
+    flat = len(window) >= MIN_SAMPLES
     for field in ("rss_mib", "fds", "tasks"):
-        if len(window) < 12:
+        if len(window) < MIN_SAMPLES:
             break
         fits[field] = _fit(window, field)
         flat = flat and abs(fits[field]["share"]) < FLAT

@@ -415,6 +415,19 @@ CASES = [
             check_close=True,
         ),
         413,
+        b"request_too_large",
+        closes=True,
+    ),
+    Case(
+        # The same on Ollama's route: its error shape, a string under "error".
+        "chunk_size_2_to_the_64_ollama",
+        raw(
+            _head("POST", "/api/chat", ("transfer-encoding", "chunked"))
+            + b"10000000000000000\r\nxx",
+            check_close=True,
+        ),
+        413,
+        b'{"error": "The request body is larger than',
         closes=True,
     ),
     Case(

@@ -14,7 +14,7 @@ import httpx
 import trio
 
 from tests.conftest import RunningMock, StartMock
-from tests.support import Spawn, chat, serve_two_workers, workers_of
+from tests.support import SERVE, Spawn, chat, serve_two_workers, serving, workers_of
 
 
 def _config_file(tmp_path: Path, mock: RunningMock) -> Path:
@@ -89,3 +89,27 @@ async def test_a_worker_that_keeps_dying_is_backed_off_then_the_gateway_exits_1(
             except ProcessLookupError:
                 break
             await trio.sleep(0.05)
+
+
+async def test_a_sigkilled_parent_leaves_its_figures_directory_to_the_next_start(
+    tmp_path: Path, start_mock: StartMock, spawn_job: Spawn
+) -> None:
+    mock = await start_mock()
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    command = (*SERVE, "--config", str(_config_file(tmp_path, mock)), "--workers", "2")
+    gateway = await spawn_job(*command, env={"TMPDIR": str(temporary)})
+    await serving(gateway, 2)
+    (left,) = temporary.glob("ntonix-workers-*")
+    assert (left / "owner.pid").read_text() == f"{gateway.pid}\n"
+
+    os.kill(gateway.pid, signal.SIGKILL)
+    await gateway.process.wait()
+    assert left.exists()  # the parent had no chance to remove it
+
+    again = await spawn_job(*command, env={"TMPDIR": str(temporary)})
+    await serving(again, 2)
+    assert not left.exists()
+    assert f"removed {left}".encode() in again.output
+    assert await again.stop(signal.SIGTERM) == 0, again.output.decode()
+    assert list(temporary.iterdir()) == []

@@ -19,7 +19,7 @@ from ntonix.asgi import Receive, Send, send_body
 from ntonix.core.framing import StreamKind, stream_error_frame, stream_kind
 from ntonix.core.telemetry import RequestRecord
 from ntonix.errors import GatewayError, client_error, dialect_of
-from ntonix.inbox import Inbox
+from ntonix.inbox import BODY_OVER_LIMIT, Inbox
 from ntonix.watchdog import IdleWatch, Silence
 
 
@@ -134,6 +134,8 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
+        if BODY_OVER_LIMIT in message:
+            raise too_large(limit)
         chunk = message.get("body", b"")
         if chunk:
             size += len(chunk)

@@ -9,30 +9,29 @@ It never outlives `ntonix serve`: the kernel sends it SIGKILL when the thread th
 ends (prctl's PR_SET_PDEATHSIG, set in the child between fork and exec), so it must be started
 on the thread that lives as long as the process, the main one. SIGKILL because the server holds
 nothing worth a graceful end. The directory a killed parent could not remove is removed by the
-next start: it names its owner's pid, and an owner that no longer runs owns nothing.
+next start (private_dirs).
 """
 
 from __future__ import annotations
 
 import ctypes
-import glob
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
+
+from ntonix import private_dirs
 
 log = logging.getLogger("ntonix.shared")
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 PREFIX = "ntonix-valkey-"
-OWNER_FILE = "owner.pid"  # the pid of the `ntonix serve` that made the directory
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -63,10 +62,7 @@ class EmbeddedValkey:
 
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("the embedded valkey-server dies with the thread that starts it")
-        remove_orphaned_directories()
-        directory = tempfile.mkdtemp(prefix=PREFIX)
-        with open(os.path.join(directory, OWNER_FILE), "w", encoding="ascii") as owner:
-            owner.write(f"{os.getpid()}\n")
+        directory = private_dirs.make(PREFIX)
         socket_path = os.path.join(directory, "valkey.sock")
         command = [
             str(get_binary_path()),
@@ -141,20 +137,3 @@ def _die_with(parent: int) -> Callable[[], None]:
             os._exit(1)
 
     return child
-
-
-def remove_orphaned_directories() -> None:
-    """Remove the directories of embedded servers whose `ntonix serve` no longer runs (it was
-    killed before it could): the server died with it, its socket file stayed."""
-    for directory in glob.glob(os.path.join(tempfile.gettempdir(), PREFIX + "*")):
-        try:
-            with open(os.path.join(directory, OWNER_FILE), encoding="ascii") as owner:
-                pid = int(owner.read())
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(directory, ignore_errors=True)
-            log.info("removed %s, left by an ntonix serve (pid %d) that was killed", directory, pid)
-        except (OSError, ValueError):
-            # Not ours (another user's: PermissionError), just being made (no owner yet), or
-            # not one of these at all: leave it.
-            continue

@@ -32,6 +32,12 @@ from hypercorn.typing import AppWrapper, ASGIReceiveCallable
 
 Message = dict[str, Any]
 
+# Set in a request message by our HTTP/1.1 protocol when a chunk's declared size puts the body
+# past `max_request_body` before its bytes arrive: the app answers 413 at once, as for a body
+# that grew past the limit (`downstream.read_body`), in its client's dialect and with its log
+# line. A message of ours, not ASGI's: only `ntonix serve`'s protocol sends it.
+BODY_OVER_LIMIT = "ntonix.body_over_limit"
+
 
 class Inbox:
     """The messages of one request, with an optional callback for its disconnect."""

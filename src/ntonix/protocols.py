@@ -23,12 +23,12 @@ Invariants:
 - A header block (HEADERS and its CONTINUATION frames) over `MAX_HEADER_BLOCK` bytes closes
   the connection with ENHANCE_YOUR_CALM, so at most that much is held per connection.
 - HTTP/1.1: a response the connection must close after is always sent whole; a chunk size over
-  `max_request_body` is answered 413 at once, and a head with an obs-fold line 400, and the
-  connection closed.
+  `max_request_body` stops the body's reading and the app answers 413 at once (the message
+  `inbox.BODY_OVER_LIMIT`), and a head with an obs-fold line gets 400; the connection closes.
 
 These reach into Hypercorn's, h2's and h11's internals (pinned in pyproject.toml):
 `stream_buffers`, `_send_data`, `_handle_events`, `_flush`, `_close_stream`,
-`_send_error_response`, h2's `FrameBuffer` and h11's chunked body reader.
+h2's `FrameBuffer` and h11's chunked body reader.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import attrs
 import h2.errors
@@ -52,10 +53,18 @@ from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
-from hypercorn.typing import AppWrapper, ConnectionState, TaskGroup, WorkerContext
+from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.typing import (
+    AppWrapper,
+    ConnectionState,
+    HTTPRequestEvent,
+    TaskGroup,
+    WorkerContext,
+)
 from hyperframe.frame import Frame
 
 from ntonix.core.budgets import ResetBudget
+from ntonix.inbox import BODY_OVER_LIMIT
 
 log = logging.getLogger("ntonix.h2")
 
@@ -304,20 +313,29 @@ class GuardedH11Protocol(H11Protocol):
             h11.SERVER, max_incomplete_event_size=config.h11_max_incomplete_size
         )
         self.max_request_body = max_request_body
+        self._body_refused = False
 
     async def handle(self, event: Event) -> None:
         if (
             isinstance(event, RawData)
             and event.data
-            and self.connection.their_state in (h11.MUST_CLOSE, h11.ERROR)
+            and (self._body_refused or self.connection.their_state in (h11.MUST_CLOSE, h11.ERROR))
         ):
             # Nothing the client sends now is read: h11 would only hold it.
             return
         await super().handle(event)
-        if isinstance(event, RawData) and self._chunk_over_limit():
-            await self._close_stream()  # the app stops waiting for the body
-            await self._send_error_response(413)
-            await self.send(Closed())
+        if isinstance(event, RawData) and not self._body_refused and self._chunk_over_limit():
+            # Nothing more of this body is read: no body under the limit can follow. The app
+            # answers 413 (in its client's dialect, with its access-log line) as for a body
+            # that grew past the limit; the connection closes after it, its body unread.
+            self._body_refused = True
+            if isinstance(self.stream, HTTPStream) and self.stream.app_put is not None:
+                message = {"type": "http.request", "body": b"", "more_body": True}
+                await self.stream.app_put(
+                    cast("HTTPRequestEvent", {**message, BODY_OVER_LIMIT: True})
+                )
+            else:
+                await self.send(Closed())
 
     def _chunk_over_limit(self) -> bool:
         if not isinstance(self.connection, h11.Connection):

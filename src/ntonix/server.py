@@ -25,7 +25,6 @@ import shutil
 import signal
 import ssl
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable, MutableSequence, Sequence
 from functools import partial
 from multiprocessing.connection import Connection
@@ -37,6 +36,7 @@ import trio
 from hypercorn.typing import AppWrapper, Framework
 from hypercorn.utils import wrap_app
 
+from ntonix import private_dirs
 from ntonix.app import Gateway
 from ntonix.config import Config
 from ntonix.embedded import EmbeddedValkey
@@ -248,8 +248,8 @@ def _spawn_and_supervise(
     # Each worker's count of open connections, in memory they all see: the cap is the total.
     counts = spawn.RawArray("q", workers)
     # Where the workers' figures meet, so that each answers for the whole gateway: private to
-    # this run (mode 0700), removed after it.
-    figures = tempfile.mkdtemp(prefix="ntonix-workers-")
+    # this run (mode 0700), removed after it (or by the next start, if this one is killed).
+    figures = private_dirs.make("ntonix-workers-")
     work = (settings, sockets, config, config_path, counts, stop_reader, figures, embedded_tier)
 
     def start(index: int) -> BaseProcess:
