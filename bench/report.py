@@ -320,6 +320,7 @@ def _costs(results: Results) -> list[str]:
                             _errors(run),
                             _ms(run.ttft_p50_ms),
                             _ms(run.ttft_p99_ms),
+                            _ms(run.connect_p99_ms),
                             f"{costed.cpu_s:.2f}",
                             f"{costed.backends_cpu_s:.2f}",
                         ]
@@ -339,11 +340,14 @@ def _costs(results: Results) -> list[str]:
         "stream); *many*: 5,000 streams at 2 tokens/s (2 workers or more). The floor runs as "
         "many processes as the gateway has workers; the gateway has two `bench.backend`s of its "
         "own. *CPU s*: the server's own user + system time from the first connect to the last "
-        "stream's end (all its processes); *backends CPU s*: its backends' meanwhile.",
+        "stream's end (all its processes); *backends CPU s*: its backends' meanwhile. *connect*: "
+        "the client's connect(), part of TTFT (a SYN dropped from a full listen queue costs "
+        "1 s).",
         "",
     ]
     header = ["workers", "load", "repeat", "server", "complete", "errors", "TTFT p50 ms"]
-    lines += _table([*header, "TTFT p99 ms", "CPU s", "backends CPU s"], rows)
+    timing = ["TTFT p99 ms", "connect p99 ms"]
+    lines += _table([*header, *timing, "CPU s", "backends CPU s"], rows)
     lines += _table(
         ["workers", "floor µs/token", "gateway µs/token", "gateway / floor (median)"], per_token
     )
