@@ -163,17 +163,21 @@ class Backend:
                 self._close(connection)
             return
         lines = received[:end].decode("latin-1").split("\r\n")
-        method, target, _ = lines[0].split(" ", 2)
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
+        try:
+            method, target, _ = lines[0].split(" ", 2)
+            length = int(headers.get("content-length", "0"))
+        except ValueError:  # not HTTP/1.1 as the gateway writes it: nothing sensible to answer
+            self._close(connection)
+            return
         if "transfer-encoding" in headers:
             del received[:]
             connection.close_after = True
             self._schedule(connection, timeline(error_reply(501, "chunked bodies: not served")))
             return
-        length = int(headers.get("content-length", "0"))
         if len(received) < end + 4 + length:
             return
         body = bytes(received[end + 4 : end + 4 + length])

@@ -1,6 +1,6 @@
 """`python -m bench.backend`, the cheap backend of the bench's scenario (i): the lean mock's
 replies, framed and timed as the lean mock sends them, keep-alive, and a client that leaves
-mid-stream costs nothing to the next one."""
+mid-stream (or sends no HTTP at all) costs nothing to the next one."""
 
 from __future__ import annotations
 
@@ -71,6 +71,13 @@ async def test_streams_the_mocks_reply_on_its_schedule_and_keeps_the_connection(
         request_bytes("POST", "/v1/chat/completions", "b", TIMING, STREAM_BODY.encode())
     )
     await gone.aclose()
+
+    # Then one that sends no HTTP at all: closed, and the backend serves on.
+    bad = await trio.open_tcp_stream("127.0.0.1", port)
+    await bad.send_all(b"not http\r\ncontent-length: x\r\n\r\n")
+    with trio.fail_after(5):
+        assert await bad.receive_some(65536) == b""
+    await bad.aclose()
 
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     parser = ResponseParser()
