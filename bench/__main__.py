@@ -35,6 +35,7 @@ from bench.costs import stream_costs
 from bench.hetero import QUICK_HETERO, HeteroResult, HeteroSpec, hetero_scenario, render_hetero
 from bench.load import raise_open_file_limit
 from bench.procs import (
+    MOCK_OPTIONS,
     CpuMeter,
     Mock,
     Processes,
@@ -62,9 +63,6 @@ SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
 # Those that run against the shared gateway (e measures upstream clients on their own; g and h
 # start gateways of their own: g one with the cache off and one with it on, h one per strategy).
 GATEWAY_SCENARIOS = {"a", "b", "c", "d", "f", "i"}
-# The mocks answer small non-streaming requests at once; streaming scenarios override the
-# timing per request with x-mock-* headers.
-MOCK_OPTIONS = ["--tokens", "8", "--token-delay", "0", "--ttft", "0"]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,22 +10,41 @@ two from the same repeat:
 - many (2 workers or more): 5,000 streams at 2 tokens/s (20 tokens, 0.5 s apart): errors and
   TTFT p99.
 
+The floor has no backend; the gateway needs two, and on a 2-core machine their CPU is taken
+from the gateway's. So (i) runs a gateway of its own (as many workers as the scenarios' one) in
+front of two `bench.backend` processes: the mock's replies, the same bytes at the same times,
+for about a tenth of the lean mock's CPU (docs/BENCHMARKS.md, "Two workers on two cores"). Both
+servers first serve one unmeasured open load, so that each starts warm (imports, first
+allocations, and for the gateway the kept-alive upstream connections a running gateway holds).
+
 Invariants: every ratio divides figures of one repeat (floor and gateway seconds apart, the
 order alternating); CPU is the server's own (utime + stime from /proc, all its processes), never
-wall time; the mocks' CPU is not the gateway's.
+wall time; the backends' CPU is not the gateway's (it is shown beside it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bench.procs import CpuMeter, descendants, start_floor
-from bench.scenarios import Bench, StreamRun, _streams
+from bench.procs import (
+    MOCK_OPTIONS,
+    CpuMeter,
+    Gateway,
+    Mock,
+    descendants,
+    gateway_config,
+    start_backend,
+    start_floor,
+    start_gateway,
+)
+from bench.scenarios import Address, Bench, StreamRun, _streams
 from bench.stats import median
 
 OPEN_HEADERS = {"x-mock-ttft": "0.5", "x-mock-tokens": "1", "x-mock-token-delay": "0"}
 RELAY_TOKENS = 21
 RELAY_HEADERS = {"x-mock-ttft": "0.1", "x-mock-token-delay": "0.1"}
+# The warm-up: the open load without its wait.
+WARM_HEADERS = {"x-mock-ttft": "0", "x-mock-tokens": "1", "x-mock-token-delay": "0"}
 MANY_HEADERS = {"x-mock-ttft": "0.5", "x-mock-tokens": "20", "x-mock-token-delay": "0.5"}
 
 
@@ -35,6 +54,7 @@ class Costed:
 
     run: StreamRun
     cpu_s: float
+    backends_cpu_s: float = 0.0  # the backends' (none at the floor)
 
 
 @dataclass
@@ -85,46 +105,69 @@ class CostsResult:
 
 
 def stream_costs(bench: Bench) -> CostsResult:
-    """(i) at this gateway, against a floor of as many processes as it has workers."""
+    """(i) at a gateway of `bench.gateway`'s worker count in front of `bench.backend`s, against
+    a floor of as many processes."""
     workers = bench.gateway.workers
-    sizes = bench.sizes
-    floor = start_floor(bench.processes, count=workers)
+    processes = bench.processes
+    backends = [
+        start_backend(processes, f"backend-{index + 1}", MOCK_OPTIONS)
+        for index in range(len(bench.mocks))
+    ]
+    started = [backend.pid for backend in backends]
     try:
-        floor_pids = [floor.process.pid, *descendants(floor.process.pid)]
-        result = CostsResult(floor_processes=workers, relay_streams=sizes.cost_relay_streams)
-
-        def pair(label: str, count: int, headers: dict[str, str], repeat: int) -> CostPair:
-            order = ["floor", "gateway"] if repeat % 2 == 0 else ["gateway", "floor"]
-            runs: dict[str, Costed] = {}
-            for side in order:
-                if side == "floor":
-                    targets, pids = bench.at_floor(floor), floor_pids
-                else:
-                    targets, pids = bench.through_gateway(), bench.gateway.pids()
-                meter = CpuMeter({"server": pids, "mocks": [m.pid for m in bench.mocks]})
-                run, _ = _streams(
-                    bench,
-                    targets,
-                    f"i-{label}-{side}{repeat}",
-                    count=count,
-                    headers=headers,
-                    processes=sizes.stream_processes,
-                    timeout=90.0,
-                    meter=meter,
-                )
-                runs[side] = Costed(run, meter.seconds["server"])
-            return CostPair(runs["floor"], runs["gateway"])
-
-        open_streams = sizes.cost_open_streams
-        relay_streams = result.relay_streams
-        for repeat in range(sizes.cost_repeats):
-            result.open.append(pair("open", open_streams, OPEN_HEADERS, repeat))
-            one = {**RELAY_HEADERS, "x-mock-tokens": "1"}
-            result.relay_one.append(pair("relay1", relay_streams, one, repeat))
-            many = {**RELAY_HEADERS, "x-mock-tokens": str(RELAY_TOKENS)}
-            result.relay_many.append(pair("relay", relay_streams, many, repeat))
-        if workers >= 2:
-            result.many.append(pair("many", sizes.cost_many_streams, MANY_HEADERS, 0))
-        return result
+        config = processes.log_dir / f"ntonix-i-w{workers}.toml"
+        config.write_text(gateway_config(backends))
+        gateway = start_gateway(processes, config, workers, name=f"gateway-i-w{workers}")
+        started.append(gateway.process.pid)
+        floor = start_floor(processes, count=workers)
+        started.append(floor.process.pid)
+        return _measure(bench, gateway, backends, bench.at_floor(floor), floor.process.pid)
     finally:
-        bench.processes.stop(floor.process)
+        for pid in reversed(started):
+            processes.stop_pid(pid)
+
+
+def _measure(
+    bench: Bench, gateway: Gateway, backends: list[Mock], at_floor: list[Address], floor_pid: int
+) -> CostsResult:
+    sizes = bench.sizes
+    floor_pids = [floor_pid, *descendants(floor_pid)]
+    through_gateway: list[Address] = [("127.0.0.1", gateway.port)]
+    result = CostsResult(floor_processes=gateway.workers, relay_streams=sizes.cost_relay_streams)
+
+    def run(label: str, count: int, headers: dict[str, str], side: str) -> Costed:
+        if side == "floor":
+            targets, pids = at_floor, floor_pids
+        else:
+            targets, pids = through_gateway, gateway.pids()
+        meter = CpuMeter({"server": pids, "mocks": [backend.pid for backend in backends]})
+        streams, _ = _streams(
+            bench,
+            targets,
+            f"i-{label}-{side}",
+            count=count,
+            headers=headers,
+            processes=sizes.stream_processes,
+            timeout=90.0,
+            meter=meter,
+        )
+        return Costed(streams, meter.seconds["server"], meter.seconds["mocks"])
+
+    def pair(label: str, count: int, headers: dict[str, str], repeat: int) -> CostPair:
+        order = ["floor", "gateway"] if repeat % 2 == 0 else ["gateway", "floor"]
+        runs = {side: run(f"{label}{repeat}", count, headers, side) for side in order}
+        return CostPair(runs["floor"], runs["gateway"])
+
+    open_streams = sizes.cost_open_streams
+    for side in ("floor", "gateway"):
+        run("warm", open_streams, WARM_HEADERS, side)
+    relay_streams = result.relay_streams
+    for repeat in range(sizes.cost_repeats):
+        result.open.append(pair("open", open_streams, OPEN_HEADERS, repeat))
+        one = {**RELAY_HEADERS, "x-mock-tokens": "1"}
+        result.relay_one.append(pair("relay1", relay_streams, one, repeat))
+        many = {**RELAY_HEADERS, "x-mock-tokens": str(RELAY_TOKENS)}
+        result.relay_many.append(pair("relay", relay_streams, many, repeat))
+    if gateway.workers >= 2:
+        result.many.append(pair("many", sizes.cost_many_streams, MANY_HEADERS, 0))
+    return result

@@ -67,6 +67,7 @@ class StreamRecord:
     request_id: str
     ok: bool = False
     ttft: float | None = None  # seconds from connect to the first token
+    connected: float | None = None  # seconds from the start of connect() to its return
     tokens: int = 0
     error: str = ""
     closed_at: float | None = None  # time.time() right when the client hung up
@@ -183,6 +184,7 @@ async def _one_stream(spec: LoadSpec, target: tuple[str, int], record: StreamRec
     try:
         with trio.fail_after(spec.timeout):
             sock = await connect(target)
+            record.connected = time.perf_counter() - started
             try:
                 await _send_all(sock, request)
                 parser = ResponseParser()

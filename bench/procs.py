@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import IO, Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The backends answer small non-streaming requests at once; streaming scenarios set the timing
+# per request with x-mock-* headers.
+MOCK_OPTIONS = ["--tokens", "8", "--token-delay", "0", "--ttft", "0"]
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 
 
@@ -80,6 +83,12 @@ class Processes:
                 _signal(pid, signal.SIGKILL)
         if process in self._started:
             self._started.remove(process)
+
+    def stop_pid(self, pid: int) -> None:
+        """`stop` the process started with this PID, if it is one of ours."""
+        for process in list(self._started):
+            if process.pid == pid:
+                self.stop(process)
 
     def close(self) -> None:
         # A second Ctrl-C must not cut the cleanup short: hold signals until it is done.
@@ -235,6 +244,19 @@ def start_mock(
     once it has printed the port it bound."""
     server = ["--lean"] if lean else []
     argv = python_argv("mocks.llm", "--port", "0", *server, "--name", name, *options)
+    return _start_listening(processes, name, argv, timeout)
+
+
+def start_backend(
+    processes: Processes, name: str, options: list[str], timeout: float = 15.0
+) -> Mock:
+    """`bench.backend` (the mock's replies at a fraction of its CPU, no `/mock/stats`) on a
+    free port; returns once it has printed the port it bound."""
+    argv = python_argv("bench.backend", "--port", "0", "--name", name, *options)
+    return _start_listening(processes, name, argv, timeout)
+
+
+def _start_listening(processes: Processes, name: str, argv: list[str], timeout: float) -> Mock:
     process = processes.start(name, argv, stdout=subprocess.PIPE)
     assert process.stdout is not None
     ready, _, _ = select.select([process.stdout], [], [], timeout)
@@ -288,7 +310,12 @@ def gateway_config(mocks: list[Mock]) -> str:
 
 
 def start_gateway(
-    processes: Processes, config_path: Path, workers: int, timeout: float = 30.0
+    processes: Processes,
+    config_path: Path,
+    workers: int,
+    timeout: float = 30.0,
+    *,
+    name: str = "",
 ) -> Gateway:
     """`ntonix serve` with `workers` workers; returns once every worker is up and it answers."""
     port = free_port()
@@ -302,7 +329,7 @@ def start_gateway(
         "--workers",
         str(workers),
     ]
-    gateway = Gateway(workers, port, processes.start(f"gateway-w{workers}", argv))
+    gateway = Gateway(workers, port, processes.start(name or f"gateway-w{workers}", argv))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if gateway.process.poll() is not None:

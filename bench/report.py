@@ -320,7 +320,9 @@ def _costs(results: Results) -> list[str]:
                             _errors(run),
                             _ms(run.ttft_p50_ms),
                             _ms(run.ttft_p99_ms),
+                            _ms(run.connect_p99_ms),
                             f"{costed.cpu_s:.2f}",
+                            f"{costed.backends_cpu_s:.2f}",
                         ]
                     )
     per_token = [
@@ -336,12 +338,16 @@ def _costs(results: Results) -> list[str]:
         "*open*: streams opened at once, 1 token each, the first after 0.5 s; *relay*: streams "
         "at 10 tokens/s, with 21 tokens and with 1 (per token = the difference / 20 tokens per "
         "stream); *many*: 5,000 streams at 2 tokens/s (2 workers or more). The floor runs as "
-        "many processes as the gateway has workers. *CPU s*: the server's own user + system "
-        "time from the first connect to the last stream's end (all its processes).",
+        "many processes as the gateway has workers; the gateway has two `bench.backend`s of its "
+        "own. *CPU s*: the server's own user + system time from the first connect to the last "
+        "stream's end (all its processes); *backends CPU s*: its backends' meanwhile. *connect*: "
+        "the client's connect(), part of TTFT (a SYN dropped from a full listen queue costs "
+        "1 s).",
         "",
     ]
     header = ["workers", "load", "repeat", "server", "complete", "errors", "TTFT p50 ms"]
-    lines += _table([*header, "TTFT p99 ms", "CPU s"], rows)
+    timing = ["TTFT p99 ms", "connect p99 ms"]
+    lines += _table([*header, *timing, "CPU s", "backends CPU s"], rows)
     lines += _table(
         ["workers", "floor µs/token", "gateway µs/token", "gateway / floor (median)"], per_token
     )

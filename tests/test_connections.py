@@ -21,10 +21,12 @@ import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 import trustme
 
 from ntonix.listening import (
     REFUSAL_WARNING_INTERVAL,
+    CappedListener,
     ConnectionSlots,
     set_send_timeout_on_listening_sockets,
 )
@@ -252,6 +254,41 @@ def test_refusals_are_logged_at_most_once_per_interval_with_their_number(
     ]
     slots.free()
     assert slots.take()  # the freed slot is taken again
+
+
+async def test_pending_connections_are_accepted_without_waiting_for_readiness(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With N workers on one socket, every wait for readiness is woken by every connection: a
+    # burst's connections must be taken from the backlog as long as some are pending.
+    waits: list[object] = []
+    wait_readable = trio.lowlevel.wait_readable
+
+    async def counted(sock: socket.socket) -> None:
+        waits.append(sock)
+        await wait_readable(sock)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counted)
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        listener = CappedListener(sock, ConnectionSlots(10))
+        # Connected by the kernel (in the backlog) before anything is accepted.
+        clients = [socket.create_connection(sock.getsockname()) for _ in range(3)]
+        streams = [await listener.accept() for _ in clients]
+        assert waits == []
+
+        async def accept_one() -> None:
+            streams.append(await listener.accept())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_one)
+            await trio.testing.wait_all_tasks_blocked()
+            assert waits == [sock]  # nothing pending: now it waits
+            late = socket.create_connection(sock.getsockname())
+        assert len(streams) == 4
+        for stream in streams:
+            await stream.aclose()
+        for client in [*clients, late]:
+            client.close()
 
 
 def test_workers_sharing_their_counts_are_capped_together() -> None:

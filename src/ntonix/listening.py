@@ -187,27 +187,38 @@ class CappedListener(trio.abc.Listener[trio.SocketStream]):
         self._slots = slots
 
     async def accept(self) -> trio.SocketStream:
+        # As Trio's own listener does: a connection already pending is taken at once, and only
+        # an empty backlog is waited on. Waiting first cost an epoll round per connection, and
+        # with N workers on one socket each wait wakes every worker for each connection, all
+        # but one of them to find nothing.
+        await trio.lowlevel.checkpoint()
         while True:
             if self.socket.fileno() == -1:
                 raise trio.ClosedResourceError("the listener was closed")
+            stream = self._take_pending()
+            if stream is not None:
+                return stream
             await trio.lowlevel.wait_readable(self.socket)
-            # Everything pending now, without waiting in between: a burst past the limit is
-            # refused at once, not one connection per wake-up.
-            while True:
-                try:
-                    connection, address = self.socket.accept()
-                except BlockingIOError:
-                    break  # none left, or another worker took it
-                except OSError as error:
-                    if error.errno in _GONE_BEFORE_ACCEPT:
-                        continue
-                    raise
-                client = _host(address)
-                if self._slots.take(client):
-                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
-                    self._slots.accepted(stream, client)
-                    return stream
-                _reset(connection)
+
+    def _take_pending(self) -> trio.SocketStream | None:
+        """The first pending connection that gets a slot; those past the limit are reset at
+        once, all of them, without waiting in between. None when nothing is pending (or
+        another worker took it)."""
+        while True:
+            try:
+                connection, address = self.socket.accept()
+            except BlockingIOError:
+                return None
+            except OSError as error:
+                if error.errno in _GONE_BEFORE_ACCEPT:
+                    continue
+                raise
+            client = _host(address)
+            if self._slots.take(client):
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+                self._slots.accepted(stream, client)
+                return stream
+            _reset(connection)
 
     async def aclose(self) -> None:
         if self.socket.fileno() != -1:
