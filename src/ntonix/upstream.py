@@ -159,6 +159,7 @@ class UpstreamConnection:
         try:
             await self._stream.send_all(request_head(method, target, headers) + body)
         except _FOREIGN_ERRORS as error:
+            await self._cancelled_if_closed()
             raise self._failed(error, "sending the request") from error
 
     async def receive_response(self) -> Response:
@@ -192,11 +193,22 @@ class UpstreamConnection:
         return _gateway_error(error, self._backend, doing, self.closed_by_backend)
 
     async def _receive(self, reader: ResponseReader) -> None:
-        # Trio's socket and TLS streams return bytes; the ABC also allows bytearray.
-        data = cast(bytes, await self._stream.receive_some(RECEIVE_SIZE))
+        try:
+            # Trio's socket and TLS streams return bytes; the ABC also allows bytearray.
+            data = cast(bytes, await self._stream.receive_some(RECEIVE_SIZE))
+        except _FOREIGN_ERRORS:
+            await self._cancelled_if_closed()
+            raise
         if not data:
             self.closed_by_backend = True
         reader.feed(data)
+
+    async def _cancelled_if_closed(self) -> None:
+        """Raise the request's cancellation if `close()` ran: it runs for a client that left,
+        right after that client's request was cancelled, and a read woken by data before the
+        cancel then finds the socket closed. That is no failure of the backend."""
+        if self._socket.fileno() == -1:
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     def ready_for_reuse(self) -> bool:
         """True, and ready for the next request, if the last exchange completed cleanly."""
