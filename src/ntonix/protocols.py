@@ -48,7 +48,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
+from hypercorn.protocol.events import Body, Data, EndBody, EndData, StreamClosed, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
@@ -304,6 +304,18 @@ class GuardedH11Protocol(H11Protocol):
             h11.SERVER, max_incomplete_event_size=config.h11_max_incomplete_size
         )
         self.max_request_body = max_request_body
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed) and self.connection.their_state is h11.SEND_BODY:
+            # The response ended before the request's body was read (an early refusal: 401,
+            # 404, 429...), and Hypercorn closes such a connection. The reader gets its turns
+            # first, to take a body that has already arrived: then the connection is kept
+            # alive, as when the body came first. (The worker's writes, which used to give
+            # those turns, no longer yield; two, because a turn's order within Trio's batch
+            # is random.)
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+        await super().stream_send(event)
 
     async def handle(self, event: Event) -> None:
         if (
