@@ -87,6 +87,18 @@ async def test_non_streaming_json_is_forwarded_with_its_length(
     assert response.headers["x-request-id"]
 
 
+async def test_a_body_larger_than_a_socket_takes_at_once_arrives_whole(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    # The gateway writes what the kernel takes at once, then waits for room for the rest.
+    gateway = await start_gateway(await start_mock(tokens=300_000, ttft=0, token_delay=0))
+    response = await client.post(f"{gateway}/v1/chat/completions", json=chat(stream=False))
+    assert response.status_code == 200
+    assert len(response.content) > 1_000_000
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert response.json()["choices"][0]["message"]["content"]
+
+
 async def test_request_id_is_passed_through(
     start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
 ) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 
 import hypercorn.config
 import trio
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -109,7 +111,7 @@ def tune_garbage_collector() -> None:
 
 class _TCPServer(TCPServer):
     """Hypercorn's handler of one connection, with HTTP/2 guarded (`protocols`), ending as soon
-    as the client has closed it.
+    as the client has closed it, and writing to a plain socket without waiting when it can.
 
     Hypercorn 0.18 sees the end of a kept-alive connection that is idle (between requests) but
     then waits for its keep-alive timer (5 s) before the handler ends: the socket, and its slot
@@ -181,10 +183,52 @@ class _TCPServer(TCPServer):
         async with self.send_lock:
             await super()._close()
 
+    async def protocol_send(self, event: Event) -> None:
+        # Hypercorn's send of response bytes takes its lock and the stream's `send_all`, two
+        # schedule points and a shielded scope per write (head, body, end: three per response).
+        # On a plain socket, a write the kernel takes whole needs neither: it cannot block.
+        if not isinstance(event, RawData) or not isinstance(self.stream, trio.SocketStream):
+            await super().protocol_send(event)
+            return
+        data = event.data
+        if not data:
+            # The end of a body of known length: h11 has nothing to write. (A closed socket is
+            # noticed by the next write or read, as Hypercorn's empty write would notice it.)
+            return
+        lock = self.send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:  # another write is under way: wait for it, Hypercorn's way
+            await super().protocol_send(event)
+            return
+        try:
+            sent = _write_now(self.stream, data)
+            if sent < len(data):
+                with trio.CancelScope(shield=True):  # as Hypercorn's: a write is never cut
+                    await self.stream.send_all(memoryview(data)[sent:])
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.protocol.handle(Closed())  # under the lock, as Hypercorn does
+        finally:
+            lock.release()
+
     async def _read_data(self) -> None:
         await super()._read_data()
         # The client has closed (or the read failed): there is no next request to wait for.
         await self.idle_task.stop()
+
+
+def _write_now(stream: trio.SocketStream, data: bytes) -> int:
+    """Bytes of `data` written to `stream`'s socket without waiting (0 when its buffer is
+    full); raises OSError for a socket the peer reset or we closed."""
+    if stream.socket.did_shutdown_SHUT_WR:
+        raise trio.ClosedResourceError("can't send data after sending EOF")
+    fd = stream.socket.fileno()
+    if fd == -1:
+        raise trio.ClosedResourceError("the socket was closed")
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
 
 
 def _listeners(
