@@ -108,6 +108,8 @@ class Proxy:
 
         `record.tenant`, when set, is who asks: a model its key may not use is refused (403)."""
         downstream = Downstream(send, record)
+        if isinstance(receive, Inbox):
+            downstream.join_head = receive.join_next_write
         try:
             body = await self.accept(scope, receive)
             record.bytes_in = len(body)

@@ -112,6 +112,7 @@ async def attempt(
         await exchange.downstream.start(
             status,
             client_response_headers(response.headers, backend=ticket.name.encode()),
+            body_follows=connection.body_complete(),  # `relay_body` writes it at once
         )
         try:
             first_data_at = await relay_body(

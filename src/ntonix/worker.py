@@ -27,7 +27,7 @@ from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
 from ntonix.inbox import InboxTaskGroup
 from ntonix.listening import CappedListener, ConnectionSlots
-from ntonix.protocols import Guard, GuardedProtocol
+from ntonix.protocols import Guard, GuardedH11Protocol, GuardedProtocol
 
 log = logging.getLogger("ntonix.server")  # the `Running on` lines' logger, as it always was
 
@@ -129,6 +129,8 @@ class _TCPServer(TCPServer):
     ) -> None:
         super().__init__(app, config, context, state, stream)
         self.guard = guard
+        self._join_next = False  # see `join_next_write`
+        self._held = b""  # written with the next write
 
     async def run(self) -> None:
         # Hypercorn's own run, with GuardedProtocol in place of its ProtocolWrapper.
@@ -150,7 +152,7 @@ class _TCPServer(TCPServer):
                 ssl = False
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
-            async with InboxTaskGroup() as task_group:
+            async with InboxTaskGroup(self.join_next_write) as task_group:
                 self._task_group = task_group
                 self.protocol = GuardedProtocol(
                     self.guard,
@@ -183,29 +185,52 @@ class _TCPServer(TCPServer):
         async with self.send_lock:
             await super()._close()
 
+    def join_next_write(self) -> None:
+        """The next bytes written wait for the write after them and go out with them, in one
+        send: a response's head and the body that follows it at once (HTTP/1.1, no TLS)."""
+        if isinstance(self.stream, trio.SocketStream) and isinstance(
+            self.protocol.protocol, GuardedH11Protocol
+        ):
+            self._join_next = True
+
     async def protocol_send(self, event: Event) -> None:
         # Hypercorn's send of response bytes takes its lock and the stream's `send_all`, two
         # schedule points and a shielded scope per write (head, body, end: three per response).
         # On a plain socket, a write the kernel takes whole needs neither: it cannot block.
-        if not isinstance(event, RawData) or not isinstance(self.stream, trio.SocketStream):
+        stream = self.stream
+        if not isinstance(stream, trio.SocketStream):
+            await super().protocol_send(event)
+            return
+        if not isinstance(event, RawData):
+            if self._held:  # never left behind: held bytes go before anything else
+                held, self._held = self._held, b""
+                await self._write(stream, held)
             await super().protocol_send(event)
             return
         data = event.data
-        if not data:
-            # The end of a body of known length: h11 has nothing to write. (A closed socket is
-            # noticed by the next write or read, as Hypercorn's empty write would notice it.)
+        if self._join_next and data:
+            self._join_next = False
+            self._held = data
             return
+        if self._held:
+            data, self._held = self._held + data, b""
+        if data:
+            # Else the end of a body of known length: h11 has nothing to write. (A closed
+            # socket is noticed by the next write or read, as Hypercorn's empty write would.)
+            await self._write(stream, data)
+
+    async def _write(self, stream: trio.SocketStream, data: bytes) -> None:
         lock = self.send_lock
         try:
             lock.acquire_nowait()
         except trio.WouldBlock:  # another write is under way: wait for it, Hypercorn's way
-            await super().protocol_send(event)
+            await super().protocol_send(RawData(data=data))
             return
         try:
-            sent = _write_now(self.stream, data)
+            sent = _write_now(stream, data)
             if sent < len(data):
                 with trio.CancelScope(shield=True):  # as Hypercorn's: a write is never cut
-                    await self.stream.send_all(memoryview(data)[sent:])
+                    await stream.send_all(memoryview(data)[sent:])
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             await self.protocol.handle(Closed())  # under the lock, as Hypercorn does
         finally:
