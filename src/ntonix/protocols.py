@@ -24,7 +24,8 @@ Invariants:
   the connection with ENHANCE_YOUR_CALM, so at most that much is held per connection.
 - HTTP/1.1: a response the connection must close after is always sent whole; a chunk size over
   `max_request_body` is answered 413 at once, and a head with an obs-fold line 400, and the
-  connection closed.
+  connection closed; a response that ends before its request's body was read gives the reader
+  two turns before the connection is kept or closed.
 
 These reach into Hypercorn's, h2's and h11's internals (pinned in pyproject.toml):
 `stream_buffers`, `_send_data`, `_handle_events`, `_flush`, `_close_stream`,
