@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import httpx
+import pytest
+import trio
 
+import ntonix.worker
+from mocks.lean import serve_lean
+from mocks.llm import MockLLM, MockOptions
+from ntonix.worker import _write_now as write_now
 from tests.conftest import StartGateway, StartMock
-from tests.support import chat, sse_events
+from tests.support import RawClient, chat, sse_events
 
 
 async def test_sse_chunks_reach_the_client_as_the_backend_makes_them(
@@ -85,6 +92,58 @@ async def test_non_streaming_json_is_forwarded_with_its_length(
     assert int(response.headers["content-length"]) == len(response.content)
     assert response.json()["choices"][0]["message"]["content"]
     assert response.headers["x-request-id"]
+
+
+async def test_a_body_larger_than_a_socket_takes_at_once_arrives_whole(
+    start_mock: StartMock, start_gateway: StartGateway, client: httpx.AsyncClient
+) -> None:
+    # The gateway writes what the kernel takes at once, then waits for room for the rest.
+    gateway = await start_gateway(await start_mock(tokens=300_000, ttft=0, token_delay=0))
+    response = await client.post(f"{gateway}/v1/chat/completions", json=chat(stream=False))
+    assert response.status_code == 200
+    assert len(response.content) > 1_000_000
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert response.json()["choices"][0]["message"]["content"]
+
+
+async def test_a_whole_answer_leaves_in_one_write_and_a_stream_head_at_once(
+    nursery: trio.Nursery,
+    start_mock: StartMock,
+    start_gateway: StartGateway,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    writes: list[bytes] = []
+
+    def recording(stream: trio.SocketStream, data: bytes) -> int:
+        writes.append(bytes(data))
+        return write_now(stream, data)
+
+    monkeypatch.setattr(ntonix.worker, "_write_now", recording)
+    # The lean mock writes a whole answer's head and body together, as many servers do.
+    lean = MockLLM(MockOptions(tokens=3, ttft=0, token_delay=0))
+    port = await nursery.start(partial(serve_lean, lean, host="127.0.0.1", port=0))
+    gateway = await start_gateway(f"http://127.0.0.1:{port}")
+    cases = [
+        (chat(stream=False), b'"usage"'),  # an answer that came whole: head and body together
+        ({"messages": []}, b'"model_required"'),  # the gateway's own error: the same
+    ]
+    for payload, end in cases:
+        writes.clear()
+        client = await RawClient.connect(gateway)
+        await client.send_request("POST", "/v1/chat/completions", payload)
+        await client.read_until(end)
+        assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 ") and end in writes[0]
+        await client.hang_up()
+    # Hypercorn's mock sends a stream's head first: it goes on at once, not held for the first
+    # token (0.2 s later).
+    gateway = await start_gateway(await start_mock(ttft=0.2))
+    writes.clear()
+    client = await RawClient.connect(gateway)
+    await client.send_request("POST", "/v1/chat/completions", chat())
+    await client.read_until(b"\r\n\r\n")
+    assert writes and writes[0].startswith(b"HTTP/1.1 200") and b"data:" not in writes[0]
+    await client.read_until(b"[DONE]")
+    await client.hang_up()
 
 
 async def test_request_id_is_passed_through(

@@ -83,7 +83,10 @@ class Flight:
 
     # The response-sink side, driven by Proxy.forward inside the flight task.
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    async def start(
+        self, status: int, headers: list[tuple[bytes, bytes]], *, body_follows: bool = False
+    ) -> None:
+        # `body_follows` is for a client's connection; `listen` writes each client's own.
         self.kind = stream_kind(headers)
         self.status = status
         self.headers = headers
@@ -389,7 +392,9 @@ async def listen(flight: Flight, downstream: Downstream) -> None:
         if not flight.committed:
             await downstream.fail(flight.error or _LOST)
             return
-        await downstream.start(flight.status, list(flight.headers))
+        # Bytes already there are written at once: the head may go out with them.
+        follows = bool(flight.pieces) or flight.finished
+        await downstream.start(flight.status, list(flight.headers), body_follows=follows)
         taken = 0
         while True:
             pieces = flight.pieces
@@ -409,7 +414,7 @@ async def listen(flight: Flight, downstream: Downstream) -> None:
 
 async def replay(response: CachedResponse, downstream: Downstream) -> None:
     """A hit: the same status, headers and chunks, in the same order, as a stream."""
-    await downstream.start(response.status, list(response.headers))
+    await downstream.start(response.status, list(response.headers), body_follows=True)
     last = len(response.chunks) - 1
     for index, chunk in enumerate(response.chunks):
         await downstream.write(chunk, more=index < last)

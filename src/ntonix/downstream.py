@@ -49,6 +49,7 @@ class Downstream:
         "delivered",
         "dialect",
         "finished",
+        "join_head",
         "kind",
         "on_gone",
         "record",
@@ -69,9 +70,17 @@ class Downstream:
         # Closes the upstream connection the request holds, if any: run as the client leaves,
         # so the backend sees the close before the cancelled request has unwound.
         self.on_gone: Callable[[], None] | None = None
+        # Under `ntonix serve`: the head's write waits to go out with the body's first bytes
+        # (one send, not two), for a body that follows it at once (`Inbox.join_next_write`).
+        self.join_head: Callable[[], None] | None = None
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """Commit: status and headers, plus the gateway's own for this request."""
+    async def start(
+        self, status: int, headers: list[tuple[bytes, bytes]], *, body_follows: bool = False
+    ) -> None:
+        """Commit: status and headers, plus the gateway's own for this request.
+
+        `body_follows`: the caller writes the body's first bytes right after, without waiting
+        for anything, so the head may go out with them."""
         record = self.record
         record.status = status
         record.phase = "stream"
@@ -84,6 +93,8 @@ class Downstream:
             # An nginx in front must not buffer the stream either.
             headers.append((b"x-accel-buffering", b"no"))
         self.committed = True
+        if body_follows and self.join_head is not None:
+            self.join_head()
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def write(self, data: bytes, *, more: bool) -> None:
@@ -108,6 +119,8 @@ class Downstream:
             record.outcome = "error"
             body = error.body(self.dialect)
             record.note_body(len(body), trio.current_time)
+            if self.join_head is not None:
+                self.join_head()
             await send_body(self._send, error.status, body, error.headers() + self._own_headers())
             self.delivered.set()
             return

@@ -43,7 +43,9 @@ class ResponseSink(Protocol):
     request_id: bytes
     committed: bool
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+    async def start(
+        self, status: int, headers: list[tuple[bytes, bytes]], *, body_follows: bool = False
+    ) -> None: ...
     async def write(self, data: bytes, *, more: bool) -> None: ...
     async def fail(self, error: GatewayError) -> None: ...
 
@@ -57,8 +59,8 @@ class Exchange:
         "charged",
         "downstream",
         "meter",
+        "metered",
         "method",
-        "prompt",
         "record",
         "request",
         "scope",
@@ -78,7 +80,7 @@ class Exchange:
         self.tried: set[str] = set()
         self.affinity = prepared.affinity
         self.strip = prepared.strip
-        self.prompt = prepared.prompt
+        self.metered = prepared.metered
         self.meter: UsageMeter | None = None  # reads the committed response's tokens
         self.charged = False
 
@@ -90,15 +92,16 @@ class Exchange:
 class Prepared:
     """A request as the phases after accept see it: no parsed body, what they need of it."""
 
-    __slots__ = ("affinity", "body", "key", "plan", "prompt", "request", "strip")
+    __slots__ = ("affinity", "body", "key", "metered", "plan", "request", "strip")
 
     def __init__(self, request: ProxiedRequest, body: bytes) -> None:
         self.request = request  # without its payload
         self.body = body  # what goes upstream
         # Asks for stream usage the client did not: the usage-only event is taken out again.
         self.strip = False
-        # The prompt's estimated tokens; None when the body was not parsed (not a generation).
-        self.prompt: int | None = None
+        # A generation (its body parsed): its response's tokens are counted, and its prompt
+        # estimated from `body` should the backend report no counts.
+        self.metered = False
         self.affinity: str | None = None  # prefix-affinity's key
         self.plan: Decision | None = None  # what the cache may do (cache on, body parsed)
         self.key: str | None = None  # the cache key, when the plan looks up or stores

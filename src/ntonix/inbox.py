@@ -42,9 +42,19 @@ BODY_OVER_LIMIT = "ntonix.body_over_limit"
 class Inbox:
     """The messages of one request, with an optional callback for its disconnect."""
 
-    __slots__ = ("_messages", "_on_disconnect", "_reader", "_size", "_writers", "disconnected")
+    __slots__ = (
+        "_messages",
+        "_on_disconnect",
+        "_reader",
+        "_size",
+        "_writers",
+        "disconnected",
+        "join_next_write",
+    )
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, join_next_write: Callable[[], None] | None = None) -> None:
+        # From the connection: the response's next write waits to go out with the one after.
+        self.join_next_write = join_next_write
         self._messages: list[Message] = []
         self._size = max(size, 1)
         self._reader: trio.lowlevel.Task | None = None
@@ -104,7 +114,12 @@ class Inbox:
 
 
 class InboxTaskGroup(TaskGroup):
-    """Hypercorn's task group of one connection, giving each request an `Inbox`."""
+    """Hypercorn's task group of one connection, giving each request an `Inbox` (which can
+    ask the connection to join a response's head to its body: `join_next_write`)."""
+
+    def __init__(self, join_next_write: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self._join_next_write = join_next_write
 
     async def spawn_app(
         self,
@@ -113,7 +128,7 @@ class InboxTaskGroup(TaskGroup):
         scope: Any,
         send: Callable[[Any], Awaitable[None]],
     ) -> Callable[[Any], Awaitable[None]]:
-        inbox = Inbox(config.max_app_queue_size)
+        inbox = Inbox(config.max_app_queue_size, self._join_next_write)
         assert self._nursery is not None
         self._nursery.start_soon(
             _handle,

@@ -25,6 +25,8 @@ Invariants:
 - HTTP/1.1: a response the connection must close after is always sent whole; a chunk size over
   `max_request_body` stops the body's reading and the app answers 413 at once (the message
   `inbox.BODY_OVER_LIMIT`), and a head with an obs-fold line gets 400; the connection closes.
+  A response that ends before its request's body was read gives the reader two turns before
+  the connection is kept or closed.
 
 These reach into Hypercorn's, h2's and h11's internals (pinned in pyproject.toml):
 `stream_buffers`, `_send_data`, `_handle_events`, `_flush`, `_close_stream`,
@@ -49,7 +51,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
+from hypercorn.protocol.events import Body, Data, EndBody, EndData, StreamClosed, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
@@ -314,6 +316,18 @@ class GuardedH11Protocol(H11Protocol):
         )
         self.max_request_body = max_request_body
         self._body_refused = False
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed) and self.connection.their_state is h11.SEND_BODY:
+            # The response ended before the request's body was read (an early refusal: 401,
+            # 404, 429...), and Hypercorn closes such a connection. The reader gets its turns
+            # first, to take a body that has already arrived: then the connection is kept
+            # alive, as when the body came first. (The worker's writes, which used to give
+            # those turns, no longer yield; two, because a turn's order within Trio's batch
+            # is random.)
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+        await super().stream_send(event)
 
     async def handle(self, event: Event) -> None:
         if (

@@ -23,7 +23,6 @@ import logging
 import random
 from functools import partial
 
-import attrs
 import trio
 
 from ntonix import upstream_attempt
@@ -37,10 +36,10 @@ from ntonix.core.balancer import affinity_key, make_strategy
 from ntonix.core.health import HealthTable
 from ntonix.core.keys import cache_key, cacheability, scope_for
 from ntonix.core.lru import CachedResponse
-from ntonix.core.requests import classify
+from ntonix.core.requests import ProxiedRequest, classify
 from ntonix.core.signals import LoadBook
 from ntonix.core.telemetry import RequestRecord, Tallies
-from ntonix.core.usage import prompt_estimate, with_stream_usage
+from ntonix.core.usage import with_stream_usage
 from ntonix.downstream import (
     ClientGone,
     Downstream,
@@ -109,6 +108,8 @@ class Proxy:
 
         `record.tenant`, when set, is who asks: a model its key may not use is refused (403)."""
         downstream = Downstream(send, record)
+        if isinstance(receive, Inbox):
+            downstream.join_head = receive.join_next_write
         try:
             body = await self.accept(scope, receive)
             record.bytes_in = len(body)
@@ -156,10 +157,11 @@ class Proxy:
             message = f"The key {tenant.name!r} may not use the model {request.model!r}"
             raise client_error(403, "model_not_allowed", message)
         payload = request.payload
-        prepared = Prepared(attrs.evolve(request, payload=None), body)
         if payload is None:
-            return prepared
-        prepared.prompt = prompt_estimate(payload)
+            return Prepared(request, body)
+        # Built directly: `attrs.evolve` reads the class's fields on every call.
+        prepared = Prepared(ProxiedRequest(request.target, request.model, request.stream), body)
+        prepared.metered = True
         if self.config.usage.request_stream_usage:
             # The client did not ask for usage in its stream: ask for it, and strip it again.
             asked = with_stream_usage(scope["raw_path"], payload)

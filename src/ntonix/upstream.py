@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 import ssl
 from typing import cast
@@ -141,7 +142,7 @@ class Response:
 class UpstreamConnection:
     """One HTTP/1.1 connection to a backend; used by one request at a time."""
 
-    __slots__ = ("_backend", "_reader", "_socket", "_stream", "closed_by_backend")
+    __slots__ = ("_backend", "_plain", "_reader", "_socket", "_stream", "closed_by_backend")
 
     def __init__(
         self, backend: BackendSettings, socket_stream: trio.SocketStream, stream: trio.abc.Stream
@@ -149,16 +150,24 @@ class UpstreamConnection:
         self._backend = backend
         self._socket = socket_stream.socket
         self._stream = stream
+        # No TLS: bytes go to and come from the socket itself (see `send_request`, `_receive`).
+        self._plain = stream is socket_stream
         self._reader: ResponseReader | None = None  # of the exchange under way
         self.closed_by_backend = False
 
     async def send_request(
         self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
+        """Write the request. On a plain socket a request the kernel takes whole is written
+        without a schedule point (Trio's `send_all` has one): the response's wait has one."""
         self._reader = ResponseReader(max_head=MAX_RESPONSE_HEAD, head_request=method == b"HEAD")
+        request = request_head(method, target, headers) + body
         try:
-            await self._stream.send_all(request_head(method, target, headers) + body)
+            sent = _write_now(self._socket, request) if self._plain else 0
+            if sent < len(request):
+                await self._stream.send_all(memoryview(request)[sent:])
         except _FOREIGN_ERRORS as error:
+            await self._cancelled_if_closed()
             raise self._failed(error, "sending the request") from error
 
     async def receive_response(self) -> Response:
@@ -192,11 +201,25 @@ class UpstreamConnection:
         return _gateway_error(error, self._backend, doing, self.closed_by_backend)
 
     async def _receive(self, reader: ResponseReader) -> None:
-        # Trio's socket and TLS streams return bytes; the ABC also allows bytearray.
-        data = cast(bytes, await self._stream.receive_some(RECEIVE_SIZE))
+        try:
+            if self._plain:
+                data = await _read_when_readable(self._socket)
+            else:
+                # Trio's TLS stream returns bytes; the ABC also allows bytearray.
+                data = cast(bytes, await self._stream.receive_some(RECEIVE_SIZE))
+        except _FOREIGN_ERRORS:
+            await self._cancelled_if_closed()
+            raise
         if not data:
             self.closed_by_backend = True
         reader.feed(data)
+
+    async def _cancelled_if_closed(self) -> None:
+        """Raise the request's cancellation if `close()` ran: it runs for a client that left,
+        right after that client's request was cancelled, and a read woken by data before the
+        cancel then finds the socket closed. That is no failure of the backend."""
+        if self._socket.fileno() == -1:
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     def ready_for_reuse(self) -> bool:
         """True, and ready for the next request, if the last exchange completed cleanly."""
@@ -210,6 +233,32 @@ class UpstreamConnection:
     def close(self) -> None:
         """Close now, synchronously: safe in any cleanup, and the backend sees it at once."""
         self._socket.close()
+
+
+def _write_now(sock: trio.socket.SocketType, data: bytes) -> int:
+    """Bytes of `data` written to `sock` without waiting: 0 when its buffer is full."""
+    fd = sock.fileno()
+    if fd == -1:
+        raise trio.ClosedResourceError("the connection was closed")
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+
+
+async def _read_when_readable(sock: trio.socket.SocketType) -> bytes:
+    """What arrives next on `sock` (b"" at its end). It waits first and reads after: a read
+    is asked for when the backend has yet to answer, so Trio's try-then-wait (`receive_some`)
+    mostly paid a read that found nothing."""
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        fd = sock.fileno()
+        if fd == -1:
+            raise trio.ClosedResourceError("the connection was closed")
+        try:
+            return os.read(fd, RECEIVE_SIZE)
+        except BlockingIOError:
+            continue
 
 
 @attrs.frozen

@@ -30,7 +30,7 @@ from ntonix.backend_slots import charge, release
 from ntonix.core.framing import stream_kind
 from ntonix.core.headers import client_response_headers, upstream_request_headers
 from ntonix.core.health import Outcome, Ticket, outcome_of_status, retry_after_of
-from ntonix.core.usage import UsageMeter
+from ntonix.core.usage import UsageMeter, prompt_estimate_of
 from ntonix.downstream import Downstream
 from ntonix.errors import GatewayError, upstream_error
 from ntonix.exchange import Exchange, Report, ResponseSink
@@ -103,13 +103,16 @@ async def attempt(
         if answered in _RETRYABLE and not last and _has_alternative(proxy, exchange):
             report.outcome = answered
             return upstream_error(502, "backend_error", f"Backend {ticket.name} answered {status}")
-        if 200 <= status < 300 and exchange.prompt is not None:
+        if 200 <= status < 300 and exchange.metered:
             exchange.meter = UsageMeter(
-                stream_kind(response.headers), strip=exchange.strip, prompt=exchange.prompt
+                stream_kind(response.headers),
+                strip=exchange.strip,
+                prompt=partial(prompt_estimate_of, exchange.body),
             )
         await exchange.downstream.start(
             status,
             client_response_headers(response.headers, backend=ticket.name.encode()),
+            body_follows=connection.body_complete(),  # `relay_body` writes it at once
         )
         try:
             first_data_at = await relay_body(

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 
 import hypercorn.config
 import trio
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -25,7 +27,7 @@ from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
 from ntonix.inbox import InboxTaskGroup
 from ntonix.listening import CappedListener, ConnectionSlots
-from ntonix.protocols import Guard, GuardedProtocol
+from ntonix.protocols import Guard, GuardedH11Protocol, GuardedProtocol
 
 log = logging.getLogger("ntonix.server")  # the `Running on` lines' logger, as it always was
 
@@ -109,7 +111,7 @@ def tune_garbage_collector() -> None:
 
 class _TCPServer(TCPServer):
     """Hypercorn's handler of one connection, with HTTP/2 guarded (`protocols`), ending as soon
-    as the client has closed it.
+    as the client has closed it, and writing to a plain socket without waiting when it can.
 
     Hypercorn 0.18 sees the end of a kept-alive connection that is idle (between requests) but
     then waits for its keep-alive timer (5 s) before the handler ends: the socket, and its slot
@@ -127,6 +129,8 @@ class _TCPServer(TCPServer):
     ) -> None:
         super().__init__(app, config, context, state, stream)
         self.guard = guard
+        self._join_next = False  # see `join_next_write`
+        self._held = b""  # written with the next write
 
     async def run(self) -> None:
         # Hypercorn's own run, with GuardedProtocol in place of its ProtocolWrapper.
@@ -148,7 +152,7 @@ class _TCPServer(TCPServer):
                 ssl = False
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
-            async with InboxTaskGroup() as task_group:
+            async with InboxTaskGroup(self.join_next_write) as task_group:
                 self._task_group = task_group
                 self.protocol = GuardedProtocol(
                     self.guard,
@@ -181,10 +185,75 @@ class _TCPServer(TCPServer):
         async with self.send_lock:
             await super()._close()
 
+    def join_next_write(self) -> None:
+        """The next bytes written wait for the write after them and go out with them, in one
+        send: a response's head and the body that follows it at once (HTTP/1.1, no TLS)."""
+        if isinstance(self.stream, trio.SocketStream) and isinstance(
+            self.protocol.protocol, GuardedH11Protocol
+        ):
+            self._join_next = True
+
+    async def protocol_send(self, event: Event) -> None:
+        # Hypercorn's send of response bytes takes its lock and the stream's `send_all`, two
+        # schedule points and a shielded scope per write (head, body, end: three per response).
+        # On a plain socket, a write the kernel takes whole needs neither: it cannot block.
+        stream = self.stream
+        if not isinstance(stream, trio.SocketStream):
+            await super().protocol_send(event)
+            return
+        if not isinstance(event, RawData):
+            if self._held:  # never left behind: held bytes go before anything else
+                held, self._held = self._held, b""
+                await self._write(stream, held)
+            await super().protocol_send(event)
+            return
+        data = event.data
+        if self._join_next and data:
+            self._join_next = False
+            self._held = data
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
+        if data:
+            # Else the end of a body of known length: h11 has nothing to write. (A closed
+            # socket is noticed by the next write or read, as Hypercorn's empty write would.)
+            await self._write(stream, data)
+
+    async def _write(self, stream: trio.SocketStream, data: bytes) -> None:
+        lock = self.send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:  # another write is under way: wait for it, Hypercorn's way
+            await super().protocol_send(RawData(data=data))
+            return
+        try:
+            sent = _write_now(stream, data)
+            if sent < len(data):
+                with trio.CancelScope(shield=True):  # as Hypercorn's: a write is never cut
+                    await stream.send_all(memoryview(data)[sent:])
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.protocol.handle(Closed())  # under the lock, as Hypercorn does
+        finally:
+            lock.release()
+
     async def _read_data(self) -> None:
         await super()._read_data()
         # The client has closed (or the read failed): there is no next request to wait for.
         await self.idle_task.stop()
+
+
+def _write_now(stream: trio.SocketStream, data: bytes) -> int:
+    """Bytes of `data` written to `stream`'s socket without waiting (0 when its buffer is
+    full); raises OSError for a socket the peer reset or we closed."""
+    if stream.socket.did_shutdown_SHUT_WR:
+        raise trio.ClosedResourceError("can't send data after sending EOF")
+    fd = stream.socket.fileno()
+    if fd == -1:
+        raise trio.ClosedResourceError("the socket was closed")
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
 
 
 def _listeners(

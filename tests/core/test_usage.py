@@ -14,6 +14,7 @@ from ntonix.core.usage import (
     Usage,
     UsageMeter,
     prompt_estimate,
+    prompt_estimate_of,
     reported_usage,
     with_stream_usage,
 )
@@ -87,25 +88,25 @@ def test_counts_and_bytes_do_not_depend_on_how_the_network_splits(
 ) -> None:
     bounds = sorted({min(cut, len(case.body)) for cut in cuts})
     pieces = [case.body[a:b] for a, b in zip([0, *bounds], [*bounds, len(case.body)], strict=True)]
-    meter = UsageMeter(case.kind, strip=case.strip, prompt=5)
+    meter = UsageMeter(case.kind, strip=case.strip, prompt=lambda: 5)
     assert meter_all(meter, pieces) == case.passed
     assert meter.usage() == case.usage
 
 
 def test_without_stripping_every_byte_passes_at_once() -> None:
-    meter = UsageMeter(StreamKind.SSE, strip=False, prompt=0)
+    meter = UsageMeter(StreamKind.SSE, strip=False, prompt=lambda: 0)
     assert meter.feed(b'data: {"cho') == b'data: {"cho'
 
 
 def test_a_client_that_leaves_mid_stream_gets_an_estimate_of_what_passed() -> None:
-    meter = UsageMeter(StreamKind.SSE, strip=True, prompt=9)
+    meter = UsageMeter(StreamKind.SSE, strip=True, prompt=lambda: 9)
     for event in STREAM[:3]:  # the role chunk and two words
         meter.feed(event)
     assert meter.usage() == Usage(9, 2, estimated=True)
 
 
 def test_a_body_too_large_to_parse_is_estimated_from_its_size() -> None:
-    meter = UsageMeter(StreamKind.OTHER, strip=False, prompt=1)
+    meter = UsageMeter(StreamKind.OTHER, strip=False, prompt=lambda: 1)
     meter.feed(b"x" * MAX_METERED_BODY)
     meter.feed(b"yyyy")
     meter.flush()
@@ -153,3 +154,23 @@ def test_prompt_estimate_counts_message_text_at_four_characters_a_token() -> Non
     assert prompt_estimate(payload) == 4  # 13 characters
     assert prompt_estimate({"prompt": "abcd"}) == 1
     assert prompt_estimate(None) == 0
+    assert prompt_estimate_of(json.dumps(payload).encode()) == 4
+    for not_an_object in (b"[1]", b"{", b""):
+        assert prompt_estimate_of(not_an_object) == 0
+
+
+def test_the_prompt_is_estimated_only_when_the_backend_reported_no_counts() -> None:
+    asked = []
+
+    def prompt() -> int:
+        asked.append(1)
+        return 7
+
+    reported = UsageMeter(StreamKind.OTHER, strip=False, prompt=prompt)
+    reported.feed(json.dumps({"choices": [], "usage": USAGE}).encode())
+    reported.flush()
+    assert reported.usage() == Usage(12, 3) and not asked
+    silent = UsageMeter(StreamKind.OTHER, strip=False, prompt=prompt)
+    silent.feed(b'{"choices": [{"message": {"content": "abcdefgh"}}]}')
+    silent.flush()
+    assert silent.usage() == Usage(7, 2, estimated=True) and asked == [1]

@@ -10,7 +10,8 @@ Where the numbers come from: OpenAI `usage` (`prompt_tokens`/`completion_tokens`
 Responses API's `input_tokens`/`output_tokens`) in a JSON body or in the last events of an SSE
 stream; Ollama `prompt_eval_count`/`eval_count` in its JSON body or the `done` line of its
 NDJSON stream. Without them: each content chunk of a stream is one completion token, and text
-in a whole body or a prompt is one token per `CHARS_PER_TOKEN` characters.
+in a whole body or a prompt is one token per `CHARS_PER_TOKEN` characters. The prompt is
+estimated only when a count is missing: most backends report theirs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -99,6 +100,15 @@ def prompt_estimate(payload: Mapping[str, Any] | None) -> int:
     return estimate_tokens(text_length(payload, _PROMPT_KEYS)) if payload else 0
 
 
+def prompt_estimate_of(body: bytes) -> int:
+    """`prompt_estimate` of a request body (0 for one that is not a JSON object)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return 0
+    return prompt_estimate(payload) if isinstance(payload, Mapping) else 0
+
+
 def with_stream_usage(path: bytes, payload: Mapping[str, Any]) -> bytes | None:
     """The body to send upstream instead, asking for usage in an OpenAI stream, when the client
     did not ask for it itself; None when nothing needs to change."""
@@ -114,9 +124,13 @@ def with_stream_usage(path: bytes, payload: Mapping[str, Any]) -> bytes | None:
 
 
 class UsageMeter:
-    """Reads a response body as it passes, and says how many tokens it carried."""
+    """Reads a response body as it passes, and says how many tokens it carried.
 
-    def __init__(self, kind: StreamKind, *, strip: bool, prompt: int) -> None:
+    `prompt` gives the prompt's estimated tokens; it is called only if the backend reported no
+    counts (estimating a prompt costs more than the rest of the meter's work on a short answer).
+    """
+
+    def __init__(self, kind: StreamKind, *, strip: bool, prompt: Callable[[], int]) -> None:
         self.kind = kind
         self._strip = strip and kind is StreamKind.SSE
         self._prompt = prompt
@@ -158,7 +172,7 @@ class UsageMeter:
         """The counts the backend reported, or an estimate from what passed so far."""
         if self._reported is not None:
             return Usage(*self._reported)
-        return Usage(self._prompt, self._chunks, estimated=True)
+        return Usage(self._prompt(), self._chunks, estimated=True)
 
     def _read(self, frame: bytes) -> bool:
         """Note what a frame says; False when it is the usage-only event to strip."""
