@@ -159,7 +159,7 @@ class UpstreamConnection:
         try:
             await self._stream.send_all(request_head(method, target, headers) + body)
         except _FOREIGN_ERRORS as error:
-            raise self._failed(error, "sending the request") from error
+            raise await self._failed(error, "sending the request") from error
 
     async def receive_response(self) -> Response:
         """The response head; interim 1xx responses are skipped."""
@@ -169,7 +169,7 @@ class UpstreamConnection:
             while not reader.status:
                 await self._receive(reader)
         except _FOREIGN_ERRORS as error:
-            raise self._failed(error, "waiting for the response") from error
+            raise await self._failed(error, "waiting for the response") from error
         return Response(reader.status, reader.headers)
 
     async def receive_body(self) -> tuple[bytes, bool]:
@@ -181,14 +181,20 @@ class UpstreamConnection:
             while (arrived := reader.take()) is None:
                 await self._receive(reader)
         except _FOREIGN_ERRORS as error:
-            raise self._failed(error, "streaming the response") from error
+            raise await self._failed(error, "streaming the response") from error
         return arrived
 
     def body_complete(self) -> bool:
         """The whole body of the response under way has arrived: `receive_body` will not wait."""
         return self._reader is not None and self._reader.complete
 
-    def _failed(self, error: BaseException, doing: str) -> GatewayError:
+    async def _failed(self, error: BaseException, doing: str) -> GatewayError:
+        # A client that leaves cancels its request and closes this socket at once (`close`).
+        # A read that completed in the same scheduler batch then fails on the closed socket
+        # before reaching a checkpoint: that is the client's leaving, not the backend failing,
+        # so the cancellation ends the request (no failure charged to the backend, no error
+        # frame, the access log says client_disconnected).
+        await trio.lowlevel.checkpoint_if_cancelled()
         return _gateway_error(error, self._backend, doing, self.closed_by_backend)
 
     async def _receive(self, reader: ResponseReader) -> None:

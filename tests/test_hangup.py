@@ -1,0 +1,66 @@
+"""A client's hang-up, hop by hop: it ends its request as a cancellation (never as the backend's
+failure), no chunk is written to a client known gone, and the worker's hang-up watch acts on a
+client's close before the tasks woken with it run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+import trio.testing
+
+from ntonix.config import BackendSettings
+from ntonix.upstream import UpstreamConnection
+
+
+class _WhenWoken(trio.abc.Instrument):
+    """Runs `action` from the scheduler once I/O has woken `task`, before it runs: what the
+    disconnect does to a request whose backend sent data in the same I/O round as its client
+    left."""
+
+    def __init__(self, action: Callable[[], None]) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.action = action
+        self.woken = False
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        self.woken = self.woken or task is self.task
+
+    def after_io_wait(self, timeout: float) -> None:
+        if self.woken:
+            self.task, self.woken = None, False
+            self.action()
+
+
+async def test_a_read_that_completes_as_the_client_leaves_ends_as_a_cancellation() -> None:
+    ours, backend = trio.socket.socketpair()
+    stream = trio.SocketStream(ours)
+    connection = UpstreamConnection(
+        BackendSettings(name="b", url="http://127.0.0.1:1"), stream, stream
+    )
+    await connection.send_request(b"GET", b"/", [], b"")
+    await backend.send(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    await connection.receive_response()
+    scope = trio.CancelScope()
+
+    def client_gone() -> None:  # as `_InboxWatch._client_gone` does: cancel, then close
+        scope.cancel()
+        connection.close()
+
+    probe = _WhenWoken(client_gone)
+    trio.lowlevel.add_instrument(probe)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def relay() -> None:
+                probe.task = trio.lowlevel.current_task()
+                with scope:
+                    await connection.receive_body()
+
+            nursery.start_soon(relay)
+            await trio.testing.wait_all_tasks_blocked()
+            await backend.send(b"5\r\nhello\r\n")  # readable: the relay is woken, then cancelled
+    finally:
+        trio.lowlevel.remove_instrument(probe)
+        backend.close()
+    assert scope.cancelled_caught  # not a GatewayError ("connection broken") from the backend
