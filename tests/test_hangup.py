@@ -5,12 +5,27 @@ client's close before the tasks woken with it run."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import trio
 import trio.testing
 
 from ntonix.config import BackendSettings
+from ntonix.core.telemetry import RequestRecord
+from ntonix.downstream import Downstream
 from ntonix.upstream import UpstreamConnection
+
+
+def _record() -> RequestRecord:
+    return RequestRecord(
+        started=0.0,
+        wall_time=0.0,
+        request_id=b"r",
+        client="10.0.0.7",
+        method="POST",
+        path="/v1/chat/completions",
+        cache="",
+    )
 
 
 class _WhenWoken(trio.abc.Instrument):
@@ -64,3 +79,19 @@ async def test_a_read_that_completes_as_the_client_leaves_ends_as_a_cancellation
         trio.lowlevel.remove_instrument(probe)
         backend.close()
     assert scope.cancelled_caught  # not a GatewayError ("connection broken") from the backend
+
+
+async def test_a_request_cancelled_after_its_data_was_read_writes_nothing_more() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)  # as Hypercorn's send: shielded, no checkpoint before the socket
+
+    downstream = Downstream(send, _record())
+    await downstream.start(200, [])
+    with trio.CancelScope() as scope:
+        await downstream.write(b"data: 1\n\n", more=True)
+        scope.cancel()  # the client left while this chunk was on its way from the backend
+        await downstream.write(b"data: 2\n\n", more=True)
+    assert scope.cancelled_caught
+    assert [message.get("body") for message in sent] == [None, b"data: 1\n\n"]

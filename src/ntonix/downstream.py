@@ -87,6 +87,10 @@ class Downstream:
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def write(self, data: bytes, *, more: bool) -> None:
+        # A request cancelled since its data was read (its client has left) writes nothing:
+        # Hypercorn's send is shielded, so the chunk would go to a dead client, ahead of the
+        # work the cancellation is waiting behind.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if data:
             self.tail = data[-4:]
             self.record.note_body(len(data), trio.current_time)
