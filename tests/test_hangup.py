@@ -13,6 +13,7 @@ import trio.testing
 from ntonix.config import BackendSettings
 from ntonix.core.telemetry import RequestRecord
 from ntonix.downstream import Downstream
+from ntonix.hangups import HangupWatch
 from ntonix.upstream import UpstreamConnection
 
 
@@ -95,3 +96,55 @@ async def test_a_request_cancelled_after_its_data_was_read_writes_nothing_more()
         await downstream.write(b"data: 2\n\n", more=True)
     assert scope.cancelled_caught
     assert [message.get("body") for message in sent] == [None, b"data: 1\n\n"]
+
+
+async def test_the_watch_acts_on_a_close_before_the_tasks_woken_by_it_run() -> None:
+    watch = HangupWatch()
+    ours, client = trio.socket.socketpair()
+    calls: list[str] = []
+    seen_by_reader: list[list[str]] = []
+
+    async def reader() -> None:  # as Hypercorn's: woken by the same I/O as the watch
+        while True:
+            await trio.lowlevel.wait_readable(ours)
+            seen_by_reader.append(list(calls))
+            if not await ours.recv(4096):  # the watch reads nothing: the data is still there
+                return
+
+    trio.lowlevel.add_instrument(watch)
+    try:
+        watch.watch(ours, lambda: calls.append("hung up"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.send(b"GET / HTTP/1.1\r\n\r\n")  # data does not wake the watch
+            await trio.testing.wait_all_tasks_blocked()
+            client.close()
+    finally:
+        trio.lowlevel.remove_instrument(watch)
+        watch.close()
+        ours.close()
+    assert seen_by_reader == [[], ["hung up"]]  # once, before the reader saw the close
+    assert calls == ["hung up"]
+
+
+async def test_a_forgotten_socket_is_not_watched() -> None:
+    watch = HangupWatch()
+    ours, client = trio.socket.socketpair()
+    calls: list[str] = []
+
+    def hung_up() -> None:
+        calls.append("hung up")
+
+    trio.lowlevel.add_instrument(watch)
+    try:
+        key = watch.watch(ours, hung_up)
+        watch.forget(key, lambda: calls.append("another connection's"))  # not its callback
+        watch.forget(key, hung_up)
+        client.close()
+        await trio.lowlevel.wait_readable(ours)  # woken after the watch's turn in that round
+    finally:
+        trio.lowlevel.remove_instrument(watch)
+        watch.close()
+        ours.close()
+    assert calls == []

@@ -14,10 +14,15 @@ and their task tables cost about 1.2 KiB and a generic alias per request, for a 
 holds one or two messages. Neither end yields when it need not wait (Hypercorn's read loop and
 the app both reach a schedule point at their next socket call).
 
+The worker's hang-up watch (`hangups.py`) may see the client's close before Hypercorn's reader
+does: it calls `hang_up` on every inbox of the connection that has a callback (its task group
+keeps them), which runs the callback at once; Hypercorn's disconnect message comes later and is
+queued as usual.
+
 Invariants: every message still reaches `receive()` in order (the callback comes on top);
-a callback set after the disconnect was queued runs at once; at most one callback is set; at
-most `size` messages wait (at least one), a writer beyond that waits for the reader; one task
-reads at a time.
+the callback runs at most once, for whichever comes first, `hang_up` or the disconnect message;
+a callback set after either runs at once; at most one callback is set; at most `size` messages
+wait (at least one), a writer beyond that waits for the reader; one task reads at a time.
 """
 
 from __future__ import annotations
@@ -36,9 +41,18 @@ Message = dict[str, Any]
 class Inbox:
     """The messages of one request, with an optional callback for its disconnect."""
 
-    __slots__ = ("_messages", "_on_disconnect", "_reader", "_size", "_writers", "disconnected")
+    __slots__ = (
+        "_group",
+        "_messages",
+        "_on_disconnect",
+        "_reader",
+        "_size",
+        "_writers",
+        "disconnected",
+    )
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, group: InboxTaskGroup | None = None) -> None:
+        self._group = group  # the connection's, which `hang_up`s the inboxes with a callback
         self._messages: list[Message] = []
         self._size = max(size, 1)
         self._reader: trio.lowlevel.Task | None = None
@@ -93,12 +107,32 @@ class Inbox:
     def on_disconnect(self, callback: Callable[[], None] | None) -> None:
         """Run `callback` when the client leaves (now, if it has); None removes it."""
         self._on_disconnect = callback
+        if self._group is not None:
+            if callback is None:
+                self._group.listening.discard(self)
+            else:
+                self._group.listening.add(self)
         if callback is not None and self.disconnected:
             callback()
 
+    def hang_up(self) -> None:
+        """The client has closed the connection: as its disconnect message, without it."""
+        if not self.disconnected and self._on_disconnect is not None:
+            self._on_disconnect()
+            self.disconnected = True  # after it: a callback that raised runs again on the message
+
 
 class InboxTaskGroup(TaskGroup):
-    """Hypercorn's task group of one connection, giving each request an `Inbox`."""
+    """Hypercorn's task group of one connection, giving each request an `Inbox`; `hang_up`
+    tells those whose request listens for its client leaving that it has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listening: set[Inbox] = set()  # inboxes with a disconnect callback
+
+    def hang_up(self) -> None:
+        for inbox in list(self.listening):  # a callback may end its request's listening
+            inbox.hang_up()
 
     async def spawn_app(
         self,
@@ -107,7 +141,7 @@ class InboxTaskGroup(TaskGroup):
         scope: Any,
         send: Callable[[Any], Awaitable[None]],
     ) -> Callable[[Any], Awaitable[None]]:
-        inbox = Inbox(config.max_app_queue_size)
+        inbox = Inbox(config.max_app_queue_size, self)
         assert self._nursery is not None
         self._nursery.start_soon(
             _handle,
