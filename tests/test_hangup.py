@@ -1,9 +1,10 @@
 """A client's hang-up, hop by hop: it ends its request as a cancellation (never as the backend's
 failure), no chunk is written to a client known gone, and the worker's hang-up watch acts on a
-client's close before the tasks woken with it run."""
+client's close before the tasks woken with it run, and from inside a long batch."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ import trio.testing
 from ntonix.config import BackendSettings
 from ntonix.core.telemetry import RequestRecord
 from ntonix.downstream import Downstream
-from ntonix.hangups import HangupWatch
+from ntonix.hangups import CHECK_INTERVAL, HangupWatch
 from ntonix.upstream import UpstreamConnection
 
 
@@ -148,3 +149,28 @@ async def test_a_forgotten_socket_is_not_watched() -> None:
         watch.close()
         ours.close()
     assert calls == []
+
+
+async def test_a_close_during_a_batch_is_acted_on_at_the_next_write() -> None:
+    watch = HangupWatch()
+    ours, client = trio.socket.socketpair()
+    calls: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        pass  # as Hypercorn's send to a client with room: no checkpoint
+
+    trio.lowlevel.add_instrument(watch)
+    try:
+        watch.watch(ours, lambda: calls.append("hung up"))
+        await trio.lowlevel.checkpoint()  # an I/O wait: the watch has looked, nothing closed
+        downstream = Downstream(send, _record())
+        downstream.check_hangups = watch.check
+        await downstream.start(200, [])
+        client.close()
+        time.sleep(CHECK_INTERVAL)  # noqa: ASYNC251 - the batch goes on, no I/O wait comes
+        await downstream.write(b"data: 1\n\n", more=True)
+        assert calls == ["hung up"]  # from inside the batch, not at its end
+    finally:
+        trio.lowlevel.remove_instrument(watch)
+        watch.close()
+        ours.close()

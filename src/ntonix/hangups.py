@@ -9,24 +9,32 @@ also in a second epoll set, for EPOLLRDHUP alone (the peer's FIN or reset; arriv
 not wake it). This instrument asks that set, without waiting, right after each of Trio's own
 I/O waits, and runs the hang-up callback of each connection found closed right there: its
 requests are cancelled and their upstream sockets closed before any task of the next batch
-runs. Hypercorn's reader then reads the EOF as before, and its disconnect message finds the
-requests already cancelled.
+runs. A batch under load is itself tens of milliseconds of work, so a close that arrives during
+one is also looked for from inside it: each relayed chunk's write (`Downstream.write`) calls
+`check`, which asks the set at most once every `CHECK_INTERVAL`. Hypercorn's reader then reads
+the EOF as before, and its disconnect message finds the requests already cancelled.
 
 Invariants: a callback runs at most once per watched socket (EPOLLONESHOT), only while it is
-watched, outside any task; one that raises is logged and the watch goes on (Trio would drop an
-instrument that raises). The set is asked only while some socket is watched. Without epoll
-(not Linux) nothing is watched and the reader alone reports hang-ups.
+watched, between task steps or inside a write (where it may cancel that very request: its client
+may be the one gone); one that raises is logged and the watch goes on (Trio would drop an
+instrument that raises). The set is asked only while some socket is watched, after every I/O
+wait and at most every `CHECK_INTERVAL` besides. Without epoll (not Linux) nothing is watched
+and the reader alone reports hang-ups.
 """
 
 from __future__ import annotations
 
 import logging
 import select
+import time
 from collections.abc import Callable
 
 import trio
 
 log = logging.getLogger("ntonix.server")
+
+# How often a batch under way looks for closes, at most (one epoll_wait(0): about a microsecond).
+CHECK_INTERVAL = 0.001
 
 
 class HangupWatch(trio.abc.Instrument):
@@ -36,6 +44,7 @@ class HangupWatch(trio.abc.Instrument):
     def __init__(self) -> None:
         self._epoll = select.epoll() if hasattr(select, "epoll") else None
         self._callbacks: dict[int, Callable[[], None]] = {}
+        self._next_check = 0.0  # time.perf_counter() from when `check` looks again
 
     def watch(self, sock: trio.socket.SocketType, on_hangup: Callable[[], None]) -> int:
         """Call `on_hangup` as soon as the peer closes `sock` (or resets it); returns the key
@@ -56,9 +65,18 @@ class HangupWatch(trio.abc.Instrument):
             del self._callbacks[fd]
 
     def after_io_wait(self, timeout: float) -> None:
+        self._act()
+
+    def check(self) -> None:
+        """From inside a batch: act on closes if the last look was `CHECK_INTERVAL` ago."""
+        if self._callbacks and time.perf_counter() >= self._next_check:
+            self._act()
+
+    def _act(self) -> None:
         if not self._callbacks:
             return
         assert self._epoll is not None  # nothing is watched without it
+        self._next_check = time.perf_counter() + CHECK_INTERVAL
         for fd, _ in self._epoll.poll(0):
             on_hangup = self._callbacks.pop(fd, None)
             if on_hangup is None:

@@ -35,6 +35,8 @@ from hypercorn.config import Config
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.typing import AppWrapper, ASGIReceiveCallable
 
+from ntonix.hangups import HangupWatch
+
 Message = dict[str, Any]
 
 
@@ -42,17 +44,17 @@ class Inbox:
     """The messages of one request, with an optional callback for its disconnect."""
 
     __slots__ = (
-        "_group",
         "_messages",
         "_on_disconnect",
         "_reader",
         "_size",
         "_writers",
         "disconnected",
+        "group",
     )
 
     def __init__(self, size: int, group: InboxTaskGroup | None = None) -> None:
-        self._group = group  # the connection's, which `hang_up`s the inboxes with a callback
+        self.group = group  # the connection's, which `hang_up`s the inboxes with a callback
         self._messages: list[Message] = []
         self._size = max(size, 1)
         self._reader: trio.lowlevel.Task | None = None
@@ -107,11 +109,11 @@ class Inbox:
     def on_disconnect(self, callback: Callable[[], None] | None) -> None:
         """Run `callback` when the client leaves (now, if it has); None removes it."""
         self._on_disconnect = callback
-        if self._group is not None:
+        if self.group is not None:
             if callback is None:
-                self._group.listening.discard(self)
+                self.group.listening.discard(self)
             else:
-                self._group.listening.add(self)
+                self.group.listening.add(self)
         if callback is not None and self.disconnected:
             callback()
 
@@ -126,8 +128,9 @@ class InboxTaskGroup(TaskGroup):
     """Hypercorn's task group of one connection, giving each request an `Inbox`; `hang_up`
     tells those whose request listens for its client leaving that it has."""
 
-    def __init__(self) -> None:
+    def __init__(self, hangups: HangupWatch | None = None) -> None:
         super().__init__()
+        self.hangups = hangups  # the worker's, which watches this connection
         self.listening: set[Inbox] = set()  # inboxes with a disconnect callback
 
     def hang_up(self) -> None:

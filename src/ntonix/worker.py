@@ -156,7 +156,7 @@ class _TCPServer(TCPServer):
                 ssl = False
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
-            requests = InboxTaskGroup()
+            requests = InboxTaskGroup(self.hangups)
             async with requests as task_group:
                 self._task_group = task_group
                 on_hangup = requests.hang_up
