@@ -373,6 +373,8 @@ def _disconnects(results: Results) -> list[str]:
                         _ms(run.p50_ms),
                         _ms(run.p99_ms),
                         _ms(run.max_ms),
+                        _ms(run.noticed_p50_ms),
+                        _ms(run.noticed_p99_ms),
                         run.left_open,
                         *_cpu(run.cpu),
                     ]
@@ -384,9 +386,11 @@ def _disconnects(results: Results) -> list[str]:
         "streams",
         "hung up",
         "noticed by mock",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
+        "closed p50 ms",
+        "closed p99 ms",
+        "closed max ms",
+        "mock noticed p50 ms",
+        "mock noticed p99 ms",
         "left open",
         *_cpu_header(),
     ]
@@ -627,7 +631,14 @@ def render(results: Results, info: dict[str, str], command: str, workers: list[i
         lines += ["## (c) Slow streams at 2 tokens/s, 1,000 per gateway worker", ""]
         lines += _slow(results)
     if results.disconnects:
-        lines += ["## (d) Client disconnects after 3 tokens: client close -> mock sees it", ""]
+        lines += [
+            "## (d) Client disconnects after 3 tokens: client close -> upstream closed at the mock",
+            "",
+            "*closed*: the upstream's close reached the mock's socket (the lean mock's FIN "
+            "clock, a thread apart from its loop); *mock noticed*: its loop saw it, which adds "
+            "the mock's own reaction time.",
+            "",
+        ]
         lines += _disconnects(results)
     if results.clients is not None:
         lines += ["## (e) Upstream clients against the mocks, in one process", ""]

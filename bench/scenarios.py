@@ -526,21 +526,33 @@ class DisconnectRun:
     streams: int
     hung_up: int  # clients that closed after 3 tokens as planned
     noticed: int  # of those, how many the mocks saw close (matched by x-request-id)
-    delays_ms: list[float]  # per noticed stream: client close -> mock noticed its close
+    # Per noticed stream: client close -> its upstream's close reached the mock's socket (the
+    # lean mock's FIN clock, mocks/fin_clock.py), and -> the mock's loop noticed it (that plus
+    # the mock's own reaction time, which is not the gateway's).
+    closed_ms: list[float]
+    delays_ms: list[float]
     left_open: int  # mock `active` after the settle time; must be 0
     cpu: dict[str, float]
 
     @property
     def p50_ms(self) -> float:
-        return percentile(self.delays_ms, 0.50)
+        return percentile(self.closed_ms, 0.50)
 
     @property
     def p99_ms(self) -> float:
-        return percentile(self.delays_ms, 0.99)
+        return percentile(self.closed_ms, 0.99)
 
     @property
     def max_ms(self) -> float:
-        return max(self.delays_ms, default=math.nan)
+        return max(self.closed_ms, default=math.nan)
+
+    @property
+    def noticed_p50_ms(self) -> float:
+        return percentile(self.delays_ms, 0.50)
+
+    @property
+    def noticed_p99_ms(self) -> float:
+        return percentile(self.delays_ms, 0.99)
 
     @classmethod
     def pooled(cls, runs: list[DisconnectRun]) -> DisconnectRun:
@@ -550,6 +562,7 @@ class DisconnectRun:
             streams=sum(run.streams for run in runs),
             hung_up=sum(run.hung_up for run in runs),
             noticed=sum(run.noticed for run in runs),
+            closed_ms=[delay for run in runs for delay in run.closed_ms],
             delays_ms=[delay for run in runs for delay in run.delays_ms],
             left_open=max(run.left_open for run in runs),
             cpu={role: sum(run.cpu.get(role, 0.0) for run in runs) / len(runs) for role in roles},
@@ -581,24 +594,26 @@ def _disconnects(bench: Bench, targets: list[Address], label: str) -> Disconnect
     )
     time.sleep(SETTLE)
     stats = bench.mock_stats()
-    noticed_at = {d["request_id"]: d["at"] for s in stats for d in s["disconnects"]}
-    delays = [
-        1000 * (noticed_at[s.request_id] - s.closed_at)
+    seen = {d["request_id"]: d for s in stats for d in s["disconnects"]}
+    hung_up = [
+        (s.closed_at, seen[s.request_id])
         for s in load.streams
-        if s.closed_at is not None and s.request_id in noticed_at
+        if s.closed_at is not None and s.request_id in seen
     ]
     return DisconnectRun(
         streams=run.total,
         hung_up=sum(1 for s in load.streams if s.closed_at is not None),
-        noticed=len(delays),
-        delays_ms=delays,
+        noticed=len(hung_up),
+        closed_ms=[1000 * (mock["closed_at"] - closed_at) for closed_at, mock in hung_up],
+        delays_ms=[1000 * (mock["at"] - closed_at) for closed_at, mock in hung_up],
         left_open=sum(int(s["active"]) for s in stats),
         cpu=run.cpu,
     )
 
 
 def disconnects(bench: Bench) -> DisconnectResult:
-    """(d) Clients hang up after 3 tokens: how soon does the mock see its upstream close?
+    """(d) Clients hang up after 3 tokens: how soon does the upstream close reach the mock (and
+    how soon does the mock's loop notice)?
 
     Direct and gateway alternate; a burst of hang-ups is sensitive to what else the machine does
     at that moment, so several repeats are pooled."""

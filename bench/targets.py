@@ -82,7 +82,7 @@ def _close_p99(results: Results, workers: int) -> tuple[float, str] | None:
     missing = run.hung_up - run.noticed
     note = f", {missing} never noticed" if missing else ""
     value = run.p99_ms if not missing else math.inf
-    return value, f"{run.p99_ms:.1f} ms{note}"
+    return value, f"{run.p99_ms:.1f} ms (the mock's loop noticed at {run.noticed_p99_ms:.1f}){note}"
 
 
 def _left_open(results: Results, workers: int) -> tuple[float, str] | None:

@@ -43,6 +43,7 @@ SIGNAL_PATHS = frozenset({"/metrics", "/api/ps", "/slots"})
 class Disconnect(TypedDict):
     request_id: str | None  # the request's `x-request-id`
     at: float  # time.time() when the mock noticed the client had gone
+    closed_at: float  # time.time() when its close reached the socket (`at` if unknown)
 
 
 class MockStats(TypedDict):
@@ -124,7 +125,7 @@ class MockLLM:
             return error_reply(405, f"{STATS_PATH} takes GET or DELETE")
         return json_reply(200, self.stats())
 
-    def _end(self, request: Request, outcome: Outcome) -> None:
+    def _end(self, request: Request, outcome: Outcome, connection: Connection) -> None:
         self._active -= 1
         counters = self._counters
         if outcome is Outcome.COMPLETED:
@@ -134,7 +135,11 @@ class MockLLM:
         else:
             counters.client_disconnects += 1
             request_id = request.headers.get("x-request-id")
-            counters.disconnects.append({"request_id": request_id, "at": time.time()})
+            at = time.time()
+            closed_at = connection.closed_at() or at  # not taken yet: `at` bounds it
+            counters.disconnects.append(
+                {"request_id": request_id, "at": at, "closed_at": min(closed_at, at)}
+            )
 
     async def respond(self, request: Request, connection: Connection) -> Outcome:
         """Answer one request on `connection`, counting it; the server acts on the outcome."""
@@ -158,7 +163,7 @@ class MockLLM:
         def end(outcome: Outcome) -> None:
             nonlocal ended
             ended = True
-            self._end(request, outcome)
+            self._end(request, outcome, connection)
 
         try:
             if self._slots is not None and not await self._take_slot(connection):
@@ -259,6 +264,9 @@ class _AsgiConnection:
         self._send = send
         self._head: HTTPResponseStartEvent | None = None
         self._complete = False
+
+    def closed_at(self) -> float | None:
+        return None  # Hypercorn's reader learns it first, then the disconnect message
 
     def start(self, status: int, headers: tuple[tuple[str, str], ...]) -> None:
         encoded = [(name.encode(), value.encode()) for name, value in headers]

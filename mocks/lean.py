@@ -15,6 +15,7 @@ import h11
 import trio
 
 from .backend import MockLLM
+from .fin_clock import FIN_CLOCK
 from .playback import Outcome, play
 from .replies import Request, error_reply
 
@@ -60,6 +61,7 @@ class _LeanConnection:
         return True
 
     async def wait_disconnect(self) -> None:
+        FIN_CLOCK.watch(self._stream.socket)
         while True:
             try:
                 data = await self._stream.receive_some(_RECEIVE_SIZE)
@@ -68,6 +70,9 @@ class _LeanConnection:
             if not data:
                 return
             self._conn.receive_data(data)
+
+    def closed_at(self) -> float | None:
+        return FIN_CLOCK.closed_at(self._stream.socket)
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> Request | None:
@@ -111,7 +116,10 @@ async def _serve_connection(mock: MockLLM, stream: trio.SocketStream) -> None:
             return
         if request is None:
             return
-        outcome = await mock.respond(request, _LeanConnection(conn, stream))
+        try:
+            outcome = await mock.respond(request, _LeanConnection(conn, stream))
+        finally:
+            FIN_CLOCK.forget(stream.socket)
         if outcome is Outcome.DROPPED:
             # Linger 0 makes the close below an RST: the abrupt end a crashed server gives.
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

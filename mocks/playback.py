@@ -34,6 +34,10 @@ class Connection(Protocol):
     async def wait_disconnect(self) -> None:
         """Return once the client has gone away."""
 
+    def closed_at(self) -> float | None:
+        """time.time() when the client's close reached the socket, if the server can tell
+        (the lean server can, while a disconnect is being waited for)."""
+
 
 async def _play(reply: Reply, connection: Connection, end: Callable[[Outcome], None]) -> None:
     if reply.hang:

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from ntonix.inbox import Inbox
+from ntonix.inbox import Inbox, InboxTaskGroup
 
 
 def _body(n: int) -> dict[str, object]:
@@ -96,3 +96,18 @@ async def test_it_says_when_the_request_s_last_message_is_queued() -> None:
     assert not inbox.holds_the_end()
     await inbox.put({"type": "http.disconnect"})
     assert inbox.holds_the_end()
+
+
+async def test_a_hang_up_calls_back_the_listening_inboxes_once() -> None:
+    group = InboxTaskGroup()
+    listening, quiet = Inbox(10, group), Inbox(10, group)
+    calls: list[str] = []
+    listening.on_disconnect(lambda: calls.append("gone"))
+    group.hang_up()  # the worker's hang-up watch saw the client's close
+    assert calls == ["gone"]
+    assert not quiet.disconnected  # no callback: it learns from Hypercorn's message
+    await listening.put({"type": "http.disconnect"})  # Hypercorn's, later: no second call
+    assert calls == ["gone"]
+    assert (await listening())["type"] == "http.disconnect"
+    listening.on_disconnect(None)
+    assert group.listening == set()

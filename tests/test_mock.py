@@ -17,6 +17,7 @@ import trio
 
 from mocks import MockLLM, MockOptions, serve_mock
 from mocks.load import run_load
+from tests.support import RawClient
 
 CHAT = {"model": "mock-llm", "messages": [{"role": "user", "content": "Why is the sky blue?"}]}
 PROMPT = {"model": "mock-llm", "prompt": "Why is the sky blue?"}
@@ -301,6 +302,22 @@ async def test_client_leaving_mid_stream_is_noticed_between_tokens(
     with trio.fail_after(1):
         await wait_for(lambda: running.mock.stats()["client_disconnects"] == 1)
     assert running.mock.stats()["disconnects"][0]["at"] - left_at < 0.05
+
+
+async def test_the_lean_mock_times_a_close_apart_from_its_busy_loop(nursery: trio.Nursery) -> None:
+    mock = MockLLM(MockOptions(tokens=100, token_delay=0.5))
+    port = await nursery.start(partial(serve_mock, mock, lean=True))
+    raw = await RawClient.connect(f"http://127.0.0.1:{port}")
+    await raw.send_request("POST", "/v1/chat/completions", {**CHAT, "stream": True})
+    await raw.read_until(b'"role"')  # leave while the mock waits for its first token
+    left_at = await raw.hang_up()
+    # The mock's loop (this one) is held busy: it notices late, the close is timed apart.
+    time.sleep(0.2)  # noqa: ASYNC251 - blocking the loop is the point
+    with trio.fail_after(1):
+        await wait_for(lambda: mock.stats()["client_disconnects"] == 1)
+    [gone] = mock.stats()["disconnects"]
+    assert abs(gone["closed_at"] - left_at) < 0.05  # `hang_up` takes its time after the close
+    assert gone["at"] - left_at >= 0.2
 
 
 async def test_stats_count_requests_paths_and_headers_and_reset(

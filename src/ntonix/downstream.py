@@ -45,6 +45,7 @@ class Downstream:
 
     __slots__ = (
         "_send",
+        "check_hangups",
         "committed",
         "delivered",
         "dialect",
@@ -73,6 +74,9 @@ class Downstream:
         # Under `ntonix serve`: the head's write waits to go out with the body's first bytes
         # (one send, not two), for a body that follows it at once (`Inbox.join_next_write`).
         self.join_head: Callable[[], None] | None = None
+        # The worker's hang-up watch, asked before each write (`hangups.py`): a batch of writes
+        # under load lasts long enough for clients to leave in the middle of it.
+        self.check_hangups: Callable[[], None] | None = None
 
     async def start(
         self, status: int, headers: list[tuple[bytes, bytes]], *, body_follows: bool = False
@@ -98,6 +102,12 @@ class Downstream:
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def write(self, data: bytes, *, more: bool) -> None:
+        if self.check_hangups is not None:
+            self.check_hangups()  # this request's own client may be among those gone
+        # A request cancelled since its data was read (its client has left) writes nothing:
+        # Hypercorn's send is shielded, so the chunk would go to a dead client, ahead of the
+        # work the cancellation is waiting behind.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if data:
             self.tail = data[-4:]
             self.record.note_body(len(data), trio.current_time)
@@ -190,6 +200,9 @@ class _InboxWatch:
     async def __aenter__(self) -> None:
         self._scope.__enter__()
         self._inbox.on_disconnect(self._client_gone)
+        group = self._inbox.group
+        if group is not None and group.hangups is not None:
+            self._downstream.check_hangups = group.hangups.check
 
     async def __aexit__(
         self,

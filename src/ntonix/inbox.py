@@ -14,10 +14,15 @@ and their task tables cost about 1.2 KiB and a generic alias per request, for a 
 holds one or two messages. Neither end yields when it need not wait (Hypercorn's read loop and
 the app both reach a schedule point at their next socket call).
 
+The worker's hang-up watch (`hangups.py`) may see the client's close before Hypercorn's reader
+does: it calls `hang_up` on every inbox of the connection that has a callback (its task group
+keeps them), which runs the callback at once; Hypercorn's disconnect message comes later and is
+queued as usual.
+
 Invariants: every message still reaches `receive()` in order (the callback comes on top);
-a callback set after the disconnect was queued runs at once; at most one callback is set; at
-most `size` messages wait (at least one), a writer beyond that waits for the reader; one task
-reads at a time.
+the callback runs at most once, for whichever comes first, `hang_up` or the disconnect message;
+a callback set after either runs at once; at most one callback is set; at most `size` messages
+wait (at least one), a writer beyond that waits for the reader; one task reads at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.typing import AppWrapper, ASGIReceiveCallable
+
+from ntonix.hangups import HangupWatch
 
 Message = dict[str, Any]
 
@@ -49,10 +56,17 @@ class Inbox:
         "_size",
         "_writers",
         "disconnected",
+        "group",
         "join_next_write",
     )
 
-    def __init__(self, size: int, join_next_write: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        group: InboxTaskGroup | None = None,
+        join_next_write: Callable[[], None] | None = None,
+    ) -> None:
+        self.group = group  # the connection's, which `hang_up`s the inboxes with a callback
         # From the connection: the response's next write waits to go out with the one after.
         self.join_next_write = join_next_write
         self._messages: list[Message] = []
@@ -109,17 +123,39 @@ class Inbox:
     def on_disconnect(self, callback: Callable[[], None] | None) -> None:
         """Run `callback` when the client leaves (now, if it has); None removes it."""
         self._on_disconnect = callback
+        if self.group is not None:
+            if callback is None:
+                self.group.listening.discard(self)
+            else:
+                self.group.listening.add(self)
         if callback is not None and self.disconnected:
             callback()
+
+    def hang_up(self) -> None:
+        """The client has closed the connection: as its disconnect message, without it."""
+        if not self.disconnected and self._on_disconnect is not None:
+            self._on_disconnect()
+            self.disconnected = True  # after it: a callback that raised runs again on the message
 
 
 class InboxTaskGroup(TaskGroup):
     """Hypercorn's task group of one connection, giving each request an `Inbox` (which can
-    ask the connection to join a response's head to its body: `join_next_write`)."""
+    ask the connection to join a response's head to its body: `join_next_write`); `hang_up`
+    tells those whose request listens for its client leaving that it has."""
 
-    def __init__(self, join_next_write: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        hangups: HangupWatch | None = None,
+        join_next_write: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__()
+        self.hangups = hangups  # the worker's, which watches this connection
+        self.listening: set[Inbox] = set()  # inboxes with a disconnect callback
         self._join_next_write = join_next_write
+
+    def hang_up(self) -> None:
+        for inbox in list(self.listening):  # a callback may end its request's listening
+            inbox.hang_up()
 
     async def spawn_app(
         self,
@@ -128,7 +164,7 @@ class InboxTaskGroup(TaskGroup):
         scope: Any,
         send: Callable[[Any], Awaitable[None]],
     ) -> Callable[[Any], Awaitable[None]]:
-        inbox = Inbox(config.max_app_queue_size, self._join_next_write)
+        inbox = Inbox(config.max_app_queue_size, self, self._join_next_write)
         assert self._nursery is not None
         self._nursery.start_soon(
             _handle,

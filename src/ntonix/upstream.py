@@ -167,8 +167,7 @@ class UpstreamConnection:
             if sent < len(request):
                 await self._stream.send_all(memoryview(request)[sent:])
         except _FOREIGN_ERRORS as error:
-            await self._cancelled_if_closed()
-            raise self._failed(error, "sending the request") from error
+            raise await self._failed(error, "sending the request") from error
 
     async def receive_response(self) -> Response:
         """The response head; interim 1xx responses are skipped."""
@@ -178,7 +177,7 @@ class UpstreamConnection:
             while not reader.status:
                 await self._receive(reader)
         except _FOREIGN_ERRORS as error:
-            raise self._failed(error, "waiting for the response") from error
+            raise await self._failed(error, "waiting for the response") from error
         return Response(reader.status, reader.headers)
 
     async def receive_body(self) -> tuple[bytes, bool]:
@@ -190,36 +189,31 @@ class UpstreamConnection:
             while (arrived := reader.take()) is None:
                 await self._receive(reader)
         except _FOREIGN_ERRORS as error:
-            raise self._failed(error, "streaming the response") from error
+            raise await self._failed(error, "streaming the response") from error
         return arrived
 
     def body_complete(self) -> bool:
         """The whole body of the response under way has arrived: `receive_body` will not wait."""
         return self._reader is not None and self._reader.complete
 
-    def _failed(self, error: BaseException, doing: str) -> GatewayError:
+    async def _failed(self, error: BaseException, doing: str) -> GatewayError:
+        # A client that leaves cancels its request and closes this socket at once (`close`).
+        # A read that completed in the same scheduler batch then fails on the closed socket
+        # before reaching a checkpoint: that is the client's leaving, not the backend failing,
+        # so the cancellation ends the request (no failure charged to the backend, no error
+        # frame, the access log says client_disconnected).
+        await trio.lowlevel.checkpoint_if_cancelled()
         return _gateway_error(error, self._backend, doing, self.closed_by_backend)
 
     async def _receive(self, reader: ResponseReader) -> None:
-        try:
-            if self._plain:
-                data = await _read_when_readable(self._socket)
-            else:
-                # Trio's TLS stream returns bytes; the ABC also allows bytearray.
-                data = cast(bytes, await self._stream.receive_some(RECEIVE_SIZE))
-        except _FOREIGN_ERRORS:
-            await self._cancelled_if_closed()
-            raise
+        if self._plain:
+            data = await _read_when_readable(self._socket)
+        else:
+            # Trio's TLS stream returns bytes; the ABC also allows bytearray.
+            data = cast(bytes, await self._stream.receive_some(RECEIVE_SIZE))
         if not data:
             self.closed_by_backend = True
         reader.feed(data)
-
-    async def _cancelled_if_closed(self) -> None:
-        """Raise the request's cancellation if `close()` ran: it runs for a client that left,
-        right after that client's request was cancelled, and a read woken by data before the
-        cancel then finds the socket closed. That is no failure of the backend."""
-        if self._socket.fileno() == -1:
-            await trio.lowlevel.checkpoint_if_cancelled()
 
     def ready_for_reuse(self) -> bool:
         """True, and ready for the next request, if the last exchange completed cleanly."""

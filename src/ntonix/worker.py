@@ -25,6 +25,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr
 
+from ntonix.hangups import HangupWatch
 from ntonix.inbox import InboxTaskGroup
 from ntonix.listening import CappedListener, ConnectionSlots
 from ntonix.protocols import Guard, GuardedH11Protocol, GuardedProtocol
@@ -54,6 +55,8 @@ async def serve_worker(
     `task_status`. Closes the sockets.
     """
     all_sockets = [*sockets.secure_sockets, *sockets.insecure_sockets]
+    hangups = HangupWatch()
+    trio.lowlevel.add_instrument(hangups)
     try:
         state: LifespanState = {}
         lifespan = Lifespan(app, settings, state)
@@ -65,7 +68,7 @@ async def serve_worker(
             listeners, urls = _listeners(settings, sockets, slots)
             guard = Guard(send_timeout=send_timeout, max_request_body=max_request_body)
             tcp_server = partial(
-                _TCPServer, guard, app, settings, context, ConnectionState(state.copy())
+                _TCPServer, guard, hangups, app, settings, context, ConnectionState(state.copy())
             )
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
@@ -89,6 +92,8 @@ async def serve_worker(
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
     finally:
+        trio.lowlevel.remove_instrument(hangups)
+        hangups.close()
         for sock in all_sockets:
             sock.close()
 
@@ -110,8 +115,9 @@ def tune_garbage_collector() -> None:
 
 
 class _TCPServer(TCPServer):
-    """Hypercorn's handler of one connection, with HTTP/2 guarded (`protocols`), ending as soon
-    as the client has closed it, and writing to a plain socket without waiting when it can.
+    """Hypercorn's handler of one connection, with HTTP/2 guarded (`protocols`), its socket in
+    the worker's hang-up watch (`hangups`), ending as soon as the client has closed it, and
+    writing to a plain socket without waiting when it can.
 
     Hypercorn 0.18 sees the end of a kept-alive connection that is idle (between requests) but
     then waits for its keep-alive timer (5 s) before the handler ends: the socket, and its slot
@@ -121,6 +127,7 @@ class _TCPServer(TCPServer):
     def __init__(
         self,
         guard: Guard,
+        hangups: HangupWatch,
         app: AppWrapper,
         config: hypercorn.config.Config,
         context: WorkerContext,
@@ -129,11 +136,13 @@ class _TCPServer(TCPServer):
     ) -> None:
         super().__init__(app, config, context, state, stream)
         self.guard = guard
+        self.hangups = hangups
         self._join_next = False  # see `join_next_write`
         self._held = b""  # written with the next write
 
     async def run(self) -> None:
         # Hypercorn's own run, with GuardedProtocol in place of its ProtocolWrapper.
+        watched: tuple[int, Callable[[], None]] | None = None
         try:
             if isinstance(self.stream, trio.SSLStream):
                 # A client that never completes its handshake holds a connection slot for
@@ -152,8 +161,11 @@ class _TCPServer(TCPServer):
                 ssl = False
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
-            async with InboxTaskGroup(self.join_next_write) as task_group:
+            requests = InboxTaskGroup(self.hangups, self.join_next_write)
+            async with requests as task_group:
                 self._task_group = task_group
+                on_hangup = requests.hang_up
+                watched = self.hangups.watch(sock, on_hangup), on_hangup
                 self.protocol = GuardedProtocol(
                     self.guard,
                     self.app,
@@ -173,6 +185,8 @@ class _TCPServer(TCPServer):
         except OSError:
             pass  # the client is gone
         finally:
+            if watched is not None:
+                self.hangups.forget(*watched)
             await self._close()
 
     async def _close(self) -> None:
