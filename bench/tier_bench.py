@@ -1,4 +1,6 @@
-"""`python -m bench.tier_bench [--quick]`: what the shared tier (Valkey) costs the gateway.
+"""`python -m bench.tier_bench [--quick] [--rounds N] [--lookup-hold S]`: what the shared tier
+(Valkey) costs the gateway (`--lookup-hold`: the tier-on gateways' `[shared] lookup_hold`, to
+compare a hold with none; without it, the default).
 
 1. Hit latency. Gateway A (tier on) answers N distinct prompts, which stores each in its L1 and
    in Valkey. Gateway B (tier on, its L1 empty) then asks each prompt twice in a row on one
@@ -47,6 +49,7 @@ class Sizes:
     requests: int = 2000  # per CPU run
     connections: int = 16
     rounds: int = 3
+    lookup_hold: float | None = None  # the tier's [shared] lookup_hold; None: its default
 
 
 QUICK = Sizes(prompts=100, requests=500, rounds=2)
@@ -56,8 +59,10 @@ def _log(message: str) -> None:
     print(f"[tier-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _config(mock_url: str, tier_url: str) -> str:
+def _config(mock_url: str, tier_url: str, lookup_hold: float | None = None) -> str:
     shared = f'[shared]\nurl = "{tier_url}"\n' if tier_url else ""
+    if tier_url and lookup_hold is not None:
+        shared += f"lookup_hold = {lookup_hold!r}\n"
     return (
         '[gateway]\ngraceful_timeout = 5.0\n[log]\naccess_log = "off"\n'
         f'{shared}[[backends]]\nname = "mock"\nurl = "{mock_url}"\n'
@@ -166,7 +171,7 @@ def _check(answers: list[Answer], label: str | None, what: str) -> None:
 
 def hit_latency(processes: Processes, logs: Path, mock_url: str, tier: str, sizes: Sizes) -> dict:
     config = logs / "tier-on.toml"
-    config.write_text(_config(mock_url, tier))
+    config.write_text(_config(mock_url, tier, sizes.lookup_hold))
     writer = start_gateway(processes, config, 1)
     reader = start_gateway(processes, config, 1)
     prompts = [(f"latency {n}", n % 2 == 0) for n in range(sizes.prompts)]
@@ -210,7 +215,7 @@ def cpu_per_request(
     for round_ in range(sizes.rounds):
         for name, url in (("off", ""), ("on", valkey.url)):
             config = logs / f"tier-{name}.toml"
-            config.write_text(_config(mock_url, url))
+            config.write_text(_config(mock_url, url, sizes.lookup_hold))
             gateway = start_gateway(processes, config, 1)
             warm = [f"warm {name} {round_} {n}" for n in range(200)]
             _check(trio.run(_ask_at_once, gateway.port, warm, sizes.connections), None, "warm")
@@ -266,10 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tier_bench")
     parser.add_argument("--quick", action="store_true", help="smaller counts")
     parser.add_argument("--rounds", type=int, help="CPU runs of each (3; --quick 2)")
+    parser.add_argument(
+        "--lookup-hold", type=float, help="[shared] lookup_hold of the tier-on gateways, seconds"
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
     if args.rounds:
         sizes = dataclasses.replace(sizes, rounds=args.rounds)
+    if args.lookup_hold is not None:
+        sizes = dataclasses.replace(sizes, lookup_hold=args.lookup_hold)
     logs = RESULTS / "logs-tier"
     logs.mkdir(parents=True, exist_ok=True)
     valkey = EmbeddedValkey.start(256 * 1024 * 1024)

@@ -414,6 +414,15 @@ def test_bad_config_is_refused_naming_the_key(bad: Bad) -> None:
             '[[backends]]\nurl = "http://h:0"\n',
             'backends[0].url: port must be an integer in 1..65535 (got "http://h:0")',
         ),
+        (
+            ONE_BACKEND + "[shared]\nlookup_hold = -0.001\n",
+            "shared.lookup_hold: must be a number of seconds >= 0 (got -0.001)",
+        ),
+        (
+            ONE_BACKEND + "[shared]\ntimeout = 0.01\nlookup_hold = 0.01\n",
+            "shared.lookup_hold: must be less than timeout (0.01), which it counts against "
+            "(got 0.01)",
+        ),
     ],
 )
 def test_messages_read_well(toml: str, message: str) -> None:

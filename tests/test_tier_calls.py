@@ -1,12 +1,15 @@
 """What a worker's misses cost the shared tier in calls: at most one lookup call out at a time
-(the lookups that come meanwhile go together in the next), the look for followers of the
-flights it leads and the entries to store riding in that call (a pipeline of their own only
-for an entry no lookup carried within STORE_WAIT), and no PING while calls answer."""
+(the lookups that come meanwhile go together in the next), on a busy worker a lookup call that
+waits for the lookups of the requests the loop is still working on (`lookup_hold`), the look
+for followers of the flights it leads and the entries to store riding in that call (a pipeline
+of their own only for an entry no lookup carried within STORE_WAIT), and no PING while calls
+answer."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import attrs
 import pytest
 import trio
 
@@ -21,6 +24,7 @@ from tests.shared_support import ValkeyServer, tier_config
 from tests.support import wait_until
 
 PAUSE_MS = 300
+HOLD = 0.5  # seconds: long enough that only the loop's running out of work ends it here
 
 
 @pytest.fixture
@@ -56,6 +60,35 @@ async def test_lookups_that_come_while_one_call_is_out_go_together_in_the_next(
 
     assert tier.calls == 2
     assert all(isinstance(answer, Lead) for answer in answers.values()), answers
+
+
+async def test_a_busy_workers_lookup_call_waits_for_the_lookups_the_loop_is_working_towards(
+    valkey: ValkeyServer,
+) -> None:
+    settings = attrs.evolve(tier_config("http://127.0.0.1:1", valkey.url).shared, lookup_hold=HOLD)
+    tier = SharedTier.from_settings(settings)
+    await tier.connect()
+    shared = _cache(tier)
+    answers: dict[str, object] = {}
+
+    async def request(key: str, work: int) -> None:
+        for _ in range(work):  # the loop parsing and routing it before it reaches the tier
+            await trio.lowlevel.checkpoint()
+        answers[key] = await shared.fetch(key)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for work, key in enumerate("abcd"):
+                nursery.start_soon(request, key * 64, 5 * work)
+        assert tier.calls == 1  # without the hold: "a" alone, then the others
+        assert all(isinstance(answer, Lead) for answer in answers.values()), answers
+
+        started = trio.current_time()
+        assert isinstance(await shared.fetch("e" * 64), Lead)
+        assert tier.calls == 2
+        assert trio.current_time() - started < HOLD / 2  # an idle loop sends at once
+    finally:
+        await tier.aclose()
 
 
 async def test_a_lookup_call_carries_the_look_for_followers_of_the_flights_led(

@@ -193,6 +193,9 @@ class SharedSettings:
     ca_file: str = ""  # PEM CAs for a valkeys:// server's certificate; "": the system's
     timeout: float = 0.05
     lease: float = 10.0
+    # How long a busy worker's lookup call may wait for the lookups of the requests it is
+    # working on (shared_cache.py); 0: never (measured no cheaper on a busy machine).
+    lookup_hold: float = 0.0
 
     @property
     def embedded(self) -> bool:

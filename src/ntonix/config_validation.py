@@ -178,6 +178,7 @@ _RULES: dict[type[Any], dict[str, _Rule]] = {
         ),
         "timeout": _SECONDS_POSITIVE,
         "lease": _SECONDS_POSITIVE,
+        "lookup_hold": _SECONDS,
     },
     WebSocketSettings: {
         "max_message_size": _BYTES_POSITIVE,
@@ -219,6 +220,11 @@ def _cross_problems(record: object) -> Iterator[str]:
         remote = record.url not in ("", EMBEDDED)
         if record.password_file and remote and parse_valkey_url(record.url).password:
             yield "password_file: the url has a password already; give it in one place"
+        if record.lookup_hold >= record.timeout:
+            yield (
+                f"lookup_hold: must be less than timeout ({record.timeout}), which it counts "
+                f"against (got {record.lookup_hold})"
+            )
         if record.ca_file and not (remote and parse_valkey_url(record.url).tls):
             yield "ca_file: only a valkeys:// url (TLS) has a certificate to check"
     if isinstance(record, KeySettings) and bool(record.key) == bool(record.key_sha256):
