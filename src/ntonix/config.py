@@ -195,7 +195,7 @@ class SharedSettings:
     lease: float = 10.0
     # How long a busy worker's lookup call may wait for the lookups of the requests it is
     # working on (shared_cache.py); 0: never (measured no cheaper on a busy machine).
-    lookup_hold: float = 0.0
+    lookup_hold: float = 0.0005
 
     @property
     def embedded(self) -> bool:
