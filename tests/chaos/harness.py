@@ -43,13 +43,16 @@ def chat(stream: bool, content: str = "hi") -> dict[str, Any]:
     }
 
 
+IDLE_TIMEOUT = 2.0  # the gateway's [gateway] idle_timeout in every chaos config
+
+
 def config_text(mocks: list[str], **sections: dict[str, object]) -> str:
     """A gateway config: the mocks as backends m0, m1, ...; `sections` add or override keys."""
     settings: dict[str, dict[str, object]] = {
         "gateway": {
             "upstream_connect_timeout": 0.5,
             "first_byte_timeout": 1.0,
-            "idle_timeout": 2.0,
+            "idle_timeout": IDLE_TIMEOUT,
             "retries": 2,
             "graceful_timeout": 1.0,
         },

@@ -23,6 +23,7 @@ import trio
 
 from tests.chaos.harness import (
     CHAT,
+    IDLE_TIMEOUT,
     MOCK_PORT,
     Cluster,
     attempts,
@@ -52,15 +53,22 @@ async def _serves_again(load: Load, backend: str, since: float, timeout: float =
 
 
 async def _fault_until_open_then_recover(
-    cluster: Cluster, load: Load, fault: Callable[[], object], undo: Callable[[], object]
+    cluster: Cluster,
+    load: Load,
+    fault: Callable[[], object],
+    undo: Callable[[], object],
+    at_least: float = 0.0,
 ) -> None:
-    """Under `load`: `fault` on m0 until its circuit opens (and a second more), then `undo`;
-    returns once m0's circuit has closed and it answered a request that started after that."""
+    """Under `load`: `fault` on m0 until its circuit opens (and a second more, and `at_least`
+    seconds in all), then `undo`; returns once m0's circuit has closed and it answered a
+    request that started after that."""
     await trio.sleep(1.0)
     fault()
+    faulted = trio.current_time()
     try:
         await cluster.wait_backend("m0", "open", timeout=10)
         await trio.sleep(1.0)
+        await trio.sleep_until(faulted + at_least)
     finally:
         undo()
     undone = time.monotonic()
@@ -100,11 +108,15 @@ async def test_a_frozen_backend_is_failed_over_after_first_byte_timeout_and_come
     victim = cluster.mocks[0]
     async with trio.open_nursery() as nursery:
         load = await _under_load(cluster, nursery)
+        # Frozen for longer than a stream may be silent (idle_timeout 2 s, checked every 0.5 s):
+        # the circuit alone opens after about 1 s (first_byte_timeout), and a freeze that ends
+        # near 2 s races the idle check for the streams the test expects cut.
         await _fault_until_open_then_recover(
             cluster,
             load,
             lambda: os.kill(victim.pid, signal.SIGSTOP),
             lambda: os.kill(victim.pid, signal.SIGCONT),
+            at_least=IDLE_TIMEOUT + 1.0,
         )
         load.stop()
     assert not failures(load.seen), failures(load.seen)[:5]
