@@ -28,6 +28,7 @@ from ntonix.config import (
     GatewaySettings,
     HealthSettings,
 )
+from ntonix.core.telemetry import RequestRecord
 
 
 def chat(content: str = "Hello", *, stream: bool = True, **extra: Any) -> dict[str, Any]:
@@ -376,3 +377,16 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
 async def answers_200(client: httpx.AsyncClient, url: str) -> bool:
     """Whether a GET of `url` is 200 now: for `eventually`, say until /ntonix/ready is."""
     return (await client.get(url)).status_code == 200
+
+
+def chat_record() -> RequestRecord:
+    """The record of a chat completion from 10.0.0.7, for tests that drive a `Downstream`."""
+    return RequestRecord(
+        started=0.0,
+        wall_time=0.0,
+        request_id=b"r",
+        client="10.0.0.7",
+        method="POST",
+        path="/v1/chat/completions",
+        cache="",
+    )

@@ -13,18 +13,7 @@ from ntonix.core.telemetry import RequestRecord
 from ntonix.downstream import LAST_SEND_GRACE, Downstream, cancelled_on_disconnect
 from ntonix.inbox import Inbox
 from ntonix.watchdog import TICK, IdleWatch
-
-
-def _record() -> RequestRecord:
-    return RequestRecord(
-        started=0.0,
-        wall_time=0.0,
-        request_id=b"r",
-        client="10.0.0.7",
-        method="POST",
-        path="/v1/chat/completions",
-        cache="",
-    )
+from tests.support import chat_record
 
 
 async def _respond(
@@ -36,7 +25,7 @@ async def _respond(
     an `Inbox`, whose disconnect message calls back (`ntonix serve`)."""
     disconnected = trio.Event()
     inbox = Inbox(10)
-    record = _record()
+    record = chat_record()
 
     async def disconnect() -> None:
         if via == "inbox":
@@ -98,7 +87,7 @@ async def test_a_client_gone_while_the_last_send_waits_cancels_the_request(
 async def test_a_client_gone_mid_response_cancels_the_request_and_closes_its_upstream_at_once(
     autojump_clock: trio.testing.MockClock, via: str
 ) -> None:
-    record = _record()
+    record = chat_record()
     inbox = Inbox(10)
     left = trio.Event()
 

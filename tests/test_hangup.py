@@ -12,22 +12,10 @@ import trio
 import trio.testing
 
 from ntonix.config import BackendSettings
-from ntonix.core.telemetry import RequestRecord
 from ntonix.downstream import Downstream
 from ntonix.hangups import CHECK_INTERVAL, HangupWatch
 from ntonix.upstream import UpstreamConnection
-
-
-def _record() -> RequestRecord:
-    return RequestRecord(
-        started=0.0,
-        wall_time=0.0,
-        request_id=b"r",
-        client="10.0.0.7",
-        method="POST",
-        path="/v1/chat/completions",
-        cache="",
-    )
+from tests.support import chat_record
 
 
 class _WhenWoken(trio.abc.Instrument):
@@ -89,7 +77,7 @@ async def test_a_request_cancelled_after_its_data_was_read_writes_nothing_more()
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)  # as Hypercorn's send: shielded, no checkpoint before the socket
 
-    downstream = Downstream(send, _record())
+    downstream = Downstream(send, chat_record())
     await downstream.start(200, [])
     with trio.CancelScope() as scope:
         await downstream.write(b"data: 1\n\n", more=True)
@@ -163,7 +151,7 @@ async def test_a_close_during_a_batch_is_acted_on_at_the_next_write() -> None:
     try:
         watch.watch(ours, lambda: calls.append("hung up"))
         await trio.lowlevel.checkpoint()  # an I/O wait: the watch has looked, nothing closed
-        downstream = Downstream(send, _record())
+        downstream = Downstream(send, chat_record())
         downstream.check_hangups = watch.check
         await downstream.start(200, [])
         client.close()
