@@ -5,7 +5,8 @@ Each tree's `src` directory runs as `ntonix serve --workers 1` (the tree first o
 behind the same two lean mocks; scenario (a)'s load (64 keep-alive connections) goes to one
 gateway, then the other, the order alternating from pair to pair. A gateway's CPU (utime +
 stime from /proc) over the measurement window, divided by the requests it completed in it, is
-its figure for that run. Prints every run, then each pair's new / old and their median.
+its figure for that run. Prints every run, then each pair's new / old and their median; the
+processes' logs go to bench/results/logs-pairs/, as the other benches' do.
 
 Why pairs: on a shared machine the same tree's figure moves by 10-25% from one minute to the
 next; a ratio taken seconds apart, with the order alternating, cancels most of that.
@@ -92,8 +93,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=5.0, help="of load per run")
     args = parser.parse_args(argv)
-    log_dir = Path(f"/tmp/ntonix-pairs-{int(time.time())}")
-    log_dir.mkdir()
+    log_dir = Path(__file__).resolve().parent / "results" / "logs-pairs"
+    log_dir.mkdir(parents=True, exist_ok=True)
     with Processes(log_dir) as processes:
         mocks = [start_mock(processes, f"mock-{n}", MOCK_OPTIONS) for n in range(2)]
         config = log_dir / "gateway.toml"
