@@ -13,7 +13,7 @@ import trio
 import ntonix.worker
 from mocks.lean import serve_lean
 from mocks.llm import MockLLM, MockOptions
-from ntonix.worker import _write_now as write_now
+from ntonix.plain_socket import write_now
 from tests.conftest import StartGateway, StartMock
 from tests.support import RawClient, chat, sse_events
 
@@ -114,11 +114,11 @@ async def test_a_whole_answer_leaves_in_one_write_and_a_stream_head_at_once(
 ) -> None:
     writes: list[bytes] = []
 
-    def recording(stream: trio.SocketStream, data: bytes) -> int:
+    def recording(sock: trio.socket.SocketType, data: bytes) -> int:
         writes.append(bytes(data))
-        return write_now(stream, data)
+        return write_now(sock, data)
 
-    monkeypatch.setattr(ntonix.worker, "_write_now", recording)
+    monkeypatch.setattr(ntonix.worker, "write_now", recording)  # the client side's writes
     # The lean mock writes a whole answer's head and body together, as many servers do.
     lean = MockLLM(MockOptions(tokens=3, ttft=0, token_delay=0))
     port = await nursery.start(partial(serve_lean, lean, host="127.0.0.1", port=0))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 import ssl
 from typing import cast
@@ -27,6 +26,7 @@ import trio
 from ntonix.config import BackendSettings
 from ntonix.errors import GatewayError, upstream_error
 from ntonix.http1 import RequestError, ResponseError, ResponseReader, request_head
+from ntonix.plain_socket import read_when_readable, write_now
 
 RECEIVE_SIZE = 65536
 # A response head larger than this is a broken or hostile backend, not an LLM server.
@@ -163,7 +163,7 @@ class UpstreamConnection:
         self._reader = ResponseReader(max_head=MAX_RESPONSE_HEAD, head_request=method == b"HEAD")
         request = request_head(method, target, headers) + body
         try:
-            sent = _write_now(self._socket, request) if self._plain else 0
+            sent = write_now(self._socket, request) if self._plain else 0
             if sent < len(request):
                 await self._stream.send_all(memoryview(request)[sent:])
         except _FOREIGN_ERRORS as error:
@@ -207,7 +207,7 @@ class UpstreamConnection:
 
     async def _receive(self, reader: ResponseReader) -> None:
         if self._plain:
-            data = await _read_when_readable(self._socket)
+            data = await read_when_readable(self._socket, RECEIVE_SIZE)
         else:
             # Trio's TLS stream returns bytes; the ABC also allows bytearray.
             data = cast(bytes, await self._stream.receive_some(RECEIVE_SIZE))
@@ -227,32 +227,6 @@ class UpstreamConnection:
     def close(self) -> None:
         """Close now, synchronously: safe in any cleanup, and the backend sees it at once."""
         self._socket.close()
-
-
-def _write_now(sock: trio.socket.SocketType, data: bytes) -> int:
-    """Bytes of `data` written to `sock` without waiting: 0 when its buffer is full."""
-    fd = sock.fileno()
-    if fd == -1:
-        raise trio.ClosedResourceError("the connection was closed")
-    try:
-        return os.write(fd, data)
-    except BlockingIOError:
-        return 0
-
-
-async def _read_when_readable(sock: trio.socket.SocketType) -> bytes:
-    """What arrives next on `sock` (b"" at its end). It waits first and reads after: a read
-    is asked for when the backend has yet to answer, so Trio's try-then-wait (`receive_some`)
-    mostly paid a read that found nothing."""
-    while True:
-        await trio.lowlevel.wait_readable(sock)
-        fd = sock.fileno()
-        if fd == -1:
-            raise trio.ClosedResourceError("the connection was closed")
-        try:
-            return os.read(fd, RECEIVE_SIZE)
-        except BlockingIOError:
-            continue
 
 
 @attrs.frozen

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -28,6 +27,7 @@ from hypercorn.utils import parse_socket_addr, repr_socket_addr
 from ntonix.hangups import HangupWatch
 from ntonix.inbox import InboxTaskGroup
 from ntonix.listening import CappedListener, ConnectionSlots
+from ntonix.plain_socket import write_now
 from ntonix.protocols import Guard, GuardedH11Protocol, GuardedProtocol
 
 log = logging.getLogger("ntonix.server")  # the `Running on` lines' logger, as it always was
@@ -241,7 +241,9 @@ class _TCPServer(TCPServer):
             await super().protocol_send(RawData(data=data))
             return
         try:
-            sent = _write_now(stream, data)
+            if stream.socket.did_shutdown_SHUT_WR:
+                raise trio.ClosedResourceError("can't send data after sending EOF")
+            sent = write_now(stream.socket, data)
             if sent < len(data):
                 with trio.CancelScope(shield=True):  # as Hypercorn's: a write is never cut
                     await stream.send_all(memoryview(data)[sent:])
@@ -254,20 +256,6 @@ class _TCPServer(TCPServer):
         await super()._read_data()
         # The client has closed (or the read failed): there is no next request to wait for.
         await self.idle_task.stop()
-
-
-def _write_now(stream: trio.SocketStream, data: bytes) -> int:
-    """Bytes of `data` written to `stream`'s socket without waiting (0 when its buffer is
-    full); raises OSError for a socket the peer reset or we closed."""
-    if stream.socket.did_shutdown_SHUT_WR:
-        raise trio.ClosedResourceError("can't send data after sending EOF")
-    fd = stream.socket.fileno()
-    if fd == -1:
-        raise trio.ClosedResourceError("the socket was closed")
-    try:
-        return os.write(fd, data)
-    except BlockingIOError:
-        return 0
 
 
 def _listeners(
