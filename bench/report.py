@@ -375,6 +375,7 @@ def _disconnects(results: Results) -> list[str]:
                         _ms(run.max_ms),
                         _ms(run.noticed_p50_ms),
                         _ms(run.noticed_p99_ms),
+                        ", ".join(f"{clock} {n}" for clock, n in sorted(run.clocks.items())),
                         run.left_open,
                         *_cpu(run.cpu),
                     ]
@@ -391,6 +392,7 @@ def _disconnects(results: Results) -> list[str]:
         "closed max ms",
         "mock noticed p50 ms",
         "mock noticed p99 ms",
+        "closed timed by",
         "left open",
         *_cpu_header(),
     ]
@@ -635,7 +637,9 @@ def render(results: Results, info: dict[str, str], command: str, workers: list[i
             "## (d) Client disconnects after 3 tokens: client close -> upstream closed at the mock",
             "",
             "*closed*: the upstream's close reached the mock's socket (the lean mock's FIN "
-            "clock, a thread apart from its loop); *mock noticed*: its loop saw it, which adds "
+            "clock, mocks/fin_clock.py: *kernel*, the FIN or RST segment's own time, or where "
+            "the mock lacks CAP_NET_RAW *thread*, milliseconds late under load; *loop*: "
+            "neither had it, the noticed time); *mock noticed*: its loop saw it, which adds "
             "the mock's own reaction time.",
             "",
         ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -533,6 +534,10 @@ class DisconnectRun:
     delays_ms: list[float]
     left_open: int  # mock `active` after the settle time; must be 0
     cpu: dict[str, float]
+    # How many of `closed_ms` each clock took (mocks/fin_clock.py): "kernel" (the segment's
+    # own time), "thread" (late by the thread's wait for a core and the GIL), "loop" (neither
+    # had it when the mock noticed: the noticed time).
+    clocks: dict[str, int]
 
     @property
     def p50_ms(self) -> float:
@@ -566,6 +571,7 @@ class DisconnectRun:
             delays_ms=[delay for run in runs for delay in run.delays_ms],
             left_open=max(run.left_open for run in runs),
             cpu={role: sum(run.cpu.get(role, 0.0) for run in runs) / len(runs) for role in roles},
+            clocks=dict(sum((Counter(run.clocks) for run in runs), Counter())),
         )
 
 
@@ -608,6 +614,7 @@ def _disconnects(bench: Bench, targets: list[Address], label: str) -> Disconnect
         delays_ms=[1000 * (mock["at"] - closed_at) for closed_at, mock in hung_up],
         left_open=sum(int(s["active"]) for s in stats),
         cpu=run.cpu,
+        clocks=dict(Counter(mock.get("clock", "loop") for _, mock in hung_up)),
     )
 
 

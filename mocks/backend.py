@@ -30,6 +30,7 @@ from hypercorn.typing import (
 
 from .answers import answer, is_generation
 from .engines import EngineState, signals_reply
+from .fin_clock import Clock
 from .options import MockOptions
 from .playback import Connection, Outcome, play
 from .realtime import Realtime, RealtimeStats
@@ -44,6 +45,7 @@ class Disconnect(TypedDict):
     request_id: str | None  # the request's `x-request-id`
     at: float  # time.time() when the mock noticed the client had gone
     closed_at: float  # time.time() when its close reached the socket (`at` if unknown)
+    clock: str  # what took `closed_at`: "kernel", "thread" (mocks/fin_clock.py) or "loop" (`at`)
 
 
 class MockStats(TypedDict):
@@ -136,9 +138,14 @@ class MockLLM:
             counters.client_disconnects += 1
             request_id = request.headers.get("x-request-id")
             at = time.time()
-            closed_at = connection.closed_at() or at  # not taken yet: `at` bounds it
+            closed_at, clock = connection.closed_at() or (at, "loop")  # `at` bounds it
             counters.disconnects.append(
-                {"request_id": request_id, "at": at, "closed_at": min(closed_at, at)}
+                {
+                    "request_id": request_id,
+                    "at": at,
+                    "closed_at": min(closed_at, at),
+                    "clock": clock if closed_at <= at else "loop",
+                }
             )
 
     async def respond(self, request: Request, connection: Connection) -> Outcome:
@@ -265,7 +272,7 @@ class _AsgiConnection:
         self._head: HTTPResponseStartEvent | None = None
         self._complete = False
 
-    def closed_at(self) -> float | None:
+    def closed_at(self) -> tuple[float, Clock] | None:
         return None  # Hypercorn's reader learns it first, then the disconnect message
 
     def start(self, status: int, headers: tuple[tuple[str, str], ...]) -> None:

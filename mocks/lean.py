@@ -15,7 +15,7 @@ import h11
 import trio
 
 from .backend import MockLLM
-from .fin_clock import FIN_CLOCK
+from .fin_clock import FIN_CLOCK, Clock
 from .playback import Outcome, play
 from .replies import Request, error_reply
 
@@ -34,7 +34,13 @@ async def serve_lean(
         listeners: list[trio.SocketListener] = await nursery.start(
             partial(trio.serve_tcp, partial(_serve_connection, mock), port, host=host)
         )
-        task_status.started(listeners[0].socket.getsockname()[1])
+        bound = listeners[0].socket.getsockname()[1]
+        FIN_CLOCK.listen(bound)
+        try:
+            task_status.started(bound)
+            await trio.sleep_forever()
+        finally:
+            FIN_CLOCK.unlisten(bound)
 
 
 class _LeanConnection:
@@ -71,7 +77,7 @@ class _LeanConnection:
                 return
             self._conn.receive_data(data)
 
-    def closed_at(self) -> float | None:
+    def closed_at(self) -> tuple[float, Clock] | None:
         return FIN_CLOCK.closed_at(self._stream.socket)
 
 

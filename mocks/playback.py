@@ -12,6 +12,7 @@ from typing import Protocol
 
 import trio
 
+from .fin_clock import Clock
 from .replies import Reply
 
 
@@ -34,9 +35,9 @@ class Connection(Protocol):
     async def wait_disconnect(self) -> None:
         """Return once the client has gone away."""
 
-    def closed_at(self) -> float | None:
-        """time.time() when the client's close reached the socket, if the server can tell
-        (the lean server can, while a disconnect is being waited for)."""
+    def closed_at(self) -> tuple[float, Clock] | None:
+        """time.time() when the client's close reached the socket, and the clock that took
+        it, if the server can tell (the lean server can, while a disconnect is waited for)."""
 
 
 async def _play(reply: Reply, connection: Connection, end: Callable[[Outcome], None]) -> None:

@@ -1,6 +1,7 @@
 """A client's hang-up, hop by hop: it ends its request as a cancellation (never as the backend's
 failure), no chunk is written to a client known gone, and the worker's hang-up watch acts on a
-client's close before the tasks woken with it run, and from inside a long batch."""
+client's close before the tasks woken with it run, and from inside a long batch (at a write, or
+at another request's end); clients found gone together have their upstreams closed first."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import trio
 import trio.testing
 
 from ntonix.config import BackendSettings
-from ntonix.downstream import Downstream
+from ntonix.downstream import Downstream, cancelled_on_disconnect
 from ntonix.hangups import CHECK_INTERVAL, HangupWatch
+from ntonix.inbox import Inbox, InboxTaskGroup
 from ntonix.upstream import UpstreamConnection
+from ntonix.watchdog import IdleWatch
 from tests.support import chat_record
 
 
@@ -48,9 +51,9 @@ async def test_a_read_that_completes_as_the_client_leaves_ends_as_a_cancellation
     await connection.receive_response()
     scope = trio.CancelScope()
 
-    def client_gone() -> None:  # as `_InboxWatch._client_gone` does: cancel, then close
-        scope.cancel()
+    def client_gone() -> None:  # as `_InboxWatch._client_gone` does: close, then cancel
         connection.close()
+        scope.cancel()
 
     probe = _WhenWoken(client_gone)
     trio.lowlevel.add_instrument(probe)
@@ -158,6 +161,67 @@ async def test_a_close_during_a_batch_is_acted_on_at_the_next_write() -> None:
         time.sleep(CHECK_INTERVAL)  # noqa: ASYNC251 - the batch goes on, no I/O wait comes
         await downstream.write(b"data: 1\n\n", more=True)
         assert calls == ["hung up"]  # from inside the batch, not at its end
+    finally:
+        trio.lowlevel.remove_instrument(watch)
+        watch.close()
+        ours.close()
+
+
+async def _send_nothing(message: dict[str, Any]) -> None:
+    pass  # as Hypercorn's send to a client with room: no checkpoint
+
+
+async def test_clients_found_gone_together_have_every_upstream_closed_before_any_cancel() -> None:
+    watch = HangupWatch()
+    pairs = [trio.socket.socketpair() for _ in range(3)]
+    downstreams = [Downstream(_send_nothing, chat_record()) for _ in pairs]
+    cancelled_at_each_close: list[int] = []
+
+    def upstream_closed() -> None:
+        cancelled_at_each_close.append(sum(d.record.disconnected for d in downstreams))
+
+    async def request(ours: trio.socket.SocketType, downstream: Downstream) -> None:
+        group = InboxTaskGroup(watch)
+        watch.watch(ours, group.hang_up)
+        downstream.on_gone = upstream_closed
+        async with cancelled_on_disconnect(Inbox(10, group), downstream, IdleWatch()):
+            await downstream.start(200, [])
+            await trio.sleep_forever()  # the relay, waiting for the backend
+
+    trio.lowlevel.add_instrument(watch)
+    try:
+        async with trio.open_nursery() as nursery:
+            for (ours, _), downstream in zip(pairs, downstreams, strict=True):
+                nursery.start_soon(request, ours, downstream)
+            await trio.testing.wait_all_tasks_blocked()
+            for _, client in pairs:
+                client.close()  # all three before the watch's next look
+            await trio.lowlevel.wait_readable(pairs[0][0])  # as Hypercorn's reader is woken
+    finally:
+        trio.lowlevel.remove_instrument(watch)
+        watch.close()
+        for ours, _ in pairs:
+            ours.close()
+    assert cancelled_at_each_close == [0, 0, 0]
+    assert all(d.record.outcome == "client_disconnected" for d in downstreams)
+
+
+async def test_a_close_during_a_batch_is_acted_on_at_another_requests_end() -> None:
+    watch = HangupWatch()
+    ours, client = trio.socket.socketpair()
+    calls: list[str] = []
+    trio.lowlevel.add_instrument(watch)
+    try:
+        watch.watch(ours, lambda: calls.append("hung up"))
+        await trio.lowlevel.checkpoint()  # an I/O wait: the watch has looked, nothing closed
+        downstream = Downstream(_send_nothing, chat_record())
+        async with cancelled_on_disconnect(
+            Inbox(10, InboxTaskGroup(watch)), downstream, IdleWatch()
+        ):
+            await downstream.write(b"", more=False)  # another request's last write, then its end
+            client.close()
+            time.sleep(CHECK_INTERVAL)  # noqa: ASYNC251 - the batch goes on, no I/O wait comes
+        assert calls == ["hung up"]  # at that request's end, not at the batch's
     finally:
         trio.lowlevel.remove_instrument(watch)
         watch.close()

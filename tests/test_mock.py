@@ -3,6 +3,7 @@
 import json
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest
 import trio
 
 from mocks import MockLLM, MockOptions, serve_mock
+from mocks.fin_packets import open_tap
 from mocks.load import run_load
 from tests.support import RawClient
 
@@ -414,3 +416,58 @@ async def test_command_prints_its_address_and_exits_cleanly_on_sigterm(
     with trio.fail_after(5):
         assert await process.wait() == 0
     assert await process.stdout.receive_some() == b""  # that one line was all
+
+
+async def test_the_lean_mock_times_a_close_with_the_kernels_clock_while_it_holds_the_gil(
+    nursery: trio.Nursery,
+) -> None:
+    if open_tap(0) is None:
+        pytest.skip("the kernel clock needs CAP_NET_RAW")
+    mock = MockLLM(MockOptions(tokens=100, token_delay=0.5))
+    port = await nursery.start(partial(serve_mock, mock, lean=True))
+    raw = await RawClient.connect(f"http://127.0.0.1:{port}")
+    await raw.send_request("POST", "/v1/chat/completions", {**CHAT, "stream": True})
+    await raw.read_until(b'"role"')
+    await trio.sleep(0.01)  # the mock's watcher is waiting for the close
+    left_at = await raw.hang_up()
+    # A thread woken by the close could not note its time before this loop lets go of the GIL.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)
+    try:
+        busy_until = time.perf_counter() + 0.1
+        while time.perf_counter() < busy_until:
+            pass
+    finally:
+        sys.setswitchinterval(switch_interval)
+    with trio.fail_after(1):
+        await wait_for(lambda: mock.stats()["client_disconnects"] == 1)
+    [gone] = mock.stats()["disconnects"]
+    assert gone["clock"] == "kernel"
+    assert abs(gone["closed_at"] - left_at) < 0.005
+
+
+def test_the_fin_tap_stamps_closes_and_resets_to_its_port_alone() -> None:
+    servers = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    tap = open_tap(servers[0].getsockname()[1])
+    if tap is None:
+        pytest.skip("the kernel clock needs CAP_NET_RAW")
+    try:
+        stamps = {}
+        for server, unread in [(servers[0], b""), (servers[0], b"x"), (servers[1], b"")]:
+            client = socket.create_connection(server.getsockname())
+            accepted, _ = server.accept()
+            accepted.sendall(unread)  # left unread, the client's close is a reset
+            stamps[client.getsockname()] = time.time()
+            client.close()
+            accepted.close()
+        closes = tap.drain()
+        deadline = time.monotonic() + 1
+        while len(closes) < 2 and time.monotonic() < deadline:
+            closes += tap.drain()
+    finally:
+        tap.close()
+        for server in servers:
+            server.close()
+    assert [peer for peer, _ in closes] == list(stamps)[:2]  # the third went to another port
+    for peer, at in closes:
+        assert 0 <= at - stamps[peer] < 0.005

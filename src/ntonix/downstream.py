@@ -210,6 +210,9 @@ class _InboxWatch:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool:
+        if self._downstream.check_hangups is not None:
+            # Clients that leave together are unwound together, in a batch with no writes.
+            self._downstream.check_hangups()
         self._inbox.on_disconnect(None)
         if self._grace is not None:
             self._timers.forget(self._grace)
@@ -226,15 +229,23 @@ class _InboxWatch:
     def _client_gone(self) -> None:
         downstream = self._downstream
         if not downstream.finished:
-            client_left(downstream.record, committed=downstream.committed)
-            self._scope.cancel()
             if downstream.on_gone is not None:
-                downstream.on_gone()
+                downstream.on_gone()  # the backend first: it may be one of many found together
+            group = self._inbox.group
+            if group is not None and group.hangups is not None:
+                group.hangups.after_closes(self._cancel)
+            else:
+                self._cancel()
         elif not downstream.delivered.is_set() and self._grace is None:
             # Hypercorn's notice that the response ended comes this way too, from inside
             # the last send, which returns right after it.
             self._grace = self._timers.watch(self._scope)
             self._grace.expires = trio.current_time() + LAST_SEND_GRACE
+
+    def _cancel(self) -> None:
+        downstream = self._downstream
+        client_left(downstream.record, committed=downstream.committed)
+        self._scope.cancel()
 
 
 @asynccontextmanager
