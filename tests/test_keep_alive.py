@@ -3,22 +3,26 @@ over real sockets, Hypercorn's protocols and a small ASGI app.
 
 A connection waiting for its next request is closed after `keep_alive_timeout`; one with a
 request under way is not, however long the request takes; when the worker stops, an idle
-connection closes at once and a busy one after its response.
+connection closes at once and a busy one after its response. A connection that has ended is
+freed at once, not left to the garbage collector.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import hypercorn.config
 import trio
 from hypercorn.utils import wrap_app
 
 from ntonix.listening import ConnectionSlots
 from ntonix.worker import serve_worker
+from tests.support import wait_until
 
 KEEP_ALIVE = 0.3
 # A close due after KEEP_ALIVE arrives within this of it (a busy 2-core machine included).
@@ -50,9 +54,16 @@ class App:
         await send({"type": "http.response.body", "body": body})
 
 
+@attrs.frozen
+class Served:
+    port: int
+    stop: trio.Event  # set: the worker stops
+    slots: ConnectionSlots  # its open connections
+
+
 @asynccontextmanager
-async def worker(app: App, keep_alive: float) -> AsyncIterator[tuple[int, trio.Event]]:
-    """`serve_worker` on a free port; yields the port and the event that stops it."""
+async def worker(app: App, keep_alive: float) -> AsyncIterator[Served]:
+    """`serve_worker` on a free port, until the block ends or `stop` is set."""
     settings = hypercorn.config.Config()
     settings.bind = ["127.0.0.1:0"]
     settings.keep_alive_timeout = keep_alive
@@ -62,22 +73,22 @@ async def worker(app: App, keep_alive: float) -> AsyncIterator[tuple[int, trio.E
     for sock in sockets.insecure_sockets:
         sock.listen(16)
     port = sockets.insecure_sockets[0].getsockname()[1]
-    stop = trio.Event()
+    served = Served(port, trio.Event(), ConnectionSlots(100))
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_worker(
                 wrap_app(app, settings.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
                 settings,
                 sockets,
-                ConnectionSlots(100),
+                served.slots,
                 send_timeout=10.0,
                 max_request_body=1024,
-                shutdown_trigger=stop.wait,
+                shutdown_trigger=served.stop.wait,
                 task_status=task_status,
             )
         )
-        yield port, stop
-        stop.set()
+        yield served
+        served.stop.set()
 
 
 class Client:
@@ -113,7 +124,8 @@ class Client:
 
 
 async def test_an_idle_connection_closes_after_the_keep_alive_timeout_a_busy_one_does_not() -> None:
-    async with worker(App(), KEEP_ALIVE) as (port, _):
+    async with worker(App(), KEEP_ALIVE) as served:
+        port = served.port
         silent, slow = await Client.open(port), await Client.open(port)
         await slow.ask("/slow")
         async with trio.open_nursery() as nursery:
@@ -129,7 +141,8 @@ async def test_an_idle_connection_closes_after_the_keep_alive_timeout_a_busy_one
 
 async def test_a_head_trickled_in_is_dropped_at_the_keep_alive_timeout() -> None:
     # Bytes of an unfinished head do not restart the timer (slowloris: docs/security.md).
-    async with worker(App(), KEEP_ALIVE) as (port, _):
+    async with worker(App(), KEEP_ALIVE) as served:
+        port = served.port
         client = await Client.open(port)
         start = trio.current_time()
         await client.stream.send_all(b"GET /fast HTTP/1.1\r\n")
@@ -150,7 +163,8 @@ async def test_a_head_trickled_in_is_dropped_at_the_keep_alive_timeout() -> None
 
 
 async def test_a_request_in_time_keeps_the_connection_for_another_timeout() -> None:
-    async with worker(App(), KEEP_ALIVE) as (port, _):
+    async with worker(App(), KEEP_ALIVE) as served:
+        port = served.port
         client = await Client.open(port)
         for _ in range(3):
             await trio.sleep(KEEP_ALIVE * 0.6)
@@ -163,14 +177,37 @@ async def test_a_request_in_time_keeps_the_connection_for_another_timeout() -> N
 
 async def test_stopping_closes_idle_connections_at_once_and_busy_ones_after_their_answer() -> None:
     app = App()
-    async with worker(app, keep_alive=60.0) as (port, stop):
+    async with worker(app, keep_alive=60.0) as served:
+        port = served.port
         idle, busy = await Client.open(port), await Client.open(port)
         await idle.ask("/fast")
         await idle.answer("/fast")
         await busy.ask("/held")
         await app.holding.wait()
-        stop.set()
+        served.stop.set()
         assert await idle.closed_after(timeout=CLOSE_MARGIN) <= CLOSE_MARGIN
         app.release.set()
         await busy.answer("/held")
         await busy.closed_after(timeout=CLOSE_MARGIN)
+
+
+async def test_an_ended_connection_leaves_no_reference_cycle() -> None:
+    # Hypercorn's handler and protocols refer to each other through bound methods; left as
+    # cycles, every connection's objects waited for the collector (docs/BENCHMARKS.md).
+    async with worker(App(), KEEP_ALIVE) as served:
+        port = served.port
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(5):
+                client = await Client.open(port)
+                await client.ask("/fast")
+                await client.answer("/fast")
+                await client.stream.aclose()
+            await wait_until(lambda: served.slots.open == 0)  # every handler has ended
+            gc.collect()
+            left = {type(thing).__name__ for thing in gc.garbage}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert not left & {"_TCPServer", "GuardedProtocol", "GuardedH11Protocol", "InboxTaskGroup"}
