@@ -9,7 +9,9 @@ alternating from pair to pair. Two loads:
   requests it completed in it, is its figure for that run;
 - burst: scenario (i)'s open load (1,000 streams at once, 1 token each, the first after 0.5
   s) at two `bench.backend`s, as (i) runs it; a gateway's CPU seconds for the whole burst, and
-  the burst's TTFT p99, are its figures for that run.
+  the burst's TTFT p99, are its figures for that run;
+- burst100: scenario (b)'s burst (100 streams at once, 20 tokens, the first after 50 ms) at
+  the same backends; its TTFT p50 and p99, and the gateway's CPU seconds.
 Prints every run, then each pair's new / old and their median; the processes' logs go to
 bench/results/logs-pairs/, as the other benches' do.
 
@@ -41,7 +43,7 @@ from bench.procs import (
     start_gateway,
     start_mock,
 )
-from bench.scenarios import CHAT_BODY, STREAM_BODY, Sizes
+from bench.scenarios import BURST_HEADERS, CHAT_BODY, STREAM_BODY, Sizes
 from bench.stats import median, percentile
 
 MOCK_OPTIONS = ["--tokens", "8", "--token-delay", "0", "--ttft", "0"]
@@ -82,26 +84,35 @@ def cpu_per_request(processes: Processes, gateway: Gateway, seconds: float, labe
     return 1e6 * cpu_rate / (load.completed / seconds)
 
 
-def burst(processes: Processes, gateway: Gateway, label: str, warm: bool = False) -> list[float]:
-    """(i)'s open burst at `gateway`: [its CPU seconds, TTFT p99 ms]."""
+def burst(processes: Processes, gateway: Gateway, label: str, load: str) -> list[float]:
+    """A burst of `load` ("burst": (i)'s, "warm": it without its wait, "burst100": (b)'s) at
+    `gateway`: [its CPU seconds, TTFT p99 ms], and for burst100 TTFT p50 ms first."""
     sizes = Sizes()
+    count, headers = sizes.cost_open_streams, OPEN_HEADERS
+    if load == "warm":
+        headers = WARM_HEADERS
+    elif load == "burst100":
+        count, headers = sizes.burst, BURST_HEADERS
     spec = LoadSpec(
         mode="streams",
         targets=[("127.0.0.1", gateway.port)],
-        connections=sizes.cost_open_streams,
+        connections=count,
         body=STREAM_BODY,
         start_at=0.0,
-        headers=WARM_HEADERS if warm else OPEN_HEADERS,
+        headers=headers,
         timeout=90.0,
         id_prefix=f"{label}-{time.time_ns()}",
     )
     meter = CpuMeter({"gateway": gateway.pids()})
-    load = run_streams(processes, spec, sizes.stream_processes, on_start=meter.start)
+    load_processes = 1 if load == "burst100" else sizes.stream_processes
+    result = run_streams(processes, spec, load_processes, on_start=meter.start)
     meter.stop()
-    if load.errors:
-        raise RuntimeError(f"{label}: {load.errors}")
-    ttfts = [stream.ttft for stream in load.streams if stream.ttft is not None]
-    return [meter.seconds["gateway"], 1000 * percentile(ttfts, 0.99)]
+    if result.errors:
+        raise RuntimeError(f"{label}: {result.errors}")
+    ttfts = [stream.ttft for stream in result.streams if stream.ttft is not None]
+    p99 = [1000 * percentile(ttfts, 0.99)]
+    p50 = [1000 * percentile(ttfts, 0.50)] if load == "burst100" else []
+    return [*p50, *p99, meter.seconds["gateway"]]
 
 
 def _gateway(processes: Processes, config: Path, source: Path) -> Gateway:
@@ -120,14 +131,18 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pairs", description=__doc__)
     parser.add_argument("old", type=Path, help="the old tree's src directory")
     parser.add_argument("new", type=Path, help="the new tree's src directory")
-    parser.add_argument("--load", choices=("requests", "burst"), default="requests")
+    parser.add_argument("--load", choices=("requests", "burst", "burst100"), default="requests")
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=5.0, help="of load per run (requests)")
     args = parser.parse_args(argv)
     log_dir = Path(__file__).resolve().parent / "results" / "logs-pairs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    bursts = args.load == "burst"
-    names = ["CPU s", "TTFT p99 ms"] if bursts else ["µs/request"]
+    bursts = args.load != "requests"
+    names = {
+        "requests": ["µs/request"],
+        "burst": ["TTFT p99 ms", "CPU s"],
+        "burst100": ["TTFT p50 ms", "TTFT p99 ms", "CPU s"],
+    }[args.load]
     with Processes(log_dir) as processes:
         if bursts:
             backends = [start_backend(processes, f"backend-{n}", MOCK_OPTIONS) for n in range(2)]
@@ -139,7 +154,7 @@ def main(argv: list[str]) -> int:
 
         def run(side: int, label: str, warm: bool = False) -> list[float]:
             if bursts:
-                return burst(processes, gateways[side], label, warm)
+                return burst(processes, gateways[side], label, "warm" if warm else args.load)
             seconds = 2.0 if warm else args.seconds
             return [cpu_per_request(processes, gateways[side], seconds, label)]
 
