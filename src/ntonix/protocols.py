@@ -3,11 +3,9 @@
 Hypercorn 0.18's `H2Protocol` (what the plain `hypercorn` command runs) queues a stream's
 response data without bound while the client's flow-control window is shut, lets a send wait
 for window for ever (even after the connection is gone), and closes a connection for stream
-resets only after its 1,000-request limit. Its `H11Protocol` closes the connection in the
-middle of a response when bytes arrive after a request it must close on, and waits out the body
-timeout for a chunk that announces more than any body may hold. The worker (`worker.py`) builds
-`GuardedProtocol` for every connection, which speaks `GuardedH2Protocol` (TLS with ALPN h2, or
-cleartext HTTP/2) or `GuardedH11Protocol`.
+resets only after its 1,000-request limit. The worker (`worker.py`) builds `GuardedProtocol`
+for every connection, which speaks `GuardedH2Protocol` (TLS with ALPN h2, or cleartext HTTP/2)
+or `GuardedH11Protocol` (`protocol_h11.py`: HTTP/1.1's gaps).
 
 Invariants:
 - A stream's unsent response data stays under `STREAM_BUFFER_LIMIT` plus the one chunk being
@@ -22,52 +20,40 @@ Invariants:
   connection or stream from it gets the same before any request starts.
 - A header block (HEADERS and its CONTINUATION frames) over `MAX_HEADER_BLOCK` bytes closes
   the connection with ENHANCE_YOUR_CALM, so at most that much is held per connection.
-- HTTP/1.1: a response the connection must close after is always sent whole; a chunk size over
-  `max_request_body` stops the body's reading and the app answers 413 at once (the message
-  `inbox.BODY_OVER_LIMIT`), and a head with an obs-fold line gets 400; the connection closes.
-  A response that ends before its request's body was read gives the reader two turns before
-  the connection is kept or closed.
 
-These reach into Hypercorn's, h2's and h11's internals (pinned in pyproject.toml):
-`stream_buffers`, `_send_data`, `_handle_events`, `_flush`, `_close_stream`,
-h2's `FrameBuffer` and h11's chunked body reader.
+These reach into Hypercorn's and h2's internals (pinned in pyproject.toml):
+`stream_buffers`, `_send_data`, `_handle_events`, `_flush`, `_close_stream` and h2's
+`FrameBuffer`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import weakref
 from collections.abc import Awaitable, Callable
-from typing import cast
 
 import attrs
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.frame_buffer
-import h11
-import h11._readers
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol import ProtocolWrapper
-from hypercorn.protocol.events import Body, Data, EndBody, EndData, StreamClosed, Trailers
+from hypercorn.protocol.events import Body, Data, EndBody, EndData, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h2 import H2Protocol
-from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
-from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError
 from hypercorn.typing import (
     AppWrapper,
     ConnectionState,
-    HTTPRequestEvent,
     TaskGroup,
     WorkerContext,
 )
 from hyperframe.frame import Frame
 
 from ntonix.core.budgets import ResetBudget
-from ntonix.inbox import BODY_OVER_LIMIT
+from ntonix.protocol_h11 import GuardedH11Protocol
 
 log = logging.getLogger("ntonix.h2")
 
@@ -277,120 +263,6 @@ class GuardedH2Protocol(H2Protocol):
     def _note_progress(self) -> None:
         self._progress.set()
         self._progress = trio.Event()
-
-
-class GuardedH11Protocol(H11Protocol):
-    """Hypercorn's HTTP/1.1 connection, sending a closing response whole and refusing a chunk
-    larger than any body may be before it arrives."""
-
-    def __init__(
-        self,
-        max_request_body: int,
-        app: AppWrapper,
-        config: HypercornConfig,
-        context: WorkerContext,
-        task_group: TaskGroup,
-        state: ConnectionState,
-        ssl: bool,
-        client: tuple[str, int] | None,
-        server: tuple[str, int] | None,
-        send: Callable[[Event], Awaitable[None]],
-    ) -> None:
-        # Not `self`: a function held by the protocol that refers to it makes a reference
-        # cycle, and the connection's objects were then freed only by the garbage collector.
-        protocol = weakref.ref(self)
-
-        async def send_or_finish_first(event: Event) -> None:
-            # Hypercorn closes at once when the client sends what cannot be read (bytes after a
-            # request the response closes on), cutting a response the app is still writing:
-            # the client got its head and no body. It closes again once the app has ended.
-            # (A body the app left unfinished is still cut, on purpose: then it has ended.)
-            if (
-                isinstance(event, Closed)
-                and (me := protocol()) is not None
-                and me.stream is not None
-                and me.connection.our_state is h11.SEND_BODY
-            ):
-                return
-            await send(event)
-
-        super().__init__(
-            app, config, context, task_group, state, ssl, client, server, send_or_finish_first
-        )
-        self.connection = _RefusingObsFold(
-            h11.SERVER, max_incomplete_event_size=config.h11_max_incomplete_size
-        )
-        self.max_request_body = max_request_body
-        self._body_refused = False
-
-    async def stream_send(self, event: StreamEvent) -> None:
-        if isinstance(event, StreamClosed) and self.connection.their_state is h11.SEND_BODY:
-            # The response ended before the request's body was read (an early refusal: 401,
-            # 404, 429...), and Hypercorn closes such a connection. The reader gets its turns
-            # first, to take a body that has already arrived: then the connection is kept
-            # alive, as when the body came first. (The worker's writes, which used to give
-            # those turns, no longer yield; two, because a turn's order within Trio's batch
-            # is random.)
-            await trio.lowlevel.checkpoint()
-            await trio.lowlevel.checkpoint()
-        await super().stream_send(event)
-
-    async def handle(self, event: Event) -> None:
-        if (
-            isinstance(event, RawData)
-            and event.data
-            and (self._body_refused or self.connection.their_state in (h11.MUST_CLOSE, h11.ERROR))
-        ):
-            # Nothing the client sends now is read: h11 would only hold it.
-            return
-        await super().handle(event)
-        if isinstance(event, RawData) and not self._body_refused and self._chunk_over_limit():
-            # Nothing more of this body is read: no body under the limit can follow. The app
-            # answers 413 (in its client's dialect, with its access-log line) as for a body
-            # that grew past the limit; the connection closes after it, its body unread.
-            self._body_refused = True
-            if isinstance(self.stream, HTTPStream) and self.stream.app_put is not None:
-                message = {"type": "http.request", "body": b"", "more_body": True}
-                await self.stream.app_put(
-                    cast("HTTPRequestEvent", {**message, BODY_OVER_LIMIT: True})
-                )
-            else:
-                await self.send(Closed())
-
-    def _chunk_over_limit(self) -> bool:
-        if not isinstance(self.connection, h11.Connection):
-            return False  # a WebSocket upgrade
-        reader = self.connection._reader
-        return (
-            isinstance(reader, h11._readers.ChunkedReader)
-            and reader._bytes_in_chunk > self.max_request_body
-        )
-
-
-class _RefusingObsFold(h11.Connection):
-    """h11's server connection, answering a request head with an obs-fold line (a header line
-    that starts with a space or tab) 400 where h11 would join it to the field before: RFC 9112
-    section 5.2 allows either, and a fold that some server behind a proxy reads differently is
-    a smuggling vector."""
-
-    def _extract_next_receive_event(self) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA]:
-        if self.their_state is h11.IDLE and _folded(bytes(self._receive_buffer)):
-            # Raised inside h11's own handling: the peer's state becomes ERROR, and Hypercorn
-            # answers with the hint and closes, as for any malformed head.
-            raise h11.RemoteProtocolError(
-                "obs-fold line in the request head", error_status_hint=400
-            )
-        return super()._extract_next_receive_event()
-
-
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-_FOLD = re.compile(rb"\n[ \t]")
-
-
-def _folded(received: bytes) -> bool:
-    """Whether the head at the start of `received`, once whole, has an obs-fold line."""
-    end = _HEAD_END.search(received)
-    return end is not None and _FOLD.search(received, 0, end.start()) is not None
 
 
 class _CappedFrameBuffer(h2.frame_buffer.FrameBuffer):

@@ -30,7 +30,8 @@ from ntonix.hangups import HangupWatch
 from ntonix.inbox import InboxTaskGroup
 from ntonix.listening import CappedListener, ConnectionSlots
 from ntonix.plain_socket import write_now
-from ntonix.protocols import Guard, GuardedH11Protocol, GuardedProtocol
+from ntonix.protocol_h11 import GuardedH11Protocol
+from ntonix.protocols import Guard, GuardedProtocol
 
 log = logging.getLogger("ntonix.server")  # the `Running on` lines' logger, as it always was
 
