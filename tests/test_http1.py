@@ -3,6 +3,8 @@ byte offset must read the same; what h11 refused is refused."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from ntonix.http1 import RequestError, ResponseError, ResponseReader, request_head
@@ -114,6 +116,22 @@ def test_a_response_cut_by_the_close_is_an_error(cut: bytes) -> None:
     reader.feed(cut)
     with pytest.raises(ResponseError, match="closed"):
         reader.feed(b"")
+
+
+def test_a_closed_reader_is_freed_without_the_garbage_collector() -> None:
+    # Its parser holds the reader's methods: without `close` the two were a reference cycle,
+    # left to the collector, for every response a backend sent.
+    gc.collect()
+    gc.disable()
+    try:
+        reader = ResponseReader(max_head=1024)
+        reader.feed(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        assert reader.take() == (b"ok", True)
+        reader.close()
+        del reader
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_a_request_head_is_written_from_valid_parts_only() -> None:

@@ -136,6 +136,12 @@ class ResponseReader:
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self._extra
 
+    def close(self) -> None:
+        """Done with: drops the parser, which holds this reader's methods as its callbacks, so
+        that both are freed at once rather than left to the garbage collector as a cycle.
+        Nothing may be fed after."""
+        del self._parser
+
     def _eof(self) -> None:
         if self.status and self._by_close:
             self.complete = True

@@ -26,6 +26,7 @@ readers.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -71,6 +72,10 @@ class GuardedH11Protocol(H11Protocol):
         server: tuple[str, int] | None,
         send: Callable[[Event], Awaitable[None]],
     ) -> None:
+        # Not `self`: a function held by the protocol that refers to it makes a reference
+        # cycle, and the connection's objects were then freed only by the garbage collector.
+        protocol = weakref.ref(self)
+
         async def send_or_finish_first(event: Event) -> None:
             # Hypercorn closes at once when the client sends what cannot be read (bytes after a
             # request the response closes on), cutting a response the app is still writing:
@@ -78,8 +83,9 @@ class GuardedH11Protocol(H11Protocol):
             # (A body the app left unfinished is still cut, on purpose: then it has ended.)
             if (
                 isinstance(event, Closed)
-                and self.stream is not None
-                and self.connection.our_state is h11.SEND_BODY
+                and (me := protocol()) is not None
+                and me.stream is not None
+                and me.connection.our_state is h11.SEND_BODY
             ):
                 return
             await send(event)

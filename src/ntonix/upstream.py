@@ -218,7 +218,10 @@ class UpstreamConnection:
     def ready_for_reuse(self) -> bool:
         """True, and ready for the next request, if the last exchange completed cleanly."""
         reader, self._reader = self._reader, None
-        return reader is not None and reader.reusable() and not reader.body
+        if reader is None:
+            return False
+        reader.close()
+        return reader.reusable() and not reader.body
 
     def is_stale(self) -> bool:
         # An idle HTTP/1.1 connection has nothing to read: readable means EOF or junk.

@@ -9,17 +9,19 @@ before the first accept and shuts down after the drain.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 
 import hypercorn.config
 import trio
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr
@@ -68,8 +70,16 @@ async def serve_worker(
             tune_garbage_collector()
             listeners, urls = _listeners(settings, sockets, slots)
             guard = Guard(send_timeout=send_timeout, max_request_body=max_request_body)
+            idle = IdleConnections()
             tcp_server = partial(
-                _TCPServer, guard, hangups, app, settings, context, ConnectionState(state.copy())
+                _TCPServer,
+                guard,
+                hangups,
+                idle,
+                app,
+                settings,
+                context,
+                ConnectionState(state.copy()),
             )
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
@@ -86,9 +96,10 @@ async def serve_worker(
                     task_status.started(urls)
                     await shutdown_trigger()
                     accepting.cancel_scope.cancel()  # closes the listeners
-                # Hypercorn closes idle keep-alive connections, and each busy one after its
-                # current request, once the worker is terminated.
+                # Idle keep-alive connections close now, and each busy one after its current
+                # request (Hypercorn's protocols see `terminated`).
                 await context.terminated.set()
+                idle.close_all()
                 connections.cancel_scope.deadline = trio.current_time() + settings.graceful_timeout
             await lifespan.wait_for_shutdown()
             lifespan_nursery.cancel_scope.cancel()
@@ -115,20 +126,39 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
 
 
+class IdleConnections:
+    """The worker's client connections that wait for their next request, so that the worker's
+    shutdown closes them at once (as Hypercorn's keep-alive tasks did, each waiting for it)."""
+
+    def __init__(self) -> None:
+        self.waiting: set[_TCPServer] = set()
+
+    def close_all(self) -> None:
+        for connection in list(self.waiting):
+            connection.stop_waiting()
+
+
 class _TCPServer(TCPServer):
     """Hypercorn's handler of one connection, with HTTP/2 guarded (`protocols`), its socket in
     the worker's hang-up watch (`hangups`), ending as soon as the client has closed it, and
     writing to a plain socket without waiting when it can.
 
-    Hypercorn 0.18 sees the end of a kept-alive connection that is idle (between requests) but
-    then waits for its keep-alive timer (5 s) before the handler ends: the socket, and its slot
-    of max_connections, would stay taken that long after every such close.
+    The keep-alive timeout (a connection idle between requests for `keep_alive_timeout` is
+    closed) is the deadline of the connection's own read, not Hypercorn's task: Hypercorn starts
+    a task for every idle spell (at the connection's start and after each response), through
+    `nursery.start` and a lock, and cancels it at the next request: per new stream two tasks,
+    six cancel scopes and four deadline changes of its thirteen and six (`bench.counts`), about
+    60 µs a spell (docs/BENCHMARKS.md, "Fifth round"). The reader waits in that read whenever
+    the connection is idle; the deadline moves with Hypercorn's `Updated` events.
+    Hypercorn 0.18's own handler also waited out that timer (5 s) after the client closed an
+    idle connection: the socket, and its slot of max_connections, stayed taken that long.
     """
 
     def __init__(
         self,
         guard: Guard,
         hangups: HangupWatch,
+        idle: IdleConnections,
         app: AppWrapper,
         config: hypercorn.config.Config,
         context: WorkerContext,
@@ -138,8 +168,13 @@ class _TCPServer(TCPServer):
         super().__init__(app, config, context, state, stream)
         self.guard = guard
         self.hangups = hangups
+        self.idle = idle
         self._join_next = False  # see `join_next_write`
         self._held = b""  # written with the next write
+        # When the connection, idle, is closed; inf while a request is under way.
+        self._idle_until = math.inf
+        self._read_by = math.inf  # Hypercorn's read_timeout, if set, for the read under way
+        self._reading: trio.CancelScope | None = None  # the read under way
 
     async def run(self) -> None:
         # Hypercorn's own run, with GuardedProtocol in place of its ProtocolWrapper.
@@ -181,20 +216,42 @@ class _TCPServer(TCPServer):
                     alpn_protocol,
                 )
                 await self.protocol.initiate()
-                await self.idle_task.restart(task_group, self._idle_timeout)
+                self._set_idle(True)
                 await self._read_data()
         except OSError:
             pass  # the client is gone
         finally:
+            self.idle.waiting.discard(self)
             if watched is not None:
                 self.hangups.forget(*watched)
             await self._close()
+            self._unlink()
+
+    def _unlink(self) -> None:
+        """Drops the links from this handler to its protocol and task group, which hold its
+        bound methods: the connection's objects are then freed as it ends, not left for the
+        garbage collector (docs/BENCHMARKS.md, "Fifth round")."""
+        vars(self).pop("protocol", None)  # unset if the TLS handshake failed
+        vars(self).pop("_task_group", None)
 
     async def _close(self) -> None:
         # Hypercorn's close sends EOF without its send lock: when h11 refuses what follows a
         # request (its own 400) while the app writes its response, the two sends collided and
         # one raised BusyResourceError (the client then got no answer at all).
-        if self.send_lock.statistics().owner is trio.lowlevel.current_task():
+        stream = self.stream
+        owner = self.send_lock.statistics().owner
+        mine = owner is trio.lowlevel.current_task()
+        if isinstance(stream, trio.SocketStream) and (mine or owner is None):
+            # Nothing is being written: EOF and close now, which Hypercorn's `send_eof` and
+            # `aclose` (and the lock) did in three schedule points per connection, a third of
+            # a 1-token stream's handler steps (docs/BENCHMARKS.md, "Fifth round").
+            sock = stream.socket
+            if sock.fileno() != -1 and not sock.did_shutdown_SHUT_WR:
+                with contextlib.suppress(OSError):  # the client may be gone already
+                    sock.shutdown(socket.SHUT_WR)
+            sock.close()
+            return
+        if mine:
             await super()._close()
             return
         async with self.send_lock:
@@ -213,13 +270,13 @@ class _TCPServer(TCPServer):
         # schedule points and a shielded scope per write (head, body, end: three per response).
         # On a plain socket, a write the kernel takes whole needs neither: it cannot block.
         stream = self.stream
-        if not isinstance(stream, trio.SocketStream):
-            await super().protocol_send(event)
+        if isinstance(stream, trio.SocketStream) and not isinstance(event, RawData) and self._held:
+            held, self._held = self._held, b""  # never left behind: before anything else
+            await self._write(stream, held)
+        if isinstance(event, Updated):  # Hypercorn's keep-alive task's start or stop
+            self._set_idle(event.idle)
             return
-        if not isinstance(event, RawData):
-            if self._held:  # never left behind: held bytes go before anything else
-                held, self._held = self._held, b""
-                await self._write(stream, held)
+        if not isinstance(stream, trio.SocketStream) or not isinstance(event, RawData):
             await super().protocol_send(event)
             return
         data = event.data
@@ -253,10 +310,53 @@ class _TCPServer(TCPServer):
         finally:
             lock.release()
 
+    def _set_idle(self, idle: bool) -> None:
+        """The connection waits for a request (from now, for `keep_alive_timeout`; at once
+        when the worker is stopping), or has one under way."""
+        if idle:
+            if self.context.terminated.is_set():
+                self._idle_until = -math.inf
+            else:
+                self._idle_until = trio.current_time() + self.config.keep_alive_timeout
+            self.idle.waiting.add(self)
+        else:
+            self._idle_until = math.inf
+            self.idle.waiting.discard(self)
+        if self._reading is not None:
+            self._reading.deadline = min(self._idle_until, self._read_by)
+
+    def stop_waiting(self) -> None:
+        """The worker is stopping: an idle connection closes now."""
+        self._set_idle(True)
+
     async def _read_data(self) -> None:
-        await super()._read_data()
-        # The client has closed (or the read failed): there is no next request to wait for.
-        await self.idle_task.stop()
+        # Hypercorn's read loop, each read under the keep-alive deadline (and Hypercorn's
+        # read_timeout, if set); past either, the connection closes, as Hypercorn's did.
+        read_timeout = self.config.read_timeout
+        while True:
+            self._read_by = trio.current_time() + read_timeout if read_timeout else math.inf
+            data = None
+            with trio.CancelScope(deadline=min(self._idle_until, self._read_by)) as reading:
+                self._reading = reading
+                try:
+                    data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
+                finally:
+                    self._reading = None
+            if data is None:  # the read failed, or its deadline passed
+                if trio.current_time() >= self._idle_until:
+                    # Idle too long, or the worker stops: closed at once, as Hypercorn's
+                    # keep-alive task did (a client reusing the connection now sees it closed).
+                    with trio.CancelScope(shield=True):
+                        await self._initiate_server_close()
+                break
+            await self.protocol.handle(RawData(bytes(data)))
+            if not data:
+                break
+        # The client has closed, the read failed or timed out: no next request to wait for.
+        self.idle.waiting.discard(self)
+        await self.protocol.handle(Closed())
 
 
 def _listeners(
