@@ -1,10 +1,11 @@
-"""A connection's first request under `ntonix serve` (`worker._TCPServer`), over real sockets.
+"""A connection's requests under `ntonix serve` (`worker._TCPServer`), over real sockets.
 
 A request that came with its connection reaches the app in the scheduler pass after the
-connection's handler starts: Hypercorn's own order (start the keep-alive timer, read, stop the
-timer at the request) took six. The keep-alive timer still guards every connection that is not
-serving a request: one silent from its start, one that sent half a head, one kept alive after
-its response.
+connection's handler starts, and one that comes later two passes after its bytes arrive:
+Hypercorn's own order (start the keep-alive timer, read, stop the timer at the request, each
+behind a lock) took six and three. The keep-alive timer still guards every connection that is
+not serving a request: one silent from its start, one that sent half a head, one kept alive
+after its response.
 """
 
 from __future__ import annotations
@@ -151,6 +152,22 @@ async def test_a_request_that_came_with_its_connection_reaches_the_app_in_the_ne
         # The handler's first step reads the request and starts the app's task, which runs in
         # the next pass (Hypercorn's order took six: lock, task start, its start, read, lock).
         assert app.reached[0] - began[0] == 1
+        assert (await _answer(client)).startswith(b"HTTP/1.1 200")
+
+
+async def test_a_request_that_comes_later_reaches_the_app_in_the_pass_after_its_bytes(
+    passes: _Passes, nursery: trio.Nursery
+) -> None:
+    app = _App(passes)
+    async with _connection(nursery, app, passes) as (client, _):
+        await trio.testing.wait_all_tasks_blocked()  # the handler waits, its timer runs
+        client.sendall(REQUEST)  # a few bytes on loopback: in the server's socket at once
+        sent = passes.count
+        with trio.fail_after(CLOSED_WITHIN):
+            await app.arrived.wait()
+        # The next pass wakes the reader, which stops the timer and starts the app's task: it
+        # runs in the pass after (Hypercorn's lock at the request took one more).
+        assert app.reached[0] - sent == 2
         assert (await _answer(client)).startswith(b"HTTP/1.1 200")
 
 

@@ -19,6 +19,7 @@ import hypercorn.config
 import trio
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
@@ -119,13 +120,13 @@ class _TCPServer(TCPServer):
     the worker's hang-up watch (`hangups`), ending as soon as the client has closed it, and
     writing to a plain socket without waiting when it can.
 
-    A request that came with the connection starts at once: Hypercorn starts the keep-alive
-    timer first (a lock and a task start: four schedule points, each a pass of the loop behind
-    every other connection's ready work) and reads after a fifth, then stops the timer again at
-    the request (a sixth). On a plain socket the bytes already received are handed to the
-    protocol before any of that; the timer starts only if they did not begin a request, and is
-    stopped only if it runs. A burst's requests then reach the app two passes after their
-    accept instead of seven.
+    A request starts at once. Hypercorn starts the keep-alive timer first (a lock and a task
+    start: four schedule points, each a pass of the loop behind every other connection's ready
+    work), reads after a fifth, then stops the timer at the request (a lock: a sixth). Here the
+    bytes a plain socket already holds are handed to the protocol first, the timer starts only
+    when no request is under way, and it is a cancel scope set and cancelled without waiting
+    (`_KeepAliveTimer`). A burst's requests reach the app two passes after their accept
+    instead of seven; one that comes later, two passes after its bytes instead of three.
 
     Hypercorn 0.18 sees the end of a kept-alive connection that is idle (between requests) but
     then waits for its keep-alive timer (5 s) before the handler ends: the socket, and its slot
@@ -148,7 +149,7 @@ class _TCPServer(TCPServer):
         self._join_next = False  # see `join_next_write`
         self._held = b""  # written with the next write
         self._busy = False  # a request is under way (Hypercorn's `Updated` events)
-        self._timing = False  # the keep-alive timer runs, or is being started
+        self._timer = _KeepAliveTimer()  # in place of Hypercorn's `idle_task`
 
     async def run(self) -> None:
         # Hypercorn's own run, with GuardedProtocol in place of its ProtocolWrapper.
@@ -193,7 +194,7 @@ class _TCPServer(TCPServer):
                 if not ssl and (data := read_now(sock, MAX_RECV)):
                     await self.protocol.handle(RawData(data))
                 if not self._busy:
-                    await self._start_timer()
+                    self._timer.start(task_group, self._idle_timeout)
                 await self._read_data()
         except OSError:
             pass  # the client is gone
@@ -220,22 +221,13 @@ class _TCPServer(TCPServer):
         ):
             self._join_next = True
 
-    async def _start_timer(self) -> None:
-        self._timing = True  # before the wait: a stop meanwhile must wait for it and cancel
-        await self.idle_task.restart(self._task_group, self._idle_timeout)
-
-    async def _updated(self, event: Updated) -> None:
-        """Hypercorn's own handling of `Updated`, without a stop where no timer runs."""
-        self._busy = not event.idle
-        if event.idle:
-            await self._start_timer()
-        elif self._timing:
-            self._timing = False
-            await self.idle_task.stop()
-
     async def protocol_send(self, event: Event) -> None:
-        if isinstance(event, Updated):
-            await self._updated(event)
+        if isinstance(event, Updated):  # Hypercorn's handling, with our timer
+            self._busy = not event.idle
+            if event.idle:
+                self._timer.start(self._task_group, self._idle_timeout)
+            else:
+                self._timer.stop()
             return
         # Hypercorn's send of response bytes takes its lock and the stream's `send_all`, two
         # schedule points and a shielded scope per write (head, body, end: three per response).
@@ -284,8 +276,35 @@ class _TCPServer(TCPServer):
     async def _read_data(self) -> None:
         await super()._read_data()
         # The client has closed (or the read failed): there is no next request to wait for.
-        self._timing = False
-        await self.idle_task.stop()
+        self._timer.stop()
+
+
+class _KeepAliveTimer:
+    """Hypercorn's keep-alive timer of one connection, as its `TrioSingleTask` runs it (one task
+    at a time, in a cancel scope), but started and stopped without waiting: Hypercorn's takes a
+    lock for each and waits for the task to start, three schedule points where none is needed.
+    A timer stopped before its task ran ends at that task's first checkpoint."""
+
+    __slots__ = ("_scope",)
+
+    def __init__(self) -> None:
+        self._scope: trio.CancelScope | None = None
+
+    def start(self, task_group: TaskGroup, action: Callable[[], Awaitable[None]]) -> None:
+        """Run `action` in a task of `task_group`, after cancelling the one running, if any."""
+        self.stop()
+        self._scope = trio.CancelScope()
+        task_group.spawn(_timed, self._scope, action)
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+
+
+async def _timed(scope: trio.CancelScope, action: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await action()
 
 
 def _listeners(
