@@ -282,8 +282,9 @@ class _TCPServer(TCPServer):
 class _KeepAliveTimer:
     """Hypercorn's keep-alive timer of one connection, as its `TrioSingleTask` runs it (one task
     at a time, in a cancel scope), but started and stopped without waiting: Hypercorn's takes a
-    lock for each and waits for the task to start, three schedule points where none is needed.
-    A timer stopped before its task ran ends at that task's first checkpoint."""
+    lock for each and waits for the task to start (three schedule points to start, one to stop,
+    where none is needed). A timer stopped before its task ran ends at that task's first
+    checkpoint."""
 
     __slots__ = ("_scope",)
 
