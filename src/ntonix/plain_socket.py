@@ -4,7 +4,8 @@ Trio's `send_all` and `receive_some` each reach a schedule point even when the k
 answer at once. On the hot path (a response's head and body towards the client, a request and
 its answer towards a backend) those points were a large share of a request's task steps
 (docs/BENCHMARKS.md, "Fourth round"). These helpers do the system call directly and leave
-waiting to the caller: `write_now` never waits, `read_when_readable` waits only for readiness.
+waiting to the caller: `write_now` and `read_now` never wait, `read_when_readable` waits only for
+readiness.
 
 Invariant: a socket we closed raises `trio.ClosedResourceError`, as Trio's own calls do.
 """
@@ -26,6 +27,15 @@ def write_now(sock: trio.socket.SocketType, data: bytes | memoryview) -> int:
         return os.write(fd, data)
     except BlockingIOError:
         return 0
+
+
+def read_now(sock: trio.socket.SocketType, size: int) -> bytes:
+    """What has arrived on `sock`, at most `size` bytes, without waiting: b"" when nothing has
+    (or the peer closed or reset it: the next read, a waiting one, finds out again)."""
+    try:
+        return os.read(sock.fileno(), size)
+    except OSError:  # BlockingIOError, or a reset (the next read then finds the end)
+        return b""
 
 
 async def read_when_readable(sock: trio.socket.SocketType, size: int) -> bytes:

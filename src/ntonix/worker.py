@@ -29,7 +29,7 @@ from hypercorn.utils import parse_socket_addr, repr_socket_addr
 from ntonix.hangups import HangupWatch
 from ntonix.inbox import InboxTaskGroup
 from ntonix.listening import CappedListener, ConnectionSlots
-from ntonix.plain_socket import write_now
+from ntonix.plain_socket import read_now, write_now
 from ntonix.protocol_h11 import GuardedH11Protocol
 from ntonix.protocols import Guard, GuardedProtocol
 
@@ -217,6 +217,10 @@ class _TCPServer(TCPServer):
                 )
                 await self.protocol.initiate()
                 self._set_idle(True)
+                if not ssl and (data := read_now(sock, MAX_RECV)):
+                    # The request that came with the connection starts now: Trio's read would
+                    # first yield a pass, behind every other connection's ready work.
+                    await self.protocol.handle(RawData(data))
                 await self._read_data()
         except OSError:
             pass  # the client is gone
