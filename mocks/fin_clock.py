@@ -93,10 +93,11 @@ class FinClock:
 
     def forget(self, sock: trio.socket.SocketType) -> None:
         fd = sock.fileno()
-        tapped = self._peers.pop(fd, None)
-        if tapped is not None:
+        if fd in self._peers:
             self._drain()  # closes queued now are this connection's, not a later one's
-            del self._fds_by_peer[tapped[0]]
+            ends, _ = self._peers.pop(fd)
+            if self._fds_by_peer.get(ends) == fd:
+                del self._fds_by_peer[ends]
             self._tapped_at.pop(fd, None)
             return
         with self._lock:

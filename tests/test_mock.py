@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from mocks import MockLLM, MockOptions, serve_mock
+from mocks.fin_clock import FinClock
 from mocks.fin_packets import open_tap
 from mocks.load import run_load
 from tests.support import RawClient
@@ -471,3 +472,30 @@ def test_the_fin_tap_stamps_closes_and_resets_to_its_port_alone() -> None:
     assert [peer for peer, _ in closes] == list(stamps)[:2]  # the third went to another port
     for peer, at in closes:
         assert 0 <= at - stamps[peer] < 0.005
+
+
+def test_the_fin_clock_forgets_a_connection_whose_close_it_has_not_read_yet() -> None:
+    """`forget` reads the queued closes first (they are this connection's): the one of the
+    connection being forgotten among them, as a client's close right before the mock's own."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    clock = FinClock()
+    clock.listen(port)
+    accepted = None
+    try:
+        if clock._taps[port] is None:
+            pytest.skip("the kernel clock needs CAP_NET_RAW")
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        sock = trio.socket.from_stdlib_socket(accepted)
+        clock.watch(sock)
+        client.close()
+        accepted.settimeout(1)
+        assert accepted.recv(1) == b""  # the FIN has passed the tap
+        clock.forget(sock)
+        assert clock.closed_at(sock) is None
+    finally:
+        clock.unlisten(port)
+        server.close()
+        if accepted is not None:
+            accepted.close()
