@@ -27,17 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bench.procs import (
-    MOCK_OPTIONS,
     CpuMeter,
     Gateway,
     Mock,
     descendants,
-    gateway_config,
-    start_backend,
     start_floor,
-    start_gateway,
 )
-from bench.scenarios import Address, Bench, StreamRun, _streams
+from bench.scenarios import Address, Bench, StreamRun, _streams, fast_backends
 from bench.stats import median
 
 OPEN_HEADERS = {"x-mock-ttft": "0.5", "x-mock-tokens": "1", "x-mock-token-delay": "0"}
@@ -107,24 +103,12 @@ class CostsResult:
 def stream_costs(bench: Bench) -> CostsResult:
     """(i) at a gateway of `bench.gateway`'s worker count in front of `bench.backend`s, against
     a floor of as many processes."""
-    workers = bench.gateway.workers
-    processes = bench.processes
-    backends = [
-        start_backend(processes, f"backend-{index + 1}", MOCK_OPTIONS)
-        for index in range(len(bench.mocks))
-    ]
-    started = [backend.pid for backend in backends]
+    floor = start_floor(bench.processes, count=bench.gateway.workers)
     try:
-        config = processes.log_dir / f"ntonix-i-w{workers}.toml"
-        config.write_text(gateway_config(backends))
-        gateway = start_gateway(processes, config, workers, name=f"gateway-i-w{workers}")
-        started.append(gateway.process.pid)
-        floor = start_floor(processes, count=workers)
-        started.append(floor.process.pid)
-        return _measure(bench, gateway, backends, bench.at_floor(floor), floor.process.pid)
+        with fast_backends(bench, "i") as (gateway, backends):
+            return _measure(bench, gateway, backends, bench.at_floor(floor), floor.process.pid)
     finally:
-        for pid in reversed(started):
-            processes.stop_pid(pid)
+        bench.processes.stop(floor.process)
 
 
 def _measure(

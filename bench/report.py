@@ -220,9 +220,11 @@ def _burst(results: Results) -> list[str]:
             medians_shown = [f"**{p50:+.1f}**", f"**{p99:+.1f}**"]
             rows.append([workers, "**median**", label, "", "", *medians_shown, "", *_NO_CPU])
     lines = [
-        "Each repeat sends the same burst straight at the mocks (*direct*), at the framework "
+        "Each repeat sends the same burst straight at the backends (*direct*: two "
+        "`bench.backend`s, the mock's replies at a tenth of its CPU, as in (i)), at the framework "
         "floor of (f) (*floor*: a bare Hypercorn app, one process, that plays the mock's stream "
-        "itself: same events, sizes and delays) and through the gateway, in turn. *added* is "
+        "itself: same events, sizes and delays) and through a gateway in front of those "
+        "backends, in turn, after one unmeasured burst at each server. *added* is "
         "the run's TTFT minus the same repeat's direct TTFT: for the floor, what Hypercorn and "
         "Trio alone add to a burst like this, whatever the app; gateway minus floor is the "
         "gateway's own share, the part a change to its code can win back. The floor is one "
