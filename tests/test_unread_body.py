@@ -7,54 +7,43 @@ from __future__ import annotations
 import json
 from contextlib import suppress
 
-import httpx
 import pytest
 import trio
 
 from ntonix.config import AuthSettings, BackendSettings, CacheSettings, Config
 from ntonix.protocol_h11 import UNREAD_BODY_LIMIT
 from tests.conftest import StartGatewayWith, StartMock
-from tests.support import chat
+from tests.support import RawClient, chat
 
 CHAT = "/v1/chat/completions"
 KEY = "sk-right"
 
 
-class Connection:
-    """One HTTP/1.1 connection, read response by response (content-length bodies only)."""
+async def _response(client: RawClient, timeout: float = 5.0) -> tuple[int, bytes] | None:
+    """The next response on `client`'s connection (content-length bodies only): its status
+    and body, taken out of `client.received`; None when the gateway closed instead."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    @classmethod
-    async def open(cls, base_url: str) -> Connection:
-        url = httpx.URL(base_url)
-        return cls(await trio.open_tcp_stream(url.host, url.port or 80))
-
-    async def _fill(self) -> bool:
+    async def fill() -> bool:
         try:
-            data = await self.stream.receive_some(65536)
+            data = await client.stream.receive_some(65536)
         except trio.BrokenResourceError:  # reset: the gateway closed with bytes unread
             data = b""
-        self.buffer += data
+        client.received += data
         return bool(data)
 
-    async def response(self, timeout: float = 5.0) -> tuple[int, bytes] | None:
-        """The next response's status and body; None when the gateway closed instead."""
-        with trio.fail_after(timeout):
-            while b"\r\n\r\n" not in self.buffer:
-                if not await self._fill():
-                    assert not self.buffer, self.buffer
-                    return None
-            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-            lines = head.decode().split("\r\n")
-            fields = dict(line.lower().split(": ", 1) for line in lines[1:])
-            length = int(fields["content-length"])
-            while len(self.buffer) < length:
-                assert await self._fill(), "closed inside a body"
-            body, self.buffer = self.buffer[:length], self.buffer[length:]
-            return int(lines[0].split()[1]), body
+    with trio.fail_after(timeout):
+        while b"\r\n\r\n" not in client.received:
+            if not await fill():
+                assert not client.received, client.received
+                return None
+        head, _, client.received = client.received.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        fields = dict(line.lower().split(": ", 1) for line in lines[1:])
+        length = int(fields["content-length"])
+        while len(client.received) < length:
+            assert await fill(), "closed inside a body"
+        body, client.received = client.received[:length], client.received[length:]
+        return int(lines[0].split()[1]), body
 
 
 def _head(length: int | None, key: str) -> bytes:
@@ -96,23 +85,23 @@ async def test_a_refused_request_s_body_sent_after_the_answer_keeps_the_connecti
     gateway: str,
 ) -> None:
     body = _padded(20_000)
-    connection = await Connection.open(gateway)
+    connection = await RawClient.connect(gateway)
     await connection.stream.send_all(_head(len(body), "sk-wrong"))
-    assert (await connection.response() or (0,))[0] == 401
+    assert (await _response(connection) or (0,))[0] == 401
     await connection.stream.send_all(body[:7000])
     await trio.sleep(0.05)  # the body in parts, after the answer
     await connection.stream.send_all(body[7000:])
     await connection.stream.send_all(_request(KEY))
-    answer = await connection.response()
+    answer = await _response(connection)
     assert answer is not None and answer[0] == 200, answer
 
 
 async def test_a_chunked_body_and_the_next_request_in_one_write(gateway: str) -> None:
-    connection = await Connection.open(gateway)
+    connection = await RawClient.connect(gateway)
     await connection.stream.send_all(_head(None, "sk-wrong"))
-    assert (await connection.response() or (0,))[0] == 401
+    assert (await _response(connection) or (0,))[0] == 401
     await connection.stream.send_all(_chunked(_padded(30_000)) + _request(KEY))
-    answer = await connection.response()
+    answer = await _response(connection)
     assert answer is not None and answer[0] == 200, answer
 
 
@@ -121,11 +110,11 @@ async def test_a_body_past_the_limit_closes_the_connection_unread(
     gateway: str, chunked: bool
 ) -> None:
     body = _padded(UNREAD_BODY_LIMIT + 1)
-    connection = await Connection.open(gateway)
+    connection = await RawClient.connect(gateway)
     await connection.stream.send_all(_head(None if chunked else len(body), "sk-wrong"))
-    assert (await connection.response() or (0,))[0] == 401
+    assert (await _response(connection) or (0,))[0] == 401
     # A chunked body is counted as it comes; a content-length one is refused at once.
     with suppress(trio.BrokenResourceError):
         await connection.stream.send_all(_chunked(body) if chunked else body)
         await connection.stream.send_all(_request(KEY))
-    assert await connection.response() is None
+    assert await _response(connection) is None
